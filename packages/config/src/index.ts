@@ -1,0 +1,46 @@
+import { type Static, type TObject, type TProperties, Type } from '@sinclair/typebox';
+import { envSchema } from 'env-schema';
+
+/** Thrown when the environment does not satisfy a schema; the message names the variable. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/**
+ * Validates `env` against a TypeBox object schema: strings are coerced to the declared types,
+ * defaults are applied, unknown variables are ignored. Never reads `process.env` itself.
+ */
+export function parseEnv<P extends TProperties>(schema: TObject<P>, env: Record<string, string | undefined>) {
+  // Empty strings count as unset, so `FOO= npm start` falls back to the default like a shell user expects.
+  const data = Object.fromEntries(Object.entries(env).filter(([, value]) => value !== undefined && value !== ''));
+  try {
+    return envSchema<Static<TObject<P>>>({ schema, data, env: false, dotenv: false });
+  } catch (error) {
+    const text = error instanceof Error ? error.message : String(error);
+    throw new ConfigError(`Invalid configuration: ${text.replaceAll('env/', '')}`, { cause: error });
+  }
+}
+
+/** A TCP port number (0 lets the OS choose, which tests use). */
+export const Port = (defaultPort: number) => Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
+
+/** An absolute http(s) origin without a trailing slash, such as `https://files.example.com`. */
+export const PublicOrigin = (defaultOrigin: string) =>
+  Type.String({ pattern: '^https?://[^/?#\\s]+$', default: defaultOrigin });
+
+/** Settings both servers read, with the names and defaults of the design. */
+export const sharedEnv = {
+  NODE_ENV: Type.Union([Type.Literal('development'), Type.Literal('production'), Type.Literal('test')], {
+    default: 'development',
+  }),
+  HOST: Type.String({ default: '127.0.0.1', minLength: 1 }),
+  DATA_DIR: Type.String({ default: './data', minLength: 1 }),
+  STORAGE_DIR: Type.Optional(Type.String({ minLength: 1 })),
+  APP_PUBLIC_URL: PublicOrigin('http://localhost:3000'),
+  DOWNLOAD_PUBLIC_URL: PublicOrigin('http://localhost:3001'),
+  JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
+  LOG_LEVEL: Type.Union(
+    ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
+    { default: 'info' },
+  ),
+};

@@ -1,0 +1,231 @@
+/**
+ * The download token: the one claim A makes to B. "The holder may download this one file, once,
+ * within the next minute." Pure functions over jose; no I/O, no clocks but the one passed in.
+ */
+import { type CryptoKey, errors, type JWTPayload, jwtVerify, type KeyObject, SignJWT } from 'jose';
+import { nanoid } from 'nanoid';
+
+/** `typ` header of every download token (RFC 8725 §3.11: explicit typing, so no other JWT fits). */
+export const TOKEN_TYPE = 'dl+jwt';
+/** The one signing algorithm A uses and B accepts. Asymmetric, so B can verify but never mint. */
+export const TOKEN_ALGORITHM = 'EdDSA';
+/** Longer tokens are refused before any parsing. Real ones stay well under 2 KB. */
+export const MAX_TOKEN_LENGTH = 4096;
+/** `nbf` is set this far before `iat`, so a B whose clock runs a little behind still accepts it. */
+export const NOT_BEFORE_SKEW_SECONDS = 5;
+/** File names longer than this are refused by A, which keeps tokens small. */
+export const MAX_FILE_NAME_LENGTH = 255;
+
+/** What B needs to serve the file without looking anything up. */
+export interface FileClaims {
+  /** File id on A (used to send the browser back to A for a fresh token). */
+  fid: string;
+  /** Storage object id. */
+  obj: string;
+  /** Original file name, for Content-Disposition. */
+  name: string;
+  /** Content type as uploaded. */
+  ctype: string;
+  /** Size in bytes. */
+  size: number;
+  /** Lowercase hex SHA-256 of the content; B's strong ETag. */
+  sha256: string;
+}
+
+/** A verified download token's claims. */
+export interface DownloadClaims extends FileClaims {
+  iss: string;
+  aud: string;
+  sub: string;
+  jti: string;
+  iat: number;
+  nbf: number;
+  exp: number;
+}
+
+export type DownloadTokenErrorCode = 'TOKEN_MALFORMED' | 'TOKEN_INVALID' | 'TOKEN_EXPIRED';
+
+/**
+ * Why a token was refused. `claims` is set only when the signature was valid (an expired token),
+ * so callers may trust it, for example to send a browser back to A for a fresh token.
+ */
+export class DownloadTokenError extends Error {
+  override name = 'DownloadTokenError';
+  constructor(
+    readonly code: DownloadTokenErrorCode,
+    message: string,
+    readonly claims?: Partial<DownloadClaims>,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+export interface SignOptions {
+  /** Private key (a `CryptoKey` or `KeyObject` from `jose.importJWK`/`generateKeyPair`). */
+  key: CryptoKey | KeyObject;
+  kid: string;
+  issuer: string;
+  audience: string;
+  /** The user the token is minted for. */
+  subject: string;
+  ttlSeconds: number;
+  now?: Date;
+}
+
+export interface SignedToken {
+  token: string;
+  jti: string;
+  expiresAt: Date;
+}
+
+/** Mints a single-use download token for `file`. */
+export async function signDownloadToken(file: FileClaims, options: SignOptions): Promise<SignedToken> {
+  const iat = Math.floor((options.now ?? new Date()).getTime() / 1000);
+  const exp = iat + options.ttlSeconds;
+  const jti = nanoid();
+  const token = await new SignJWT({ ...file })
+    .setProtectedHeader({ alg: TOKEN_ALGORITHM, kid: options.kid, typ: TOKEN_TYPE })
+    .setIssuer(options.issuer)
+    .setAudience(options.audience)
+    .setSubject(options.subject)
+    .setJti(jti)
+    .setIssuedAt(iat)
+    .setNotBefore(iat - NOT_BEFORE_SKEW_SECONDS)
+    .setExpirationTime(exp)
+    .sign(options.key);
+  return { token, jti, expiresAt: new Date(exp * 1000) };
+}
+
+/**
+ * Returns the public key for a `kid`, or `undefined` if there is none. May refresh a key set;
+ * any error it throws (keys unavailable) propagates unchanged from `verifyDownloadToken`.
+ */
+export type KeyResolver = (kid: string) => Promise<CryptoKey | KeyObject | undefined>;
+
+export interface VerifyOptions {
+  issuer: string;
+  audience: string;
+  maxTokenAgeSeconds: number;
+  clockToleranceSeconds: number;
+  currentDate?: Date;
+}
+
+const SEGMENT = /^[A-Za-z0-9_-]+$/;
+const SIGNATURE = /^[A-Za-z0-9_-]*$/;
+const MAX_KID_LENGTH = 128;
+
+/**
+ * Verifies a download token and returns its claims, or throws `DownloadTokenError`.
+ * Every check of the design is explicit here: one algorithm, `typ`, `iss`, `aud`, required
+ * claims, expiry, maximum age, `nbf`/`iat` not in the future beyond the tolerance, file claims
+ * well formed. Header parameters such as `jku`, `x5u` and `jwk` are never looked at: the key
+ * comes only from `getKey`, by `kid`.
+ */
+export async function verifyDownloadToken(
+  token: string,
+  getKey: KeyResolver,
+  options: VerifyOptions,
+): Promise<DownloadClaims> {
+  assertWellFormed(token);
+  let payload: JWTPayload;
+  try {
+    ({ payload } = await jwtVerify(
+      token,
+      async (header) => {
+        const { kid } = header;
+        if (typeof kid !== 'string' || kid.length === 0 || kid.length > MAX_KID_LENGTH) {
+          throw new DownloadTokenError('TOKEN_INVALID', 'Token has no usable key id');
+        }
+        const key = await getKey(kid);
+        if (!key) throw new DownloadTokenError('TOKEN_INVALID', 'Token was signed with an unknown key');
+        return key;
+      },
+      {
+        algorithms: [TOKEN_ALGORITHM],
+        typ: TOKEN_TYPE,
+        issuer: options.issuer,
+        audience: options.audience,
+        requiredClaims: ['exp', 'iat', 'jti', 'sub'],
+        maxTokenAge: options.maxTokenAgeSeconds,
+        clockTolerance: options.clockToleranceSeconds,
+        ...(options.currentDate ? { currentDate: options.currentDate } : {}),
+      },
+    ));
+  } catch (error) {
+    throw toTokenError(error);
+  }
+  if (!hasDownloadClaims(payload)) {
+    throw new DownloadTokenError('TOKEN_INVALID', 'Token is missing file claims or has malformed ones');
+  }
+  return payload;
+}
+
+function assertWellFormed(token: string): void {
+  if (token.length > MAX_TOKEN_LENGTH) {
+    throw new DownloadTokenError('TOKEN_MALFORMED', `Token is longer than ${MAX_TOKEN_LENGTH} characters`);
+  }
+  const parts = token.split('.');
+  if (
+    parts.length !== 3 ||
+    !SEGMENT.test(parts[0] as string) ||
+    !SEGMENT.test(parts[1] as string) ||
+    !SIGNATURE.test(parts[2] as string)
+  ) {
+    throw new DownloadTokenError('TOKEN_MALFORMED', 'Token is not a compact JWS (three base64url segments)');
+  }
+  if (!isJsonObject(parts[0] as string) || !isJsonObject(parts[1] as string)) {
+    throw new DownloadTokenError('TOKEN_MALFORMED', 'Token header or payload is not a JSON object');
+  }
+}
+
+function isJsonObject(segment: string): boolean {
+  try {
+    const value: unknown = JSON.parse(Buffer.from(segment, 'base64url').toString('utf8'));
+    return typeof value === 'object' && value !== null && !Array.isArray(value);
+  } catch {
+    return false;
+  }
+}
+
+function toTokenError(error: unknown): unknown {
+  if (error instanceof DownloadTokenError) return error;
+  // Expiry is checked only after the signature, so the claims of an expired token are genuine.
+  if (error instanceof errors.JWTExpired) {
+    return new DownloadTokenError('TOKEN_EXPIRED', 'Download token has expired', error.payload as Partial<DownloadClaims>, {
+      cause: error,
+    });
+  }
+  if (error instanceof errors.JOSEError) {
+    return new DownloadTokenError('TOKEN_INVALID', 'Download token is not valid', undefined, { cause: error });
+  }
+  return error;
+}
+
+const HEX_SHA256 = /^[0-9a-f]{64}$/;
+const ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+function hasDownloadClaims(payload: JWTPayload): payload is DownloadClaims & JWTPayload {
+  const p = payload as Record<string, unknown>;
+  return (
+    typeof p.jti === 'string' &&
+    p.jti.length >= 21 &&
+    typeof p.sub === 'string' &&
+    typeof p.aud === 'string' &&
+    typeof p.fid === 'string' &&
+    ID.test(p.fid) &&
+    typeof p.obj === 'string' &&
+    ID.test(p.obj) &&
+    typeof p.name === 'string' &&
+    p.name.length > 0 &&
+    p.name.length <= MAX_FILE_NAME_LENGTH &&
+    typeof p.ctype === 'string' &&
+    p.ctype.length > 0 &&
+    p.ctype.length <= 255 &&
+    Number.isSafeInteger(p.size) &&
+    (p.size as number) >= 0 &&
+    typeof p.sha256 === 'string' &&
+    HEX_SHA256.test(p.sha256) &&
+    typeof p.nbf === 'number'
+  );
+}

@@ -1,0 +1,138 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { nanoid } from 'nanoid';
+
+/** What `put` learned about the bytes while it wrote them. */
+export interface StoredObject {
+  /** Server-generated id; never derived from anything a user sent. */
+  id: string;
+  size: number;
+  /** Lowercase hex SHA-256 of the content. */
+  sha256: string;
+}
+
+export interface ObjectInfo {
+  size: number;
+  mtime: Date;
+}
+
+/** Inclusive byte range, as in HTTP. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+/**
+ * Immutable blobs addressed by a random id. Objects are written once and never modified, so
+ * a reader never sees a partial write and an id always means the same bytes.
+ */
+export interface ObjectStore {
+  /**
+   * Streams `source` into a new object and resolves once the bytes are durable. If `source`
+   * errors (an aborted upload, a size limit) or the disk fails, it rejects and leaves nothing
+   * behind: no object, no temporary file.
+   */
+  put(source: Readable): Promise<StoredObject>;
+  /** Size and modification time, or `undefined` if there is no such object (or the id is malformed). */
+  stat(id: string): Promise<ObjectInfo | undefined>;
+  /** The object's bytes, or the inclusive `range` of them. Errors on the stream if the object is gone. */
+  createReadStream(id: string, range?: ByteRange): Readable;
+  /** Removes the object. Idempotent: deleting a missing object succeeds. */
+  delete(id: string): Promise<void>;
+}
+
+// Ids are what `nanoid()` makes. Checking the shape keeps a path such as `../../etc/passwd` (which a
+// verified token can never carry, but a bug elsewhere might) from ever reaching the file system.
+const OBJECT_ID = /^[A-Za-z0-9_-]{21}$/;
+
+/** Tells whether `id` has the shape of an object id. */
+export const isObjectId = (id: string): boolean => OBJECT_ID.test(id);
+
+/**
+ * Local-disk object store: `<root>/<2-char shard>/<id>`, temporary files in `<root>/.tmp` (same
+ * file system, so the final rename is atomic).
+ */
+export class LocalDiskStore implements ObjectStore {
+  readonly #root: string;
+  readonly #tmp: string;
+
+  constructor(root: string) {
+    this.#root = root;
+    this.#tmp = join(root, '.tmp');
+  }
+
+  #path(id: string): string {
+    if (!isObjectId(id)) throw new Error('Malformed object id');
+    return join(this.#root, id.slice(0, 2), id);
+  }
+
+  async put(source: Readable): Promise<StoredObject> {
+    const id = nanoid();
+    const finalPath = this.#path(id);
+    const tmpPath = join(this.#tmp, `${id}.part`);
+    await mkdir(this.#tmp, { recursive: true });
+    const hash = createHash('sha256');
+    let size = 0;
+    const file = await open(tmpPath, 'wx', 0o600);
+    try {
+      await pipeline(
+        source,
+        async function* measure(chunks: AsyncIterable<Buffer>) {
+          for await (const chunk of chunks) {
+            hash.update(chunk);
+            size += chunk.length;
+            yield chunk;
+          }
+        },
+        file.createWriteStream({ autoClose: false }),
+      );
+      await file.sync();
+      await file.close();
+      await mkdir(join(this.#root, id.slice(0, 2)), { recursive: true });
+      await rename(tmpPath, finalPath);
+      await syncDir(join(this.#root, id.slice(0, 2)));
+    } catch (error) {
+      await file.close().catch(() => {});
+      await rm(tmpPath, { force: true });
+      throw error;
+    }
+    return { id, size, sha256: hash.digest('hex') };
+  }
+
+  async stat(id: string): Promise<ObjectInfo | undefined> {
+    if (!isObjectId(id)) return undefined;
+    try {
+      const info = await stat(this.#path(id));
+      return { size: info.size, mtime: info.mtime };
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw error;
+    }
+  }
+
+  createReadStream(id: string, range?: ByteRange): Readable {
+    // 256 KiB reads: large files stream at disk speed with few syscalls; memory stays bounded
+    // because the HTTP response applies backpressure.
+    return createReadStream(this.#path(id), { ...range, highWaterMark: 256 * 1024 });
+  }
+
+  async delete(id: string): Promise<void> {
+    if (!isObjectId(id)) return;
+    await rm(this.#path(id), { force: true });
+  }
+}
+
+// A rename is durable only once its directory entry is; without this a crash can lose a file
+// whose upload already succeeded.
+async function syncDir(dir: string): Promise<void> {
+  const handle = await open(dir, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
