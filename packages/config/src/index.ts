@@ -1,5 +1,6 @@
 import { type Static, type TObject, type TProperties, Type } from '@sinclair/typebox';
 import { envSchema } from 'env-schema';
+import { join, resolve } from 'node:path';
 
 /** Thrown when the environment does not satisfy a schema; the message names the variable. */
 export class ConfigError extends Error {
@@ -39,8 +40,14 @@ export const sharedEnv = {
   APP_PUBLIC_URL: PublicOrigin('http://localhost:3000'),
   DOWNLOAD_PUBLIC_URL: PublicOrigin('http://localhost:3001'),
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
+  SHUTDOWN_GRACE_SECONDS: Type.Integer({ minimum: 0, maximum: 3600, default: 30 }),
   LOG_LEVEL: Type.Union(
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
     { default: 'info' },
   ),
 };
+
+/** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
+export function storageDir(env: { DATA_DIR: string; STORAGE_DIR?: string | undefined }): string {
+  return resolve(env.STORAGE_DIR ?? join(env.DATA_DIR, 'files'));
+}

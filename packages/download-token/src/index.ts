@@ -137,7 +137,14 @@ export async function verifyDownloadToken(
         if (typeof kid !== 'string' || kid.length === 0 || kid.length > MAX_KID_LENGTH) {
           throw new DownloadTokenError('TOKEN_INVALID', 'Token has no usable key id');
         }
-        const key = await getKey(kid);
+        let key: Awaited<ReturnType<KeyResolver>>;
+        try {
+          key = await getKey(kid);
+        } catch (error) {
+          // The resolver's own failure (keys unavailable) must not pass for an invalid token,
+          // even when it is one of jose's errors (a JWKS fetch timeout).
+          throw new ResolverFailure(error);
+        }
         if (!key) throw new DownloadTokenError('TOKEN_INVALID', 'Token was signed with an unknown key');
         return key;
       },
@@ -188,7 +195,12 @@ function isJsonObject(segment: string): boolean {
   }
 }
 
+class ResolverFailure {
+  constructor(readonly error: unknown) {}
+}
+
 function toTokenError(error: unknown): unknown {
+  if (error instanceof ResolverFailure) return error.error;
   if (error instanceof DownloadTokenError) return error;
   // Expiry is checked only after the signature, so the claims of an expired token are genuine.
   if (error instanceof errors.JWTExpired) {

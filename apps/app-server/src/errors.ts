@@ -1,0 +1,21 @@
+import createError from '@fastify/error';
+
+// A's error catalogue: the codes clients see (design.md, "App server API"). Library errors are
+// wrapped with `{ cause }` so logs keep the detail while clients get only the code.
+
+/** Base of every catalogue error; anything else reaching the error handler is mapped or hidden. */
+export class AppError extends Error {}
+
+const define = <Args extends unknown[] = []>(code: string, message: string, status: number) =>
+  createError<[...Args, ErrorOptions?]>(code, message, status, AppError as ErrorConstructor);
+
+export const ValidationFailed = define<[string]>('VALIDATION_FAILED', '%s', 400);
+export const Unauthenticated = define('UNAUTHENTICATED', 'Sign in first', 401);
+export const InvalidCredentials = define('INVALID_CREDENTIALS', 'Wrong username or password', 401);
+export const CsrfInvalid = define('CSRF_INVALID', 'Missing or invalid CSRF token', 403);
+export const NotFound = define('NOT_FOUND', 'Not found', 404);
+export const UsernameTaken = define('USERNAME_TAKEN', 'That username is taken', 409);
+export const FileTooLarge = define<[number]>('FILE_TOO_LARGE', 'The file is larger than the limit of %d bytes', 413);
+export const DatabaseUnavailable = define('DATABASE_UNAVAILABLE', 'The database is unavailable; try again shortly', 503);
+export const InsufficientStorage = define('INSUFFICIENT_STORAGE', 'The server is out of storage space', 507);
+export const Internal = define('INTERNAL', 'Internal server error', 500);

@@ -1,0 +1,51 @@
+import type { FastifyError } from 'fastify';
+import fp from 'fastify-plugin';
+import {
+  AppError,
+  CsrfInvalid,
+  DatabaseUnavailable,
+  Internal,
+  InsufficientStorage,
+  NotFound,
+  ValidationFailed,
+} from '../errors.ts';
+
+// Connection-level failures of pg (and of the embedded database's socket): the database is
+// down or unreachable, which the client should hear as 503, not 500.
+const DATABASE_DOWN = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOENT', 'ETIMEDOUT', 'EPIPE', '57P01', '57P03', '08000', '08001', '08003', '08006']);
+const isDatabaseDown = (error: FastifyError) =>
+  DATABASE_DOWN.has(error.code) ||
+  /Connection terminated|timeout exceeded when trying to connect|Query read timeout/.test(error.message);
+
+/** Maps any error to the catalogue; clients see `{ error, message }`, logs see the cause. */
+function toCatalogueError(error: FastifyError): FastifyError {
+  if (error instanceof AppError) return error;
+  if (error.validation) return new ValidationFailed(error.message, { cause: error });
+  if (error.code?.startsWith('FST_CSRF_')) return new CsrfInvalid({ cause: error });
+  if (error.code === 'ENOSPC' || error.code === 'EDQUOT') return new InsufficientStorage({ cause: error });
+  if (isDatabaseDown(error)) return new DatabaseUnavailable({ cause: error });
+  // Fastify's and its plugins' own client errors (bad JSON, wrong content type, body too large).
+  const status = error.statusCode ?? 500;
+  if (status >= 400 && status < 500) {
+    return Object.assign(new ValidationFailed(error.message, { cause: error }), { statusCode: status });
+  }
+  return new Internal({ cause: error });
+}
+
+export default fp(
+  async (app) => {
+    app.setErrorHandler((error: FastifyError, request, reply) => {
+      const mapped = toCatalogueError(error);
+      const status = mapped.statusCode ?? 500;
+      if (status >= 500) request.log.error({ err: error }, 'request failed');
+      else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
+      if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);
+      return reply.code(status).send({ error: mapped.code, message: mapped.message });
+    });
+    app.setNotFoundHandler((request, reply) => {
+      const error = new NotFound();
+      return reply.code(404).send({ error: error.code, message: `${error.message}: ${request.method} ${request.url}` });
+    });
+  },
+  { name: 'error-handler' },
+);

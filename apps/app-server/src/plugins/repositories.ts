@@ -1,0 +1,30 @@
+import fp from 'fastify-plugin';
+import { filesRepository } from '../repositories/files.ts';
+import { sessionsRepository } from '../repositories/sessions.ts';
+import { signingKeysRepository } from '../repositories/signing-keys.ts';
+import { usersRepository } from '../repositories/users.ts';
+
+export interface Repositories {
+  users: ReturnType<typeof usersRepository>;
+  sessions: ReturnType<typeof sessionsRepository>;
+  files: ReturnType<typeof filesRepository>;
+  signingKeys: ReturnType<typeof signingKeysRepository>;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    repos: Repositories;
+  }
+}
+
+export default fp(
+  async (app) => {
+    app.decorate('repos', {
+      users: usersRepository(app.db),
+      sessions: sessionsRepository(app.db),
+      files: filesRepository(app.db),
+      signingKeys: signingKeysRepository(app.db),
+    });
+  },
+  { name: 'repositories', dependencies: ['db'] },
+);

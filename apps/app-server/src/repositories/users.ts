@@ -1,0 +1,42 @@
+import type { Pool } from 'pg';
+
+export interface User {
+  id: string;
+  username: string;
+  createdAt: Date;
+}
+
+export interface UserWithHash extends User {
+  passwordHash: string;
+}
+
+const COLUMNS = 'id, username, password_hash AS "passwordHash", created_at AS "createdAt"';
+
+export function usersRepository(db: Pool) {
+  return {
+    /** Inserts a user; rejects with Postgres error 23505 if the name is taken (in any case). */
+    async create(user: { id: string; username: string; passwordHash: string }): Promise<User> {
+      const { rows } = await db.query<UserWithHash>(
+        `INSERT INTO users (id, username, password_hash) VALUES ($1, $2, $3) RETURNING ${COLUMNS}`,
+        [user.id, user.username, user.passwordHash],
+      );
+      return withoutHash(rows[0] as UserWithHash);
+    },
+
+    async findByUsername(username: string): Promise<UserWithHash | undefined> {
+      const { rows } = await db.query<UserWithHash>(`SELECT ${COLUMNS} FROM users WHERE lower(username) = lower($1)`, [
+        username,
+      ]);
+      return rows[0];
+    },
+
+    async findById(id: string): Promise<User | undefined> {
+      const { rows } = await db.query<UserWithHash>(`SELECT ${COLUMNS} FROM users WHERE id = $1`, [id]);
+      return rows[0] && withoutHash(rows[0]);
+    },
+  };
+}
+
+export function withoutHash({ passwordHash: _, ...user }: UserWithHash): User {
+  return user;
+}

@@ -1,0 +1,37 @@
+import { randomBytes } from 'node:crypto';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { buildApp } from './app.ts';
+import { loadConfig } from './config.ts';
+import { startEmbeddedPostgres } from './embedded-postgres.ts';
+
+runMain(async () => {
+  const config = loadConfig(process.env);
+  await mkdir(config.DATA_DIR, { recursive: true });
+  const embedded = config.DATABASE_URL
+    ? undefined
+    : await startEmbeddedPostgres(config.DATA_DIR, config.DATABASE_POOL_MAX + 2);
+  const app = await buildApp(config, {
+    databaseUrl: config.DATABASE_URL ?? (embedded?.url as string),
+    sessionSecret: config.SESSION_SECRET ?? (await developmentSecret(config.DATA_DIR)),
+  });
+  closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS, async () => embedded?.close());
+  await app.listen({ port: config.APP_PORT, host: config.HOST });
+  app.log.info(
+    { database: embedded ? 'embedded PGlite' : 'Postgres', storage: config.storageDir },
+    `app server (A) ready at ${config.APP_PUBLIC_URL}`,
+  );
+});
+
+/** Development only (production requires SESSION_SECRET): one random secret kept in DATA_DIR. */
+async function developmentSecret(dataDir: string): Promise<string> {
+  const file = join(dataDir, 'session-secret');
+  try {
+    return (await readFile(file, 'utf8')).trim();
+  } catch {
+    const secret = randomBytes(32).toString('base64url');
+    await writeFile(file, secret, { mode: 0o600, flag: 'wx' }).catch(() => {});
+    return (await readFile(file, 'utf8')).trim();
+  }
+}
