@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -77,7 +77,6 @@ export class LocalDiskStore implements ObjectStore {
     await mkdir(this.#tmp, { recursive: true });
     const hash = createHash('sha256');
     let size = 0;
-    const file = await open(tmpPath, 'wx', 0o600);
     try {
       await pipeline(
         source,
@@ -88,15 +87,13 @@ export class LocalDiskStore implements ObjectStore {
             yield chunk;
           }
         },
-        file.createWriteStream({ autoClose: false }),
+        // `flush`: fsync before close, so the bytes are on disk before the rename publishes them.
+        createWriteStream(tmpPath, { flags: 'wx', mode: 0o600, flush: true }),
       );
-      await file.sync();
-      await file.close();
       await mkdir(join(this.#root, id.slice(0, 2)), { recursive: true });
       await rename(tmpPath, finalPath);
       await syncDir(join(this.#root, id.slice(0, 2)));
     } catch (error) {
-      await file.close().catch(() => {});
       await rm(tmpPath, { force: true });
       throw error;
     }
