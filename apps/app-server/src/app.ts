@@ -24,8 +24,6 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   const app = Fastify({
     logger: { level: config.LOG_LEVEL },
     trustProxy: config.TRUST_PROXY,
-    // Request ids in logs, never cookies or bodies.
-    disableRequestLogging: config.LOG_LEVEL !== 'debug' && config.LOG_LEVEL !== 'trace',
   });
 
   await app.register(errorHandler);
@@ -49,6 +47,9 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(authRoutes, {
     passwordCost: { memoryKib: config.ARGON2_MEMORY_KIB, timeCost: config.ARGON2_TIME_COST },
   });
-  await app.register(fileRoutes, { maxUploadBytes: config.MAX_UPLOAD_BYTES, downloadOrigin: config.DOWNLOAD_PUBLIC_URL });
+  await app.register(fileRoutes, {
+    maxUploadBytes: config.MAX_UPLOAD_BYTES,
+    downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
+  });
   return app;
 }

@@ -1,4 +1,4 @@
-import { ConfigError, parseEnv, Port, sharedEnv, storageDir } from '@sfh/config';
+import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 
 const GiB = 1024 ** 3;

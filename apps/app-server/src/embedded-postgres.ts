@@ -15,7 +15,10 @@ export interface EmbeddedPostgres {
  * talks to it through `pg` exactly as to a real Postgres (one data-access path), and the ops CLI
  * can reach the same database while A holds it open. The socket's folder is private to the user.
  */
-export async function startEmbeddedPostgres(dataDir: string, maxConnections: number): Promise<EmbeddedPostgres> {
+export async function startEmbeddedPostgres(
+  dataDir: string,
+  maxConnections: number,
+): Promise<EmbeddedPostgres> {
   const pgDir = resolve(dataDir, 'pg');
   const runDir = resolve(dataDir, 'run');
   const socketPath = join(runDir, '.s.PGSQL.5432');
@@ -25,7 +28,9 @@ export async function startEmbeddedPostgres(dataDir: string, maxConnections: num
   await mkdir(pgDir, { recursive: true });
   await mkdir(runDir, { recursive: true, mode: 0o700 });
   if (await isServing(socketPath)) {
-    throw new Error(`The embedded database in ${pgDir} is already in use by another process (an app server?)`);
+    throw new Error(
+      `The embedded database in ${pgDir} is already in use by another process (an app server?)`,
+    );
   }
   // A socket file left by a process that crashed.
   await rm(socketPath, { force: true });

@@ -15,7 +15,15 @@ export const InvalidCredentials = define('INVALID_CREDENTIALS', 'Wrong username 
 export const CsrfInvalid = define('CSRF_INVALID', 'Missing or invalid CSRF token', 403);
 export const NotFound = define('NOT_FOUND', 'Not found', 404);
 export const UsernameTaken = define('USERNAME_TAKEN', 'That username is taken', 409);
-export const FileTooLarge = define<[number]>('FILE_TOO_LARGE', 'The file is larger than the limit of %d bytes', 413);
-export const DatabaseUnavailable = define('DATABASE_UNAVAILABLE', 'The database is unavailable; try again shortly', 503);
+export const FileTooLarge = define<[number]>(
+  'FILE_TOO_LARGE',
+  'The file is larger than the limit of %d bytes',
+  413,
+);
+export const DatabaseUnavailable = define(
+  'DATABASE_UNAVAILABLE',
+  'The database is unavailable; try again shortly',
+  503,
+);
 export const InsufficientStorage = define('INSUFFICIENT_STORAGE', 'The server is out of storage space', 507);
 export const Internal = define('INTERNAL', 'Internal server error', 500);

@@ -10,7 +10,12 @@ export interface PasswordCost {
 
 /** argon2id hashing with the configured cost (the OWASP minimum by default, cheaper in tests). */
 export function passwordHasher(cost: PasswordCost) {
-  const options = { algorithm: ARGON2ID, memoryCost: cost.memoryKib, timeCost: cost.timeCost, parallelism: 1 };
+  const options = {
+    algorithm: ARGON2ID,
+    memoryCost: cost.memoryKib,
+    timeCost: cost.timeCost,
+    parallelism: 1,
+  };
   // Verified against when the user does not exist, so an unknown username costs as much time as
   // a wrong password and response times do not reveal which accounts exist.
   const dummy = hash('not a password of anyone', options);

@@ -1,6 +1,6 @@
+import { join, resolve } from 'node:path';
 import { type Static, type TObject, type TProperties, Type } from '@sinclair/typebox';
 import { envSchema } from 'env-schema';
-import { join, resolve } from 'node:path';
 
 /** Thrown when the environment does not satisfy a schema; the message names the variable. */
 export class ConfigError extends Error {
@@ -13,7 +13,9 @@ export class ConfigError extends Error {
  */
 export function parseEnv<P extends TProperties>(schema: TObject<P>, env: Record<string, string | undefined>) {
   // Empty strings count as unset, so `FOO= npm start` falls back to the default like a shell user expects.
-  const data = Object.fromEntries(Object.entries(env).filter(([, value]) => value !== undefined && value !== ''));
+  const data = Object.fromEntries(
+    Object.entries(env).filter(([, value]) => value !== undefined && value !== ''),
+  );
   try {
     return envSchema<Static<TObject<P>>>({ schema, data, env: false, dotenv: false });
   } catch (error) {
@@ -23,10 +25,11 @@ export function parseEnv<P extends TProperties>(schema: TObject<P>, env: Record<
 }
 
 /** A TCP port number (0 lets the OS choose, which tests use). */
-export const Port = (defaultPort: number) => Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
+export const Port = (defaultPort: number) =>
+  Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
 /** An absolute http(s) origin without a trailing slash, such as `https://files.example.com`. */
-export const PublicOrigin = (defaultOrigin: string) =>
+const PublicOrigin = (defaultOrigin: string) =>
   Type.String({ pattern: '^https?://[^/?#\\s]+$', default: defaultOrigin });
 
 /** Settings both servers read, with the names and defaults of the design. */

@@ -204,12 +204,19 @@ function toTokenError(error: unknown): unknown {
   if (error instanceof DownloadTokenError) return error;
   // Expiry is checked only after the signature, so the claims of an expired token are genuine.
   if (error instanceof errors.JWTExpired) {
-    return new DownloadTokenError('TOKEN_EXPIRED', 'Download token has expired', error.payload as Partial<DownloadClaims>, {
-      cause: error,
-    });
+    return new DownloadTokenError(
+      'TOKEN_EXPIRED',
+      'Download token has expired',
+      error.payload as Partial<DownloadClaims>,
+      {
+        cause: error,
+      },
+    );
   }
   if (error instanceof errors.JOSEError) {
-    return new DownloadTokenError('TOKEN_INVALID', 'Download token is not valid', undefined, { cause: error });
+    return new DownloadTokenError('TOKEN_INVALID', 'Download token is not valid', undefined, {
+      cause: error,
+    });
   }
   return error;
 }

@@ -10,7 +10,9 @@ export function runMain(main: () => Promise<void>): void {
     if (error instanceof ConfigError) {
       process.stderr.write(`${error.message}\n`);
     } else {
-      process.stderr.write(`Failed to start: ${error instanceof Error ? (error.stack ?? error.message) : error}\n`);
+      process.stderr.write(
+        `Failed to start: ${error instanceof Error ? (error.stack ?? error.message) : error}\n`,
+      );
     }
     process.exit(1);
   });
@@ -21,7 +23,11 @@ export function runMain(main: () => Promise<void>): void {
  * deliver them more than once): new requests get 503 and new connections are refused, requests in
  * flight get `graceSeconds` to finish, then `afterClose` runs and the process exits 0.
  */
-export function closeOnSignals(app: FastifyInstance, graceSeconds: number, afterClose?: () => Promise<void>): void {
+export function closeOnSignals(
+  app: FastifyInstance,
+  graceSeconds: number,
+  afterClose?: () => Promise<void>,
+): void {
   let closing = false;
   const onSignal = (signal: NodeJS.Signals) => {
     if (closing) return;

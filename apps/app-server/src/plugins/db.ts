@@ -19,7 +19,9 @@ const MIGRATIONS_DIR = fileURLToPath(new URL('../../migrations', import.meta.url
 // bigint (file sizes) as a JS number: exact up to 8 PiB, which no file here reaches.
 const types = {
   getTypeParser: ((oid: number, format?: 'text' | 'binary') =>
-    oid === pg.types.builtins.INT8 ? Number : pg.types.getTypeParser(oid, format)) as typeof pg.types.getTypeParser,
+    oid === pg.types.builtins.INT8
+      ? Number
+      : pg.types.getTypeParser(oid, format)) as typeof pg.types.getTypeParser,
 };
 
 /** The Postgres pool (real Postgres or embedded PGlite, same client), migrated before use. */

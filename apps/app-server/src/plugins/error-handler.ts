@@ -4,15 +4,27 @@ import {
   AppError,
   CsrfInvalid,
   DatabaseUnavailable,
-  Internal,
   InsufficientStorage,
+  Internal,
   NotFound,
   ValidationFailed,
 } from '../errors.ts';
 
 // Connection-level failures of pg (and of the embedded database's socket): the database is
 // down or unreachable, which the client should hear as 503, not 500.
-const DATABASE_DOWN = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOENT', 'ETIMEDOUT', 'EPIPE', '57P01', '57P03', '08000', '08001', '08003', '08006']);
+const DATABASE_DOWN = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ENOENT',
+  'ETIMEDOUT',
+  'EPIPE',
+  '57P01',
+  '57P03',
+  '08000',
+  '08001',
+  '08003',
+  '08006',
+]);
 const isDatabaseDown = (error: FastifyError) =>
   DATABASE_DOWN.has(error.code) ||
   /Connection terminated|timeout exceeded when trying to connect|Query read timeout/.test(error.message);
@@ -44,7 +56,9 @@ export default fp(
     });
     app.setNotFoundHandler((request, reply) => {
       const error = new NotFound();
-      return reply.code(404).send({ error: error.code, message: `${error.message}: ${request.method} ${request.url}` });
+      return reply
+        .code(404)
+        .send({ error: error.code, message: `${error.message}: ${request.method} ${request.url}` });
     });
   },
   { name: 'error-handler' },

@@ -1,6 +1,13 @@
 import { type FileClaims, type SignedToken, signDownloadToken, TOKEN_ALGORITHM } from '@sfh/download-token';
 import fp from 'fastify-plugin';
-import { type CryptoKey, calculateJwkThumbprint, exportJWK, generateKeyPair, importJWK, type JWK } from 'jose';
+import {
+  type CryptoKey,
+  calculateJwkThumbprint,
+  exportJWK,
+  generateKeyPair,
+  importJWK,
+  type JWK,
+} from 'jose';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -26,7 +33,10 @@ export interface KeysOptions {
 export default fp(
   async (app, options: KeysOptions) => {
     const record = await app.repos.signingKeys.ensureCurrent(createSigningKey);
-    const current = { kid: record.kid, key: (await importJWK(JSON.parse(record.privateKey) as JWK, record.alg)) as CryptoKey };
+    const current = {
+      kid: record.kid,
+      key: (await importJWK(JSON.parse(record.privateKey) as JWK, record.alg)) as CryptoKey,
+    };
 
     app.decorate('tokens', {
       mint: (file, subject) =>

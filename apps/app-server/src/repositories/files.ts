@@ -35,10 +35,10 @@ export function filesRepository(db: Pool) {
     },
 
     async findForUser(userId: string, id: string): Promise<FileRecord | undefined> {
-      const { rows } = await db.query<FileRecord>(`SELECT ${COLUMNS} FROM files WHERE id = $1 AND user_id = $2`, [
-        id,
-        userId,
-      ]);
+      const { rows } = await db.query<FileRecord>(
+        `SELECT ${COLUMNS} FROM files WHERE id = $1 AND user_id = $2`,
+        [id, userId],
+      );
       return rows[0];
     },
 

@@ -23,7 +23,9 @@ const KEY_LOCK = 0x6b657973; // 'keys'
 export function signingKeysRepository(db: Pool) {
   return {
     async current(): Promise<SigningKeyRecord | undefined> {
-      const { rows } = await db.query<SigningKeyRecord>(`SELECT ${COLUMNS} FROM signing_keys WHERE state = 'current'`);
+      const { rows } = await db.query<SigningKeyRecord>(
+        `SELECT ${COLUMNS} FROM signing_keys WHERE state = 'current'`,
+      );
       return rows[0];
     },
 
@@ -39,7 +41,9 @@ export function signingKeysRepository(db: Pool) {
      * Makes `create()`'s key current unless there already is a current key; returns the current
      * key either way. An advisory lock serializes replicas starting at once.
      */
-    async ensureCurrent(create: () => Promise<Omit<SigningKeyRecord, 'state' | 'createdAt' | 'activatedAt' | 'retiredAt'>>) {
+    async ensureCurrent(
+      create: () => Promise<Omit<SigningKeyRecord, 'state' | 'createdAt' | 'activatedAt' | 'retiredAt'>>,
+    ) {
       const client = await db.connect();
       try {
         await client.query('BEGIN');

@@ -24,9 +24,10 @@ export function usersRepository(db: Pool) {
     },
 
     async findByUsername(username: string): Promise<UserWithHash | undefined> {
-      const { rows } = await db.query<UserWithHash>(`SELECT ${COLUMNS} FROM users WHERE lower(username) = lower($1)`, [
-        username,
-      ]);
+      const { rows } = await db.query<UserWithHash>(
+        `SELECT ${COLUMNS} FROM users WHERE lower(username) = lower($1)`,
+        [username],
+      );
       return rows[0];
     },
 

@@ -15,7 +15,11 @@ const Credentials = Type.Object(
   { additionalProperties: false },
 );
 
-const userView = (user: User) => ({ id: user.id, username: user.username, createdAt: user.createdAt.toISOString() });
+const userView = (user: User) => ({
+  id: user.id,
+  username: user.username,
+  createdAt: user.createdAt.toISOString(),
+});
 
 /** Register, sign in, sign out, who am I. */
 export default async function authRoutes(app: FastifyInstance, options: { passwordCost: PasswordCost }) {
@@ -34,7 +38,11 @@ export default async function authRoutes(app: FastifyInstance, options: { passwo
     const { username, password } = request.body as { username: string; password: string };
     let user: User;
     try {
-      user = await app.repos.users.create({ id: nanoid(), username, passwordHash: await passwords.hash(password) });
+      user = await app.repos.users.create({
+        id: nanoid(),
+        username,
+        passwordHash: await passwords.hash(password),
+      });
     } catch (error) {
       if ((error as { code?: string }).code === '23505') throw new UsernameTaken({ cause: error });
       throw error;

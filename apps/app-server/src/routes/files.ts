@@ -32,17 +32,29 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
   app.addHook('onRequest', app.requireUser);
 
   app.post('/api/files', async (request, reply) => {
-    const part = await request.file({ limits: { fileSize: options.maxUploadBytes, files: 1, fields: 4, parts: 5 } });
-    if (!part || part.fieldname !== 'file') {
+    const part = await request.file({
+      limits: { fileSize: options.maxUploadBytes, files: 1, fields: 4, parts: 5 },
+    });
+    if (part?.fieldname !== 'file') {
       part?.file.resume();
       throw new ValidationFailed('Send the file as a multipart field named "file"');
     }
     const name = part.filename.normalize('NFC');
-    if (name.length === 0 || name.length > MAX_FILE_NAME_LENGTH || BAD_NAME.test(name) || name === '.' || name === '..') {
+    if (
+      name.length === 0 ||
+      name.length > MAX_FILE_NAME_LENGTH ||
+      BAD_NAME.test(name) ||
+      name === '.' ||
+      name === '..'
+    ) {
       part.file.resume();
-      throw new ValidationFailed(`File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters and no control characters`);
+      throw new ValidationFailed(
+        `File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters and no control characters`,
+      );
     }
-    const contentType = MIME_TYPE.test(part.mimetype.toLowerCase()) ? part.mimetype.toLowerCase() : 'application/octet-stream';
+    const contentType = MIME_TYPE.test(part.mimetype.toLowerCase())
+      ? part.mimetype.toLowerCase()
+      : 'application/octet-stream';
     // busboy ends a file that hits the limit as if it were complete; failing the stream instead
     // makes the store discard what it wrote.
     part.file.once('limit', () => part.file.destroy(new FileTooLarge(options.maxUploadBytes)));
@@ -76,19 +88,30 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
     return { file: fileView(file) };
   });
 
-  app.delete<{ Params: IdParams }>('/api/files/:id', { schema: { params: IdParams } }, async (request, reply) => {
-    const file = await app.repos.files.deleteForUser(request.userId, request.params.id);
-    if (!file) throw new NotFound();
-    // The bytes go at once: a token minted before the delete then gets 404 from B.
-    await app.storage.delete(file.objectId);
-    return reply.code(204).send();
-  });
+  app.delete<{ Params: IdParams }>(
+    '/api/files/:id',
+    { schema: { params: IdParams } },
+    async (request, reply) => {
+      const file = await app.repos.files.deleteForUser(request.userId, request.params.id);
+      if (!file) throw new NotFound();
+      // The bytes go at once: a token minted before the delete then gets 404 from B.
+      await app.storage.delete(file.objectId);
+      return reply.code(204).send();
+    },
+  );
 
   async function mint(userId: string, fileId: string) {
     const file = await app.repos.files.findForUser(userId, fileId);
     if (!file) throw new NotFound();
     const { token, expiresAt } = await app.tokens.mint(
-      { fid: file.id, obj: file.objectId, name: file.name, ctype: file.contentType, size: file.size, sha256: file.sha256 },
+      {
+        fid: file.id,
+        obj: file.objectId,
+        name: file.name,
+        ctype: file.contentType,
+        size: file.size,
+        sha256: file.sha256,
+      },
       userId,
     );
     // The trailing name is cosmetic, for tools that name files after the URL.
@@ -105,8 +128,12 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
   // The link the UI shows: a fresh single-use token per click, so reloading or clicking again
   // always works. A GET that mints is safe here: it changes no state a third party could abuse,
   // and the token goes only to the signed-in browser that followed the link.
-  app.get<{ Params: IdParams }>('/files/:id/download', { schema: { params: IdParams } }, async (request, reply) => {
-    const { url } = await mint(request.userId, request.params.id);
-    return reply.header('cache-control', 'no-store').redirect(url, 303);
-  });
+  app.get<{ Params: IdParams }>(
+    '/files/:id/download',
+    { schema: { params: IdParams } },
+    async (request, reply) => {
+      const { url } = await mint(request.userId, request.params.id);
+      return reply.header('cache-control', 'no-store').redirect(url, 303);
+    },
+  );
 }

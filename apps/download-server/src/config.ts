@@ -1,0 +1,35 @@
+import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
+import { type Static, Type } from '@sinclair/typebox';
+
+export const DownloadEnv = Type.Object({
+  ...sharedEnv,
+  DOWNLOAD_PORT: Port(3001),
+  /** Default: `APP_PUBLIC_URL/.well-known/jwks.json`. */
+  JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$' })),
+  /** Read keys from this file instead of `JWKS_URL` (a B that cannot reach A). */
+  JWKS_FILE: Type.Optional(Type.String({ minLength: 1 })),
+  JWKS_MAX_STALE_SECONDS: Type.Integer({ minimum: 0, default: 3600 }),
+  TOKEN_MAX_AGE_SECONDS: Type.Integer({ minimum: 5, maximum: 3600, default: 300 }),
+  CLOCK_TOLERANCE_SECONDS: Type.Integer({ minimum: 0, maximum: 300, default: 5 }),
+});
+
+export type DownloadConfig = Static<typeof DownloadEnv> & {
+  storageDir: string;
+  /** Where the key set comes from: an http(s) URL or a file path. */
+  jwksSource: { url: string } | { file: string };
+};
+
+/** Validates B's environment; throws `ConfigError` naming the variable. */
+export function loadConfig(env: Record<string, string | undefined>): DownloadConfig {
+  const parsed = parseEnv(DownloadEnv, env);
+  if (parsed.JWKS_URL && parsed.JWKS_FILE) {
+    throw new ConfigError('Invalid configuration: set JWKS_URL or JWKS_FILE, not both');
+  }
+  return {
+    ...parsed,
+    storageDir: storageDir(parsed),
+    jwksSource: parsed.JWKS_FILE
+      ? { file: parsed.JWKS_FILE }
+      : { url: parsed.JWKS_URL ?? `${parsed.APP_PUBLIC_URL}/.well-known/jwks.json` },
+  };
+}

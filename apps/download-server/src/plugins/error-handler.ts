@@ -1,0 +1,47 @@
+import type { FastifyError } from 'fastify';
+import fp from 'fastify-plugin';
+import Negotiator from 'negotiator';
+import { DownloadError, Internal, NotFound } from '../errors.ts';
+
+const FILE_ID = /^[A-Za-z0-9_-]{1,64}$/;
+
+/**
+ * Maps errors to `{ error, message }` (5xx details only in the log). A spent or expired token
+ * carries the file id: browsers are sent back to A for a fresh token (303), other clients get
+ * the same link as `renewUrl`.
+ */
+export default fp(
+  async (app, options: { appOrigin: string }) => {
+    app.setErrorHandler((error: FastifyError & { fileId?: string; size?: number }, request, reply) => {
+      const known = error instanceof DownloadError ? error : new Internal({ cause: error });
+      const status = known.statusCode ?? 500;
+      if (known instanceof Internal) request.log.error({ err: error }, 'request failed');
+      else if (status >= 500)
+        request.log.warn({ code: known.code }, 'request refused: dependency unavailable');
+      if (known.code === 'RANGE_NOT_SATISFIABLE') reply.header('content-range', `bytes */${error.size}`);
+      if (known.code === 'REPLAY_STORE_UNAVAILABLE' || known.code === 'KEYS_UNAVAILABLE')
+        reply.header('retry-after', 5);
+      const renewUrl =
+        error.fileId && FILE_ID.test(error.fileId)
+          ? `${options.appOrigin}/files/${error.fileId}/download`
+          : undefined;
+      if (renewUrl && request.method === 'GET' && prefersHtml(request.headers.accept)) {
+        return reply.redirect(renewUrl, 303);
+      }
+      return reply
+        .code(status)
+        .send({ error: known.code, message: known.message, ...(renewUrl ? { renewUrl } : {}) });
+    });
+    app.setNotFoundHandler((_request, reply) => {
+      const error = new NotFound();
+      return reply.code(404).send({ error: error.code, message: error.message });
+    });
+  },
+  { name: 'error-handler' },
+);
+
+/** A navigation: the client ranks text/html above application/json (ties go to JSON). */
+function prefersHtml(accept: string | undefined): boolean {
+  if (!accept) return false;
+  return new Negotiator({ headers: { accept } }).mediaType(['application/json', 'text/html']) === 'text/html';
+}

@@ -1,0 +1,134 @@
+import { readFile } from 'node:fs/promises';
+import { type KeyResolver, TOKEN_ALGORITHM } from '@sfh/download-token';
+import fp from 'fastify-plugin';
+import { type CryptoKey, importJWK, type JWK } from 'jose';
+import { KeysUnavailable } from '../errors.ts';
+
+export interface KeyStatus {
+  /** Keys in the current set. */
+  keys: number;
+  /** When the set was last read successfully, if ever. */
+  fetchedAt: Date | undefined;
+  /** The set is usable: it was read, and not longer ago than the stale limit. */
+  usable: boolean;
+  lastError: string | undefined;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    keys: {
+      /** For `verifyDownloadToken`: the key for a kid; throws KEYS_UNAVAILABLE when the set is unusable. */
+      resolve: KeyResolver;
+      status(): KeyStatus;
+      /** Re-reads the key set now. */
+      refresh(): Promise<void>;
+    };
+  }
+}
+
+export interface KeysOptions {
+  source: { url: string } | { file: string };
+  refreshSeconds: number;
+  maxStaleSeconds: number;
+}
+
+const FETCH_TIMEOUT_MS = 5_000;
+const MAX_JWKS_BYTES = 1024 * 1024;
+// After a failed read, retry sooner than the refresh interval so a B that started before A is
+// ready within seconds of A.
+const RETRY_SECONDS = 2;
+
+/**
+ * A's public keys, read from `JWKS_URL` (or `JWKS_FILE`) at start and every
+ * `JWKS_REFRESH_SECONDS`, imported once per read so verification never imports a key.
+ * When the source is unreachable the last good set serves for at most `JWKS_MAX_STALE_SECONDS`;
+ * past that B fails closed.
+ */
+export default fp(
+  async (app, options: KeysOptions) => {
+    let keys = new Map<string, CryptoKey>();
+    let fetchedAt: Date | undefined;
+    let lastError: string | undefined;
+    let timer: NodeJS.Timeout | undefined;
+    let closed = false;
+
+    const usable = () =>
+      fetchedAt !== undefined && Date.now() - fetchedAt.getTime() <= options.maxStaleSeconds * 1000;
+
+    async function refresh(): Promise<void> {
+      try {
+        keys = await importKeySet(await readKeySet(options.source));
+        fetchedAt = new Date();
+        lastError = undefined;
+      } catch (error) {
+        lastError = error instanceof Error ? error.message : String(error);
+        app.log.warn(
+          { err: error, keySetAge: fetchedAt && Date.now() - fetchedAt.getTime() },
+          'cannot read the key set',
+        );
+      }
+    }
+
+    function schedule() {
+      if (closed) return;
+      const seconds = lastError ? Math.min(RETRY_SECONDS, options.refreshSeconds) : options.refreshSeconds;
+      timer = setTimeout(() => refresh().finally(schedule), seconds * 1000);
+      timer.unref();
+    }
+
+    app.decorate('keys', {
+      async resolve(kid: string) {
+        if (!usable()) throw new KeysUnavailable();
+        return keys.get(kid);
+      },
+      status: () => ({ keys: keys.size, fetchedAt, usable: usable(), lastError }),
+      refresh,
+    });
+
+    // B starts even when A is down: it answers 503 KEYS_UNAVAILABLE until the first read works.
+    await refresh();
+    schedule();
+    app.addHook('onClose', async () => {
+      closed = true;
+      clearTimeout(timer);
+    });
+  },
+  { name: 'keys' },
+);
+
+async function readKeySet(source: KeysOptions['source']): Promise<unknown> {
+  if ('file' in source) return JSON.parse(await readFile(source.file, 'utf8'));
+  const response = await fetch(source.url, {
+    signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
+    headers: { accept: 'application/json' },
+    redirect: 'error',
+  });
+  if (!response.ok) throw new Error(`GET ${source.url} answered ${response.status}`);
+  const text = await response.text();
+  if (text.length > MAX_JWKS_BYTES) throw new Error('key set is too large');
+  return JSON.parse(text);
+}
+
+/**
+ * Imports the verification keys of a JWKS. Only the public members of Ed25519 keys for our one
+ * algorithm are taken: a private member, another algorithm or a key type B does not use is
+ * ignored, never trusted.
+ */
+async function importKeySet(set: unknown): Promise<Map<string, CryptoKey>> {
+  const list = (set as { keys?: unknown })?.keys;
+  if (!Array.isArray(list)) throw new Error('key set has no "keys" array');
+  const keys = new Map<string, CryptoKey>();
+  for (const jwk of list as JWK[]) {
+    if (
+      typeof jwk?.kid !== 'string' ||
+      jwk.kty !== 'OKP' ||
+      jwk.crv !== 'Ed25519' ||
+      typeof jwk.x !== 'string'
+    )
+      continue;
+    if ((jwk.alg ?? TOKEN_ALGORITHM) !== TOKEN_ALGORITHM || (jwk.use ?? 'sig') !== 'sig') continue;
+    const key = await importJWK({ kty: 'OKP', crv: 'Ed25519', x: jwk.x }, TOKEN_ALGORITHM);
+    keys.set(jwk.kid, key as CryptoKey);
+  }
+  return keys;
+}

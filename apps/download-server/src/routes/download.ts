@@ -1,0 +1,108 @@
+import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
+import { DownloadTokenError, verifyDownloadToken } from '@sfh/download-token';
+import type { ObjectInfo, ObjectStore } from '@sfh/storage';
+import contentDisposition from 'content-disposition';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import rangeParser from 'range-parser';
+import {
+  FileNotFound,
+  RangeNotSatisfiable,
+  renewable,
+  TokenExpired,
+  TokenInvalid,
+  TokenMalformed,
+  TokenUsed,
+} from '../errors.ts';
+
+export interface DownloadOptions {
+  storage: ObjectStore;
+  verify: Omit<VerifyOptions, 'currentDate'>;
+}
+
+type Params = { token: string; name?: string };
+
+// Types a browser would render or run if it ever ignored `attachment` (or for a same-origin
+// fetch): served as opaque bytes instead.
+const ACTIVE_CONTENT = /html|xml|javascript|ecmascript|^text\/xsl|^application\/(x-)?(shockwave|java)/;
+
+/**
+ * `GET|HEAD /d/:token[/:name]`: verify the token, claim it once, stream the file.
+ * Order matters: verify before anything else (a forged token never burns a real one and never
+ * touches storage), then look at the file and the range (404 and 416 do not consume the token),
+ * then claim atomically, then send.
+ */
+export default async function downloadRoutes(app: FastifyInstance, options: DownloadOptions) {
+  const { storage } = options;
+
+  async function download(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
+    const claims = await verify(request.params.token);
+    const info = await storage.stat(claims.obj);
+    // A size that disagrees with the token means these are not the bytes A vouched for.
+    if (!info || info.size !== claims.size) throw new FileNotFound();
+    const range = selectRange(request, claims, info);
+
+    if (request.method === 'HEAD') {
+      if (await app.replayStore.isClaimed(claims.jti)) throw renewable(new TokenUsed(), claims.fid);
+    } else {
+      const keepUntil =
+        (Math.min(claims.exp, claims.iat + options.verify.maxTokenAgeSeconds) +
+          options.verify.clockToleranceSeconds) *
+        1000;
+      if (!(await app.replayStore.claim(claims.jti, keepUntil))) throw renewable(new TokenUsed(), claims.fid);
+    }
+
+    reply
+      .header('content-type', ACTIVE_CONTENT.test(claims.ctype) ? 'application/octet-stream' : claims.ctype)
+      .header('content-disposition', contentDisposition(claims.name, { type: 'attachment' }))
+      .header('etag', `"${claims.sha256}"`)
+      .header('last-modified', info.mtime.toUTCString())
+      .header('accept-ranges', 'bytes');
+    if (range) {
+      reply
+        .code(206)
+        .header('content-range', `bytes ${range.start}-${range.end}/${info.size}`)
+        .header('content-length', range.end - range.start + 1);
+    } else {
+      reply.header('content-length', info.size);
+    }
+    if (request.method === 'HEAD' || info.size === 0) return reply.send();
+    return reply.send(storage.createReadStream(claims.obj, range));
+  }
+
+  async function verify(token: string): Promise<DownloadClaims> {
+    try {
+      return await verifyDownloadToken(token, app.keys.resolve, options.verify);
+    } catch (error) {
+      if (!(error instanceof DownloadTokenError)) throw error;
+      if (error.code === 'TOKEN_MALFORMED') throw new TokenMalformed(error.message, { cause: error });
+      // Expiry is checked after the signature, issuer and audience: these claims are genuine.
+      if (error.code === 'TOKEN_EXPIRED')
+        throw renewable(new TokenExpired({ cause: error }), error.claims?.fid);
+      throw new TokenInvalid({ cause: error });
+    }
+  }
+
+  const schema = {
+    params: { type: 'object', properties: { token: { type: 'string' }, name: { type: 'string' } } },
+  };
+  for (const url of ['/d/:token', '/d/:token/:name']) {
+    app.route<{ Params: Params }>({ method: ['GET', 'HEAD'], url, schema, handler: download });
+  }
+}
+
+/** The single range to send, `undefined` for the whole file, or 416. RFC 9110 §14. */
+function selectRange(request: FastifyRequest, claims: DownloadClaims, info: ObjectInfo) {
+  const header = request.headers.range;
+  if (!header) return undefined;
+  const ifRange = request.headers['if-range'];
+  // If-Range with anything but our current validator: the client's partial copy is stale, so it
+  // gets the whole file (200), never a range that would splice two different contents.
+  if (ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== info.mtime.toUTCString())
+    return undefined;
+  const ranges = rangeParser(info.size, header, { combine: true });
+  if (ranges === -1) throw Object.assign(new RangeNotSatisfiable(), { size: info.size });
+  // A malformed header, another unit, or several ranges: the whole file. Never multipart, so a
+  // request for thousands of tiny ranges cannot multiply the response.
+  if (ranges === -2 || ranges.type !== 'bytes' || ranges.length !== 1) return undefined;
+  return ranges[0];
+}

@@ -1,0 +1,14 @@
+import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { buildApp } from './app.ts';
+import { loadConfig } from './config.ts';
+
+runMain(async () => {
+  const config = loadConfig(process.env);
+  const app = await buildApp(config);
+  closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS);
+  await app.listen({ port: config.DOWNLOAD_PORT, host: config.HOST });
+  app.log.info(
+    { keys: config.jwksSource, storage: config.storageDir },
+    `download server (B) ready at ${config.DOWNLOAD_PUBLIC_URL}`,
+  );
+});
