@@ -215,6 +215,30 @@ describe('LocalDiskStore.put', () => {
     expect(await walk(root)).toEqual([]);
   });
 
+  it('handles a source that errors right after put() is called, without an unhandled error event', async () => {
+    const { store, root } = await freshStore();
+    const error = new Error('client went away');
+    const source = new Readable({ read() {} });
+    // An 'error' event emitted while nobody listens crashes the process (uncaughtException). Record
+    // such an emit instead of letting it take the test runner down.
+    const unhandled: unknown[] = [];
+    const emit = source.emit.bind(source);
+    source.emit = ((event: string | symbol, ...args: unknown[]) => {
+      if (event === 'error' && source.listenerCount('error') === 0) {
+        unhandled.push(args[0]);
+        return false;
+      }
+      return emit(event, ...args);
+    }) as Readable['emit'];
+
+    const put = store.put(source);
+    source.destroy(error); // e.g. the client disconnects while put() is still preparing directories
+    await expect(put).rejects.toBe(error);
+
+    expect(unhandled).toEqual([]);
+    expect(await walk(root)).toEqual([]);
+  });
+
   it('handles 20 concurrent puts', async () => {
     const { store } = await freshStore();
     const payloads = Array.from({ length: 20 }, (_, i) =>
