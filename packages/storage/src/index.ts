@@ -71,19 +71,23 @@ export class LocalDiskStore implements ObjectStore {
   }
 
   async put(source: Readable): Promise<StoredObject> {
+    // Until `pipeline` listens, an early error from the source (a client that disconnects at
+    // once) would be an unhandled 'error' event and crash the process; pipeline still sees it.
+    const ignore = () => {};
+    source.on('error', ignore);
     const id = nanoid();
     const finalPath = this.#path(id);
     const tmpPath = join(this.#tmp, `${id}.part`);
-    await mkdir(this.#tmp, { recursive: true });
     const hash = createHash('sha256');
     let size = 0;
     try {
+      await mkdir(this.#tmp, { recursive: true });
       await pipeline(
         source,
         async function* measure(chunks: AsyncIterable<Buffer>) {
           for await (const chunk of chunks) {
             hash.update(chunk);
-            size += chunk.length;
+            size += Buffer.byteLength(chunk);
             yield chunk;
           }
         },
@@ -96,6 +100,8 @@ export class LocalDiskStore implements ObjectStore {
     } catch (error) {
       await rm(tmpPath, { force: true });
       throw error;
+    } finally {
+      source.off('error', ignore);
     }
     return { id, size, sha256: hash.digest('hex') };
   }
