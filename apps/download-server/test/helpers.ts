@@ -133,7 +133,8 @@ export async function buildTestApp(
     close,
     async putFile(bytes, { name = 'file.bin', ctype = 'application/octet-stream' } = {}) {
       const buffer = typeof bytes === 'string' ? Buffer.from(bytes) : bytes;
-      const stored = await storage.put(Readable.from([buffer]));
+      // An empty file is a stream with no chunks at all.
+      const stored = await storage.put(Readable.from(buffer.length > 0 ? [buffer] : []));
       return { fid: nanoid(), obj: stored.id, name, ctype, size: stored.size, sha256: stored.sha256 };
     },
     async mint(file, mint = {}) {

@@ -53,7 +53,10 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
 
     reply
       .header('content-type', ACTIVE_CONTENT.test(claims.ctype) ? 'application/octet-stream' : claims.ctype)
-      .header('content-disposition', contentDisposition(claims.name, { type: 'attachment' }))
+      .header(
+        'content-disposition',
+        contentDisposition(claims.name, { type: 'attachment', fallback: asciiName(claims.name) }),
+      )
       .header('etag', `"${claims.sha256}"`)
       .header('last-modified', info.mtime.toUTCString())
       .header('accept-ranges', 'bytes');
@@ -88,6 +91,17 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
   for (const url of ['/d/:token', '/d/:token/:name']) {
     app.route<{ Params: Params }>({ method: ['GET', 'HEAD'], url, schema, handler: download });
   }
+}
+
+/**
+ * The plain-ASCII `filename` for clients that ignore RFC 8187 `filename*` ("résumé.pdf" becomes
+ * "resume.pdf"). The library's own fallback keeps Latin-1 letters, which are not ASCII.
+ */
+function asciiName(name: string): string {
+  return name
+    .normalize('NFKD')
+    .replace(/[\u0300-\u036f]/g, '')
+    .replace(/[^\x20-\x7e]/g, '_');
 }
 
 /** The single range to send, `undefined` for the whole file, or 416. RFC 9110 §14. */

@@ -1,0 +1,568 @@
+/**
+ * `GET|HEAD /d/:token[/:name]` through `app.inject` against a real app: real key file, real disk
+ * storage, real journal (design.md "The download token", "Single use", "HTTP on B").
+ * Tokens are minted with the real signer; time is fixed with its `now` option, nothing sleeps.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { FileClaims } from '@sfh/download-token';
+import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
+import { decodeJwt } from 'jose';
+import { nanoid } from 'nanoid';
+import { describe, expect, it, vi } from 'vitest';
+import { buildTestApp, createUnknownKey, ISSUER, signRaw, type TestApp } from './helpers.ts';
+
+const BROWSER_ACCEPT = 'text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,*/*;q=0.8';
+const TEN = Buffer.from('0123456789');
+const MINUTE_MS = 60_000;
+
+const SECURITY_HEADERS = {
+  'cache-control': 'private, no-store',
+  'x-content-type-options': 'nosniff',
+  'referrer-policy': 'no-referrer',
+};
+
+const renewUrl = (file: FileClaims) => `${ISSUER}/files/${file.fid}/download`;
+const jtiOf = (token: string) => decodeJwt(token).jti as string;
+
+function download(
+  app: FastifyInstance,
+  token: string,
+  options: { method?: 'GET' | 'HEAD'; headers?: Record<string, string>; suffix?: string } = {},
+): Promise<LightMyRequestResponse> {
+  return app.inject({
+    method: options.method ?? 'GET',
+    url: `/d/${token}${options.suffix ?? ''}`,
+    headers: { accept: 'application/json', ...options.headers },
+  });
+}
+
+function expectSecurityHeaders(res: LightMyRequestResponse): void {
+  expect(res.headers).toMatchObject(SECURITY_HEADERS);
+  expect(String(res.headers['content-security-policy'])).toContain('sandbox');
+}
+
+function expectError(res: LightMyRequestResponse, status: number, code: string): Record<string, unknown> {
+  expect(res.statusCode, res.body).toBe(status);
+  expect(String(res.headers['content-type'])).toMatch(/^application\/json/);
+  const body = res.json() as Record<string, unknown>;
+  expect(body.error).toBe(code);
+  expect(typeof body.message).toBe('string');
+  expectSecurityHeaders(res);
+  return body;
+}
+
+/** An app with one stored file and a fresh token for it. */
+async function withFile(bytes: Buffer = TEN, options: { name?: string; ctype?: string } = {}) {
+  const t = await buildTestApp();
+  const file = await t.putFile(bytes, options);
+  const token = await t.mint(file);
+  return { ...t, file, token };
+}
+
+describe('a valid token', () => {
+  it('downloads the file once, with the bytes and every header of the design', async () => {
+    const bytes = randomBytes(3000);
+    const { app, file, token } = await withFile(bytes, { name: 'résumé 2026.pdf', ctype: 'image/png' });
+    const res = await download(app, token);
+
+    expect(res.statusCode).toBe(200);
+    expect(res.rawPayload.equals(bytes)).toBe(true);
+    expect(res.headers['content-type']).toBe('image/png');
+    expect(res.headers['content-length']).toBe(String(bytes.length));
+    const disposition = String(res.headers['content-disposition']);
+    expect(disposition).toMatch(/^attachment;/);
+    expect(disposition).toMatch(/^[\x20-\x7e]+$/); // the header itself is plain ASCII
+    // An ASCII-only fallback for old clients (the library's choice of substitutes is its own).
+    expect(disposition).toMatch(/; filename="[\x20-\x7e]*2026\.pdf"/);
+    expect(disposition).toContain("filename*=UTF-8''r%C3%A9sum%C3%A9%202026.pdf");
+    expect(res.headers.etag).toBe(`"${file.sha256}"`);
+    const lastModified = String(res.headers['last-modified']);
+    expect(new Date(lastModified).toUTCString()).toBe(lastModified);
+    expect(res.headers['accept-ranges']).toBe('bytes');
+    expectSecurityHeaders(res);
+  });
+
+  it('ignores a cosmetic trailing /name segment', async () => {
+    const { app, file, token } = await withFile(TEN, { name: 'résumé 2026.pdf' });
+    const res = await download(app, token, { suffix: `/${encodeURIComponent(file.name)}` });
+    expect(res.statusCode).toBe(200);
+    expect(res.rawPayload.equals(TEN)).toBe(true);
+    expect(String(res.headers['content-disposition'])).toContain("filename*=UTF-8''r%C3%A9sum%C3%A9");
+    // The cosmetic URL consumed the same token.
+    expectError(await download(app, token), 410, 'TOKEN_USED');
+  });
+
+  it('streams a larger file intact', async () => {
+    const bytes = randomBytes(3 * 1024 * 1024 + 17);
+    const { app, token } = await withFile(bytes);
+    const res = await download(app, token);
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-length']).toBe(String(bytes.length));
+    expect(res.rawPayload.equals(bytes)).toBe(true);
+  });
+
+  it('serves an empty file', async () => {
+    const { app, token } = await withFile(Buffer.alloc(0));
+    const res = await download(app, token);
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-length']).toBe('0');
+    expect(res.rawPayload.length).toBe(0);
+  });
+
+  it.each(['text/plain', 'application/pdf', 'image/png'])(
+    'keeps the passive content type %s',
+    async (ctype) => {
+      const { app, token } = await withFile(TEN, { ctype });
+      const res = await download(app, token);
+      expect(res.statusCode).toBe(200);
+      expect(res.headers['content-type']).toBe(ctype);
+    },
+  );
+
+  it.each([
+    'text/html',
+    'text/html; charset=utf-8',
+    'image/svg+xml',
+    'application/xhtml+xml',
+    'text/xml',
+    'application/xml',
+    'application/javascript',
+    'text/javascript',
+  ])('serves active content %s as application/octet-stream', async (ctype) => {
+    const { app, token } = await withFile(Buffer.from('<script>alert(1)</script>'), { ctype });
+    const res = await download(app, token);
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-type']).toBe('application/octet-stream');
+    expect(String(res.headers['content-disposition'])).toMatch(/^attachment/);
+  });
+
+  it.each(['TEXT/HTML', 'Image/SVG+XML'])(
+    'treats media types case-insensitively: %s is served as application/octet-stream',
+    async (ctype) => {
+      // RFC 9110 §8.3.1: type and subtype are case-insensitive; browsers sniff them so.
+      const { app, token } = await withFile(Buffer.from('<script>alert(1)</script>'), { ctype });
+      const res = await download(app, token);
+      expect(res.statusCode).toBe(200);
+      expect(res.headers['content-type']).toBe('application/octet-stream');
+    },
+  );
+});
+
+describe('single use', () => {
+  it('a second GET gets 410 TOKEN_USED with the renewal URL', async () => {
+    const { app, file, token } = await withFile();
+    expect((await download(app, token)).statusCode).toBe(200);
+    const body = expectError(await download(app, token), 410, 'TOKEN_USED');
+    expect(body.renewUrl).toBe(renewUrl(file));
+  });
+
+  it('a browser arriving with a used token is sent back to A (303)', async () => {
+    const { app, file, token } = await withFile();
+    expect((await download(app, token)).statusCode).toBe(200);
+    const res = await download(app, token, { headers: { accept: BROWSER_ACCEPT } });
+    expect(res.statusCode).toBe(303);
+    expect(res.headers.location).toBe(renewUrl(file));
+    expectSecurityHeaders(res);
+  });
+
+  it('a client accepting */* gets the JSON 410', async () => {
+    const { app, file, token } = await withFile();
+    expect((await download(app, token)).statusCode).toBe(200);
+    const body = expectError(await download(app, token, { headers: { accept: '*/*' } }), 410, 'TOKEN_USED');
+    expect(body.renewUrl).toBe(renewUrl(file));
+  });
+
+  it('HEAD does not consume the token', async () => {
+    const { app, token } = await withFile();
+    expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(200);
+    expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(200);
+    const res = await download(app, token);
+    expect(res.statusCode).toBe(200);
+    expect(res.rawPayload.equals(TEN)).toBe(true);
+    expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(410);
+  });
+
+  it('HEAD answers with the same headers as GET and no body', async () => {
+    const { app, token } = await withFile(TEN, { name: 'résumé 2026.pdf', ctype: 'application/pdf' });
+    const head = await download(app, token, { method: 'HEAD' });
+    const get = await download(app, token);
+    expect(head.statusCode).toBe(200);
+    expect(get.statusCode).toBe(200);
+    expect(head.rawPayload.length).toBe(0);
+    for (const name of [
+      'content-type',
+      'content-length',
+      'content-disposition',
+      'etag',
+      'last-modified',
+      'accept-ranges',
+      'cache-control',
+      'x-content-type-options',
+      'referrer-policy',
+      'content-security-policy',
+    ]) {
+      expect(head.headers[name], name).toBeDefined();
+      expect(head.headers[name], name).toBe(get.headers[name]);
+    }
+  });
+
+  it('of 100 concurrent GETs with one token, exactly one gets the bytes', async () => {
+    const { app, token } = await withFile();
+    const responses = await Promise.all(Array.from({ length: 100 }, () => download(app, token)));
+    const ok = responses.filter((res) => res.statusCode === 200);
+    expect(ok).toHaveLength(1);
+    expect(ok[0]?.rawPayload.equals(TEN)).toBe(true);
+    const used = responses.filter((res) => res.statusCode === 410);
+    expect(used).toHaveLength(99);
+    for (const res of used) expect(res.json().error).toBe('TOKEN_USED');
+  });
+
+  it('a used token stays used after B restarts on the same data directory', async () => {
+    const first = await buildTestApp();
+    const file = await first.putFile(TEN);
+    const token = await first.mint(file);
+    expect((await download(first.app, token)).statusCode).toBe(200);
+    await first.close();
+
+    const second = await buildTestApp({}, { dir: first.dir, key: first.key });
+    expect((await download(second.app, token, { method: 'HEAD' })).statusCode).toBe(410);
+    expectError(await download(second.app, token), 410, 'TOKEN_USED');
+    // The restarted B still serves fresh tokens.
+    expect((await download(second.app, await second.mint(file))).statusCode).toBe(200);
+  });
+
+  it('fails closed with 503 REPLAY_STORE_UNAVAILABLE when the replay store cannot claim', async () => {
+    const { app, token } = await withFile();
+    vi.spyOn(app.replayStore, 'claim').mockRejectedValue(new Error('replay store down'));
+    const res = await download(app, token);
+    expectError(res, 503, 'REPLAY_STORE_UNAVAILABLE');
+    expect(res.headers['retry-after']).toBeDefined();
+    expect(res.rawPayload.includes(TEN)).toBe(false);
+  });
+
+  it('HEAD fails closed with 503 when the replay store cannot answer', async () => {
+    const { app, token } = await withFile();
+    vi.spyOn(app.replayStore, 'isClaimed').mockRejectedValue(new Error('replay store down'));
+    const res = await download(app, token, { method: 'HEAD' });
+    expect(res.statusCode).toBe(503);
+    expect(res.headers['retry-after']).toBeDefined();
+  });
+});
+
+describe('ranges', () => {
+  async function rangeOf(range: string, headers: Record<string, string> = {}, bytes: Buffer = TEN) {
+    const t = await withFile(bytes);
+    const res = await download(t.app, t.token, { headers: { range, ...headers } });
+    return { ...t, res };
+  }
+
+  it.each([
+    ['bytes=0-4', 0, 4],
+    ['bytes=0-0', 0, 0],
+    ['bytes=-3', 7, 9],
+    ['bytes=5-', 5, 9],
+    ['bytes=5-100', 5, 9],
+    ['bytes=-100', 0, 9],
+    ['bytes=0-3,2-5', 0, 5],
+  ])('%s → 206 bytes %i-%i', async (range, start, end) => {
+    const { res } = await rangeOf(range);
+    expect(res.statusCode, res.body).toBe(206);
+    expect(res.headers['content-range']).toBe(`bytes ${start}-${end}/${TEN.length}`);
+    expect(res.headers['content-length']).toBe(String(end - start + 1));
+    expect(res.rawPayload.equals(TEN.subarray(start, end + 1))).toBe(true);
+    expect(res.headers['accept-ranges']).toBe('bytes');
+    expect(res.headers.etag).toBeDefined();
+  });
+
+  it('a range that starts past the end → 416 with bytes */size, and the token is not consumed', async () => {
+    const { app, token, res } = await rangeOf('bytes=10-20');
+    expectError(res, 416, 'RANGE_NOT_SATISFIABLE');
+    expect(res.headers['content-range']).toBe(`bytes */${TEN.length}`);
+    expect(await app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+    const after = await download(app, token);
+    expect(after.statusCode).toBe(200);
+    expect(after.rawPayload.equals(TEN)).toBe(true);
+  });
+
+  it('any range of an empty file → 416 bytes */0', async () => {
+    const { res } = await rangeOf('bytes=0-0', {}, Buffer.alloc(0));
+    expectError(res, 416, 'RANGE_NOT_SATISFIABLE');
+    expect(res.headers['content-range']).toBe('bytes */0');
+  });
+
+  it('HEAD with a range answers 206 like GET, without consuming the token', async () => {
+    const { app, token } = await withFile();
+    const head = await download(app, token, { method: 'HEAD', headers: { range: 'bytes=2-5' } });
+    expect(head.statusCode).toBe(206);
+    expect(head.headers['content-range']).toBe('bytes 2-5/10');
+    expect(head.headers['content-length']).toBe('4');
+    expect(head.rawPayload.length).toBe(0);
+    const get = await download(app, token, { headers: { range: 'bytes=2-5' } });
+    expect(get.statusCode).toBe(206);
+    expect(get.rawPayload.toString()).toBe('2345');
+  });
+
+  it.each(['bytes=abc', 'bytes=', 'bytes=5-2', 'items=0-1', 'items=abc', '0-1'])(
+    'an invalid Range header (%s) is ignored: 200, whole file',
+    async (range) => {
+      const { res } = await rangeOf(range);
+      expect(res.statusCode, res.body).toBe(200);
+      expect(res.headers['content-range']).toBeUndefined();
+      expect(res.rawPayload.equals(TEN)).toBe(true);
+    },
+  );
+
+  it('several ranges get the whole file (documented policy: never multipart)', async () => {
+    const { res } = await rangeOf('bytes=0-1,5-6');
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-range']).toBeUndefined();
+    expect(String(res.headers['content-type'])).not.toMatch(/multipart/);
+    expect(res.rawPayload.equals(TEN)).toBe(true);
+  });
+
+  it('a flood of tiny ranges never multiplies the response', async () => {
+    const bytes = randomBytes(4096);
+    const range = `bytes=${Array.from({ length: 1000 }, (_, i) => `${i * 4}-${i * 4}`).join(',')}`;
+    const { res } = await rangeOf(range, {}, bytes);
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-length']).toBe(String(bytes.length));
+    expect(res.rawPayload.equals(bytes)).toBe(true);
+  });
+
+  it('If-Range with the current ETag → 206', async () => {
+    const t = await withFile();
+    const res = await download(t.app, t.token, {
+      headers: { range: 'bytes=0-4', 'if-range': `"${t.file.sha256}"` },
+    });
+    expect(res.statusCode).toBe(206);
+    expect(res.rawPayload.toString()).toBe('01234');
+  });
+
+  it('If-Range resumes across tokens: the ETag is the content hash', async () => {
+    const t = await withFile();
+    const first = await download(t.app, t.token, { headers: { range: 'bytes=0-4' } });
+    expect(first.statusCode).toBe(206);
+    const second = await download(t.app, await t.mint(t.file), {
+      headers: { range: 'bytes=5-', 'if-range': String(first.headers.etag) },
+    });
+    expect(second.statusCode).toBe(206);
+    expect(Buffer.concat([first.rawPayload, second.rawPayload]).equals(TEN)).toBe(true);
+  });
+
+  it('If-Range with the Last-Modified date → 206', async () => {
+    const t = await withFile();
+    const head = await download(t.app, t.token, { method: 'HEAD' });
+    const res = await download(t.app, t.token, {
+      headers: { range: 'bytes=0-4', 'if-range': String(head.headers['last-modified']) },
+    });
+    expect(res.statusCode).toBe(206);
+  });
+
+  it.each([
+    ['another ETag', `"${'0'.repeat(64)}"`],
+    ['a weak ETag of the same content', 'weak'],
+    ['another date', 'Thu, 01 Jan 2004 00:00:00 GMT'],
+  ])('a stale If-Range (%s) → 200, whole file', async (_label, validator) => {
+    const t = await withFile();
+    const ifRange = validator === 'weak' ? `W/"${t.file.sha256}"` : validator;
+    const res = await download(t.app, t.token, { headers: { range: 'bytes=0-4', 'if-range': ifRange } });
+    expect(res.statusCode).toBe(200);
+    expect(res.headers['content-range']).toBeUndefined();
+    expect(res.rawPayload.equals(TEN)).toBe(true);
+  });
+});
+
+describe('missing bytes', () => {
+  it('a deleted object → 404 FILE_NOT_FOUND, and the token is not consumed', async () => {
+    const { app, storage, file, token } = await withFile();
+    await storage.delete(file.obj);
+    expectError(await download(app, token), 404, 'FILE_NOT_FOUND');
+    expect(await app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+    // Still 404, never 410: nothing was claimed.
+    expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(404);
+    expectError(await download(app, token), 404, 'FILE_NOT_FOUND');
+  });
+
+  it('a size that disagrees with the token → 404 FILE_NOT_FOUND, not consumed', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const token = await t.mint({ ...file, size: file.size + 1 });
+    expectError(await download(t.app, token), 404, 'FILE_NOT_FOUND');
+    expect(await t.app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+  });
+});
+
+describe('token errors', () => {
+  it.each([
+    ['abc', 'abc'],
+    ['two segments', 'eyJhIjoxfQ.eyJhIjoxfQ'],
+    ['segments that are not JSON objects', 'YWJj.YWJj.YWJj'],
+    ['a 5000-character token', 'a'.repeat(5000)],
+  ])('%s → 400 TOKEN_MALFORMED', async (_label, token) => {
+    const t = await buildTestApp();
+    expectError(await download(t.app, token), 400, 'TOKEN_MALFORMED');
+  });
+
+  it('a 5000-character token of three segments → 400 TOKEN_MALFORMED, never 414', async () => {
+    const t = await buildTestApp();
+    const token = `${'a'.repeat(2000)}.${'b'.repeat(2000)}.${'c'.repeat(1000)}`;
+    expectError(await download(t.app, token), 400, 'TOKEN_MALFORMED');
+  });
+
+  it('a 15000-character path → 400, never 414', async () => {
+    const t = await buildTestApp();
+    const res = await t.app.inject({ method: 'GET', url: `/d/${'a'.repeat(15_000 - 3)}` });
+    expectError(res, 400, 'TOKEN_MALFORMED');
+  });
+
+  it('a signature by a key B does not know → 403 TOKEN_INVALID', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const attacker = await createUnknownKey();
+    expectError(
+      await download(t.app, await t.mint(file, { key: attacker.privateKey, kid: attacker.kid })),
+      403,
+      'TOKEN_INVALID',
+    );
+    // Even under the real key's kid.
+    expectError(
+      await download(t.app, await t.mint(file, { key: attacker.privateKey })),
+      403,
+      'TOKEN_INVALID',
+    );
+  });
+
+  it('an unsigned token (alg none) → 403 TOKEN_INVALID', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const real = decodeJwt(await t.mint(file));
+    const segment = (value: object) => Buffer.from(JSON.stringify(value)).toString('base64url');
+    const token = `${segment({ alg: 'none', kid: t.key.kid, typ: 'dl+jwt' })}.${segment(real)}.`;
+    expectError(await download(t.app, token), 403, 'TOKEN_INVALID');
+  });
+
+  it('an expired token → 403 TOKEN_EXPIRED with the renewal URL; a browser gets 303', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const token = await t.mint(file, { now: new Date(Date.now() - 10 * MINUTE_MS) });
+    const body = expectError(await download(t.app, token), 403, 'TOKEN_EXPIRED');
+    expect(body.renewUrl).toBe(renewUrl(file));
+    const browser = await download(t.app, token, { headers: { accept: BROWSER_ACCEPT } });
+    expect(browser.statusCode).toBe(303);
+    expect(browser.headers.location).toBe(renewUrl(file));
+  });
+
+  it('a token older than TOKEN_MAX_AGE_SECONDS → 403 TOKEN_EXPIRED even before its exp', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    // iat 400 s ago, exp 200 s ahead: the maximum age (300 s) decides.
+    const token = await t.mint(file, { now: new Date(Date.now() - 400_000), ttlSeconds: 600 });
+    expectError(await download(t.app, token), 403, 'TOKEN_EXPIRED');
+  });
+
+  it('a token from the future (beyond the clock tolerance) → 403 TOKEN_INVALID', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const token = await t.mint(file, { now: new Date(Date.now() + 2 * MINUTE_MS) });
+    expectError(await download(t.app, token), 403, 'TOKEN_INVALID');
+  });
+
+  it.each([
+    ['audience', { audience: 'http://other.test' }],
+    ['issuer', { issuer: 'http://other.test' }],
+  ])('a token for another %s → 403 TOKEN_INVALID', async (_label, mint) => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    expectError(await download(t.app, await t.mint(file, mint)), 403, 'TOKEN_INVALID');
+  });
+
+  it('a forged token carrying a real token’s jti cannot burn it (verify before claim)', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const real = await t.mint(file);
+    const attacker = await createUnknownKey(t.key.kid);
+    const forged = await signRaw({ ...decodeJwt(real) }, attacker, { kid: t.key.kid });
+    expect(jtiOf(forged)).toBe(jtiOf(real));
+
+    expectError(await download(t.app, forged), 403, 'TOKEN_INVALID');
+    expectError(await download(t.app, forged), 403, 'TOKEN_INVALID');
+    expect(await t.app.replayStore.isClaimed(jtiOf(real))).toBe(false);
+    const res = await download(t.app, real);
+    expect(res.statusCode).toBe(200);
+    expect(res.rawPayload.equals(TEN)).toBe(true);
+  });
+
+  it('an invalid token never reaches storage: a forgery naming a missing object gets 403, not 404', async () => {
+    const t = await buildTestApp();
+    const file = await t.putFile(TEN);
+    const claims = { ...decodeJwt(await t.mint(file)), obj: nanoid(), jti: nanoid() };
+    const forged = await signRaw(claims, await createUnknownKey(t.key.kid));
+    expectError(await download(t.app, forged), 403, 'TOKEN_INVALID');
+  });
+});
+
+describe('keys unavailable', () => {
+  async function withoutKeys(): Promise<TestApp> {
+    return buildTestApp({ JWKS_FILE: join(tmpdir(), `missing-${nanoid()}`, 'jwks.json') });
+  }
+
+  it('a well-formed token → 503 KEYS_UNAVAILABLE with Retry-After', async () => {
+    const t = await withoutKeys();
+    const file = await t.putFile(TEN);
+    const res = await download(t.app, await t.mint(file));
+    expectError(res, 503, 'KEYS_UNAVAILABLE');
+    expect(res.headers['retry-after']).toBeDefined();
+  });
+
+  it('/readyz → 503 naming keys; /healthz → 200', async () => {
+    const t = await withoutKeys();
+    const ready = await t.app.inject({ method: 'GET', url: '/readyz' });
+    expect(ready.statusCode).toBe(503);
+    expect(ready.json().missing).toContain('keys');
+    const health = await t.app.inject({ method: 'GET', url: '/healthz' });
+    expect(health.statusCode).toBe(200);
+  });
+
+  it('downloads work once the key set can be read', async () => {
+    const t = await withoutKeys();
+    const file = await t.putFile(TEN);
+    const token = await t.mint(file);
+    expect((await download(t.app, token)).statusCode).toBe(503);
+    // The app's key source is the missing file; publish the key there and reload.
+    const source = t.config.jwksSource as { file: string };
+    await mkdir(join(source.file, '..'), { recursive: true });
+    await writeFile(
+      source.file,
+      JSON.stringify({ keys: [{ ...t.key.publicJwk, kid: t.key.kid, alg: 'EdDSA', use: 'sig' }] }),
+    );
+    await t.app.keys.refresh();
+    expect((await t.app.inject({ method: 'GET', url: '/readyz' })).statusCode).toBe(200);
+    expect((await download(t.app, token)).statusCode).toBe(200);
+  });
+});
+
+describe('health and unknown routes', () => {
+  it('/readyz → 200 ready when keys and the replay store are there', async () => {
+    const t = await buildTestApp();
+    const res = await t.app.inject({ method: 'GET', url: '/readyz' });
+    expect(res.statusCode).toBe(200);
+    expect(res.json()).toMatchObject({ status: 'ready', missing: [] });
+  });
+
+  it('/readyz → 503 naming the replay store when it cannot answer', async () => {
+    const t = await buildTestApp();
+    vi.spyOn(t.app.replayStore, 'ping').mockRejectedValue(new Error('down'));
+    const res = await t.app.inject({ method: 'GET', url: '/readyz' });
+    expect(res.statusCode).toBe(503);
+    expect(res.json().missing).toEqual(['replay-store']);
+  });
+
+  it('an unknown route → 404 NOT_FOUND JSON with the security headers', async () => {
+    const t = await buildTestApp();
+    expectError(await t.app.inject({ method: 'GET', url: '/nope' }), 404, 'NOT_FOUND');
+    expectError(await t.app.inject({ method: 'POST', url: '/d/abc' }), 404, 'NOT_FOUND');
+  });
+});

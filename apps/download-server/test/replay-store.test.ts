@@ -1,0 +1,213 @@
+/**
+ * MemoryReplayStore: the shared contract (memory only, and with a journal), then the journal's
+ * own promises: claims survive restarts for as long as they matter (design.md "Single use": "A
+ * used token is never accepted again, also after B restarts"), rotation bounds disk use, and the
+ * files are private. Time moves with `vi.setSystemTime` (only `Date` is faked; fs stays real).
+ */
+import { appendFile, readFile, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { nanoid } from 'nanoid';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { MemoryReplayStore } from '../src/replay-store.ts';
+import { tempDir } from './helpers.ts';
+import { replayStoreContract } from './replay-store.contract.ts';
+
+replayStoreContract('MemoryReplayStore (memory only)', () => MemoryReplayStore.open({ windowMs: 60_000 }));
+replayStoreContract('MemoryReplayStore (journal)', async () =>
+  MemoryReplayStore.open({ dir: await tempDir('replay-store-'), windowMs: 60_000 }),
+);
+
+const T0 = new Date('2030-06-15T12:00:00.000Z').getTime();
+const WINDOW = 1_000;
+
+/** Opens the journal store in `dir` with a short window (the caller closes it). */
+async function openAt(dir: string): Promise<MemoryReplayStore> {
+  return MemoryReplayStore.open({ dir, windowMs: WINDOW });
+}
+
+const journal = (dir: string, name: 'current.log' | 'previous.log') =>
+  readFile(join(dir, name), 'utf8').catch(() => '');
+
+describe('MemoryReplayStore journal', () => {
+  afterEach(() => {
+    vi.useRealTimers();
+  });
+
+  function fakeClock(at: number) {
+    vi.useFakeTimers({ toFake: ['Date'] });
+    vi.setSystemTime(at);
+  }
+
+  it('a claim survives close and reopen of the same directory', async () => {
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    const first = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    expect(await first.claim(jti, Date.now() + 60_000)).toBe(true);
+    await first.close();
+
+    const second = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    try {
+      expect(await second.isClaimed(jti)).toBe(true);
+      expect(await second.claim(jti, Date.now() + 60_000)).toBe(false);
+    } finally {
+      await second.close();
+    }
+  });
+
+  it('a claim survives any number of restarts while it is still live', async () => {
+    // Supervisors restart crash-looping processes quickly: every restart within a token's
+    // lifetime must still know the token was used.
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    const store = await openAt(dir);
+    expect(await store.claim(jti, T0 + WINDOW)).toBe(true);
+    await store.close();
+
+    for (let restart = 1; restart <= 5; restart++) {
+      vi.setSystemTime(T0 + restart * 10);
+      const again = await openAt(dir);
+      const claimed = await again.isClaimed(jti);
+      await again.close();
+      expect(claimed, `restart ${restart}`).toBe(true);
+    }
+  });
+
+  it('rotation after windowMs keeps the claims of the last window', async () => {
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const store = await openAt(dir);
+    const [old, late, mid] = [nanoid(), nanoid(), nanoid()];
+
+    vi.setSystemTime(T0 + 100);
+    expect(await store.claim(old, T0 + 1_100)).toBe(true);
+    vi.setSystemTime(T0 + 900);
+    expect(await store.claim(late, T0 + 1_900)).toBe(true);
+    // More than a window since the journal was opened: this claim rotates it.
+    vi.setSystemTime(T0 + 1_200);
+    expect(await store.claim(mid, T0 + 2_200)).toBe(true);
+
+    expect(await journal(dir, 'previous.log')).toContain(late);
+    expect(await journal(dir, 'current.log')).toContain(mid);
+    expect(await journal(dir, 'current.log')).not.toContain(late);
+    expect(await store.isClaimed(old)).toBe(false); // expired
+    expect(await store.isClaimed(late)).toBe(true);
+    expect(await store.isClaimed(mid)).toBe(true);
+    await store.close();
+
+    // Both live claims come back after a restart, from either file.
+    vi.setSystemTime(T0 + 1_300);
+    const reopened = await openAt(dir);
+    try {
+      expect(await reopened.isClaimed(late)).toBe(true);
+      expect(await reopened.isClaimed(mid)).toBe(true);
+      expect(await reopened.isClaimed(old)).toBe(false);
+    } finally {
+      await reopened.close();
+    }
+  });
+
+  it('the next rotation drops claims older than two windows from disk', async () => {
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const store = await openAt(dir);
+    const [old, mid, recent] = [nanoid(), nanoid(), nanoid()];
+    try {
+      vi.setSystemTime(T0 + 100);
+      await store.claim(old, T0 + 1_100);
+      vi.setSystemTime(T0 + 1_200); // first rotation: old → previous.log
+      await store.claim(mid, T0 + 2_200);
+      expect(await journal(dir, 'previous.log')).toContain(old);
+
+      vi.setSystemTime(T0 + 2_300); // second rotation: old's file is gone
+      await store.claim(recent, T0 + 3_300);
+      const onDisk = (await journal(dir, 'previous.log')) + (await journal(dir, 'current.log'));
+      expect(onDisk).not.toContain(old);
+      expect(await journal(dir, 'previous.log')).toContain(mid);
+      expect(await journal(dir, 'current.log')).toContain(recent);
+      expect(await store.isClaimed(old)).toBe(false);
+      expect(await store.isClaimed(recent)).toBe(true);
+    } finally {
+      await store.close();
+    }
+  });
+
+  it('a claim in flight when another claim starts a rotation is still journalled', async () => {
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const store = await openAt(dir);
+    const [first, second] = [nanoid(), nanoid()];
+    try {
+      vi.setSystemTime(T0 + 900);
+      const inFlight = store.claim(first, T0 + 1_900);
+      // The clock crosses the window boundary before the first claim reaches its write.
+      vi.setSystemTime(T0 + 1_100);
+      const rotating = store.claim(second, T0 + 2_100);
+      const results = await Promise.allSettled([inFlight, rotating]);
+      expect(results).toEqual([
+        { status: 'fulfilled', value: true },
+        { status: 'fulfilled', value: true },
+      ]);
+    } finally {
+      await store.close();
+    }
+    const reopened = await openAt(dir);
+    try {
+      expect(await reopened.isClaimed(first)).toBe(true);
+      expect(await reopened.isClaimed(second)).toBe(true);
+    } finally {
+      await reopened.close();
+    }
+  });
+
+  it('expired claims are not reloaded', async () => {
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    const store = await openAt(dir);
+    await store.claim(jti, T0 + 50);
+    await store.close();
+
+    vi.setSystemTime(T0 + 100);
+    const reopened = await openAt(dir);
+    try {
+      expect(await reopened.isClaimed(jti)).toBe(false);
+    } finally {
+      await reopened.close();
+    }
+  });
+
+  it('a torn last line (crash mid-write) does not stop the store from opening', async () => {
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    const store = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    await store.claim(jti, Date.now() + 60_000);
+    await store.close();
+    await appendFile(join(dir, 'current.log'), `${nanoid()} 17`); // no newline, truncated number
+
+    const reopened = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    try {
+      expect(await reopened.isClaimed(jti)).toBe(true);
+      expect(await reopened.claim(nanoid(), Date.now() + 60_000)).toBe(true);
+    } finally {
+      await reopened.close();
+    }
+  });
+
+  it('journal files are readable by the owner only (0600)', async () => {
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const store = await openAt(dir);
+    try {
+      await store.claim(nanoid(), T0 + 1_000);
+      vi.setSystemTime(T0 + 1_500); // rotate, so both files exist
+      await store.claim(nanoid(), T0 + 2_500);
+      for (const name of ['current.log', 'previous.log']) {
+        const info = await stat(join(dir, name));
+        expect((info.mode & 0o777).toString(8), name).toBe('600');
+      }
+    } finally {
+      await store.close();
+    }
+  });
+});

@@ -1,0 +1,120 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { cp, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { createTestDatabase, type TestDatabase } from '../support/database.ts';
+import { SessionClient } from '../support/http-client.ts';
+import { APP_SERVER, DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+
+const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
+
+// The whole path with both servers as real processes: embedded PGlite always (what `npm start`
+// runs), and the real Postgres as well when TEST_DATABASE_URL is set (CI).
+const databases = ['embedded', ...(process.env.TEST_DATABASE_URL ? ['postgres'] : [])] as const;
+
+describe.each(databases)('sign in on A, download once from B (%s database)', (database) => {
+  let dataDir: string;
+  let db: TestDatabase | undefined;
+  let a: ServerProcess;
+  let b: ServerProcess;
+  let appOrigin: string;
+  let downloadOrigin: string;
+
+  beforeAll(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), 'sfh-e2e-'));
+    const [appPort, downloadPort] = [await freePort(), await freePort()];
+    appOrigin = `http://127.0.0.1:${appPort}`;
+    downloadOrigin = `http://127.0.0.1:${downloadPort}`;
+    const shared = { DATA_DIR: dataDir, APP_PUBLIC_URL: appOrigin, DOWNLOAD_PUBLIC_URL: downloadOrigin };
+    const databaseEnv: Record<string, string> = {};
+    if (database === 'postgres') {
+      db = await createTestDatabase();
+      databaseEnv.DATABASE_URL = db.url;
+    } else {
+      // An initialised data folder, so the test does not wait for initdb.
+      await cp(inject('pgliteTemplate'), join(dataDir, 'pg'), { recursive: true });
+    }
+    a = await startServer(
+      APP_SERVER,
+      { ...shared, ...databaseEnv, APP_PORT: String(appPort), ARGON2_MEMORY_KIB: '64', ARGON2_TIME_COST: '1' },
+      `${appOrigin}/readyz`,
+    );
+    b = await startServer(DOWNLOAD_SERVER, { ...shared, DOWNLOAD_PORT: String(downloadPort) }, `${downloadOrigin}/readyz`);
+  }, 120_000);
+
+  afterAll(async () => {
+    await Promise.all([a?.stop(), b?.stop()]);
+    await db?.close();
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('register → login → upload → mint → download → compare bytes → reuse is refused', async () => {
+    const user = new SessionClient(appOrigin);
+    const credentials = JSON.stringify({ username: 'alice', password: 'correct horse battery' });
+    const json = { 'content-type': 'application/json' };
+    expect((await user.fetch('/api/auth/register', { method: 'POST', headers: json, body: credentials })).status).toBe(201);
+    expect((await user.fetch('/api/auth/logout', { method: 'POST' })).status).toBe(204);
+    expect((await user.fetch('/api/me')).status).toBe(401);
+    expect((await user.fetch('/api/auth/login', { method: 'POST', headers: json, body: credentials })).status).toBe(200);
+
+    const bytes = randomBytes(3 * 1024 * 1024 + 17);
+    const form = new FormData();
+    form.append('file', new Blob([bytes], { type: 'application/pdf' }), 'rapport été.pdf');
+    const upload = await user.json<{ file: { id: string; size: number; sha256: string } }>('/api/files', {
+      method: 'POST',
+      body: form,
+    });
+    expect(upload.status).toBe(201);
+    expect(upload.body.file).toMatchObject({ size: bytes.length, sha256: sha256(bytes) });
+
+    const mint = await user.json<{ url: string; token: string; expiresAt: string }>(
+      `/api/files/${upload.body.file.id}/download-token`,
+      { method: 'POST' },
+    );
+    expect(mint.status).toBe(201);
+    expect(mint.body.url.startsWith(`${downloadOrigin}/d/${mint.body.token}`)).toBe(true);
+
+    const download = await fetch(mint.body.url);
+    expect(download.status).toBe(200);
+    expect(download.headers.get('content-disposition')).toContain("filename*=UTF-8''rapport%20%C3%A9t%C3%A9.pdf");
+    const received = new Uint8Array(await download.arrayBuffer());
+    expect(received.length).toBe(bytes.length);
+    expect(sha256(received)).toBe(sha256(bytes));
+
+    const reuse = await fetch(mint.body.url);
+    expect(reuse.status).toBe(410);
+    expect(await reuse.json()).toMatchObject({
+      error: 'TOKEN_USED',
+      renewUrl: `${appOrigin}/files/${upload.body.file.id}/download`,
+    });
+
+    // The link the UI shows mints a fresh token per click.
+    const click = await user.fetch(`/files/${upload.body.file.id}/download`);
+    expect(click.status).toBe(303);
+    const again = await fetch(click.headers.get('location') as string);
+    expect(again.status).toBe(200);
+    expect(sha256(new Uint8Array(await again.arrayBuffer()))).toBe(sha256(bytes));
+  });
+
+  it('a file deleted on A is gone from B at once', async () => {
+    const user = new SessionClient(appOrigin);
+    const credentials = JSON.stringify({ username: 'bob', password: 'correct horse battery' });
+    await user.fetch('/api/auth/register', { method: 'POST', headers: { 'content-type': 'application/json' }, body: credentials });
+    const form = new FormData();
+    form.append('file', new Blob(['short-lived']), 'note.txt');
+    const { body } = await user.json<{ file: { id: string } }>('/api/files', { method: 'POST', body: form });
+    const mint = await user.json<{ url: string }>(`/api/files/${body.file.id}/download-token`, { method: 'POST' });
+    expect((await user.fetch(`/api/files/${body.file.id}`, { method: 'DELETE' })).status).toBe(204);
+    const response = await fetch(mint.body.url);
+    expect(response.status).toBe(404);
+    expect(await response.json()).toMatchObject({ error: 'FILE_NOT_FOUND' });
+  });
+
+  it('both servers drain and exit 0 on SIGTERM, also when it arrives twice, leaving no temp files', async () => {
+    a.child.kill('SIGTERM');
+    b.child.kill('SIGTERM');
+    expect(await Promise.all([a.stop(), b.stop()])).toEqual([0, 0]);
+    expect(await readdir(join(dataDir, 'files', '.tmp'))).toEqual([]);
+  });
+});
