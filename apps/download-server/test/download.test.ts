@@ -234,6 +234,21 @@ describe('single use', () => {
     expect((await download(second.app, await second.mint(file))).statusCode).toBe(200);
   });
 
+  it('a used token stays used across several quick restarts (a crash loop)', async () => {
+    const first = await buildTestApp();
+    const file = await first.putFile(TEN);
+    const token = await first.mint(file);
+    expect((await download(first.app, token)).statusCode).toBe(200);
+    await first.close();
+
+    for (let restart = 1; restart <= 4; restart++) {
+      const again = await buildTestApp({}, { dir: first.dir, key: first.key });
+      const res = await download(again.app, token, { method: 'HEAD' });
+      await again.close();
+      expect(res.statusCode, `restart ${restart}`).toBe(410);
+    }
+  });
+
   it('fails closed with 503 REPLAY_STORE_UNAVAILABLE when the replay store cannot claim', async () => {
     const { app, token } = await withFile();
     vi.spyOn(app.replayStore, 'claim').mockRejectedValue(new Error('replay store down'));

@@ -48,8 +48,12 @@ export default fp(
 export async function migrate(pool: pg.Pool): Promise<void> {
   const client = await pool.connect();
   try {
+    // Migrate the schema the connection uses (its search_path), migrations table included;
+    // node-pg-migrate would otherwise keep its bookkeeping in "public" whatever the path says.
+    const { rows } = await client.query<{ schema: string }>('SELECT current_schema() AS schema');
     await runner({
       dbClient: client,
+      schema: rows[0]?.schema ?? 'public',
       dir: MIGRATIONS_DIR,
       direction: 'up',
       migrationsTable: 'pgmigrations',
