@@ -59,13 +59,15 @@ export default fp(
       try {
         keys = await importKeySet(await readKeySet(options.source));
         fetchedAt = new Date();
+        if (lastError) app.log.info({ keys: keys.size }, 'key set read again');
         lastError = undefined;
       } catch (error) {
-        lastError = error instanceof Error ? error.message : String(error);
-        app.log.warn(
-          { err: error, keySetAge: fetchedAt && Date.now() - fetchedAt.getTime() },
-          'cannot read the key set',
-        );
+        const message =
+          error instanceof Error ? `${error.message}${error.cause ? `: ${error.cause}` : ''}` : String(error);
+        // One warning when reading starts to fail, not one per retry.
+        if (lastError === undefined)
+          app.log.warn({ source: options.source, error: message }, 'cannot read the key set; retrying');
+        lastError = message;
       }
     }
 
