@@ -1,4 +1,4 @@
-import { type FileHandle, mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { type FileHandle, mkdir, open, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
 /**
@@ -21,33 +21,33 @@ export interface ReplayStore {
 }
 
 /**
- * In-process replay store for a single B. Claims survive a restart through a journal in
- * `dir`: every claim is appended before the first byte is sent and read back at start. The
- * journal rotates every `windowMs` (the longest a token can stay acceptable), and a file two
- * windows old holds nothing that matters any more, so disk use stays bounded.
+ * In-process replay store for a single B. Claims survive a restart through a journal,
+ * `dir/claims.log`: every claim is appended before the first byte is sent and read back at
+ * start. Every `windowMs` (the longest a token can stay acceptable) the journal is rewritten
+ * with only the claims that still matter, so memory and disk stay bounded.
  *
  * Several B replicas cannot share it: they need the Redis store.
  */
 export class MemoryReplayStore implements ReplayStore {
   readonly #claims = new Map<string, number>();
-  readonly #dir: string | undefined;
+  readonly #file: string | undefined;
   readonly #windowMs: number;
   #journal: FileHandle | undefined;
-  #rotatedAt = Date.now();
-  #rotating: Promise<void> | undefined;
+  #compactedAt = 0;
+  #compacting: Promise<void> | undefined;
 
-  private constructor(dir: string | undefined, windowMs: number) {
-    this.#dir = dir;
+  private constructor(file: string | undefined, windowMs: number) {
+    this.#file = file;
     this.#windowMs = windowMs;
   }
 
   /** Opens the store; with `dir`, claims are journalled there and reloaded from it. */
   static async open(options: { dir?: string; windowMs: number }): Promise<MemoryReplayStore> {
-    const store = new MemoryReplayStore(options.dir, options.windowMs);
+    const store = new MemoryReplayStore(options.dir && join(options.dir, 'claims.log'), options.windowMs);
     if (options.dir) {
       await mkdir(options.dir, { recursive: true });
-      for (const name of ['previous.log', 'current.log']) await store.#load(join(options.dir, name));
-      await store.#rotate();
+      await store.#load();
+      await store.#compact();
     }
     return store;
   }
@@ -59,9 +59,9 @@ export class MemoryReplayStore implements ReplayStore {
     // Set before the first await: JavaScript runs this synchronously, so no concurrent caller
     // in this process can slip in between the check and the set.
     this.#claims.set(jti, keepUntil);
-    if (this.#dir) {
-      if (!this.#rotating && now - this.#rotatedAt > this.#windowMs) this.#rotating = this.#rotate();
-      await this.#rotating;
+    if (this.#file) {
+      if (!this.#compacting && now - this.#compactedAt > this.#windowMs) this.#compacting = this.#compact();
+      if (this.#compacting) await this.#compacting;
       await this.#journal?.write(`${jti} ${keepUntil}\n`);
     }
     return true;
@@ -75,13 +75,13 @@ export class MemoryReplayStore implements ReplayStore {
   async ping(): Promise<void> {}
 
   async close(): Promise<void> {
-    await this.#rotating;
+    await this.#compacting;
     await this.#journal?.close();
     this.#journal = undefined;
   }
 
-  async #load(file: string): Promise<void> {
-    const text = await readFile(file, 'utf8').catch(() => '');
+  async #load(): Promise<void> {
+    const text = await readFile(this.#file as string, 'utf8').catch(() => '');
     const now = Date.now();
     for (const line of text.split('\n')) {
       const [jti, until] = line.split(' ');
@@ -90,16 +90,22 @@ export class MemoryReplayStore implements ReplayStore {
     }
   }
 
-  // current.log → previous.log, a fresh current.log; entries older than two windows are dropped
-  // from memory as well.
-  async #rotate(): Promise<void> {
-    const dir = this.#dir as string;
-    await this.#journal?.close();
-    await rm(join(dir, 'previous.log'), { force: true });
-    await rename(join(dir, 'current.log'), join(dir, 'previous.log')).catch(() => {});
-    this.#journal = await open(join(dir, 'current.log'), 'a', 0o600);
-    this.#rotatedAt = Date.now();
-    this.#rotating = undefined;
-    for (const [jti, until] of this.#claims) if (until <= this.#rotatedAt) this.#claims.delete(jti);
+  // Rewrites the journal with the live claims. Claims made meanwhile wait for it and are
+  // appended to the new file; claims made before are in the snapshot.
+  async #compact(): Promise<void> {
+    const file = this.#file as string;
+    const now = Date.now();
+    let live = '';
+    for (const [jti, until] of this.#claims) {
+      if (until <= now) this.#claims.delete(jti);
+      else live += `${jti} ${until}\n`;
+    }
+    await writeFile(`${file}.tmp`, live, { mode: 0o600, flush: true });
+    await rename(`${file}.tmp`, file);
+    const previous = this.#journal;
+    this.#journal = await open(file, 'a', 0o600);
+    await previous?.close();
+    this.#compactedAt = now;
+    this.#compacting = undefined;
   }
 }

@@ -25,8 +25,7 @@ async function openAt(dir: string): Promise<MemoryReplayStore> {
   return MemoryReplayStore.open({ dir, windowMs: WINDOW });
 }
 
-const journal = (dir: string, name: 'current.log' | 'previous.log') =>
-  readFile(join(dir, name), 'utf8').catch(() => '');
+const journal = (dir: string, name: 'claims.log') => readFile(join(dir, name), 'utf8').catch(() => '');
 
 describe('MemoryReplayStore journal', () => {
   afterEach(() => {
@@ -73,7 +72,7 @@ describe('MemoryReplayStore journal', () => {
     }
   });
 
-  it('rotation after windowMs keeps the claims of the last window', async () => {
+  it('compaction after windowMs keeps the live claims and drops expired ones, in memory and on disk', async () => {
     fakeClock(T0);
     const dir = await tempDir('replay-store-');
     const store = await openAt(dir);
@@ -83,19 +82,21 @@ describe('MemoryReplayStore journal', () => {
     expect(await store.claim(old, T0 + 1_100)).toBe(true);
     vi.setSystemTime(T0 + 900);
     expect(await store.claim(late, T0 + 1_900)).toBe(true);
-    // More than a window since the journal was opened: this claim rotates it.
+    expect(await journal(dir, 'claims.log')).toContain(old);
+    // More than a window since the journal was compacted: this claim compacts it.
     vi.setSystemTime(T0 + 1_200);
     expect(await store.claim(mid, T0 + 2_200)).toBe(true);
 
-    expect(await journal(dir, 'previous.log')).toContain(late);
-    expect(await journal(dir, 'current.log')).toContain(mid);
-    expect(await journal(dir, 'current.log')).not.toContain(late);
+    const onDisk = await journal(dir, 'claims.log');
+    expect(onDisk).not.toContain(old);
+    expect(onDisk).toContain(late);
+    expect(onDisk).toContain(mid);
     expect(await store.isClaimed(old)).toBe(false); // expired
     expect(await store.isClaimed(late)).toBe(true);
     expect(await store.isClaimed(mid)).toBe(true);
     await store.close();
 
-    // Both live claims come back after a restart, from either file.
+    // Both live claims come back after a restart.
     vi.setSystemTime(T0 + 1_300);
     const reopened = await openAt(dir);
     try {
@@ -104,31 +105,6 @@ describe('MemoryReplayStore journal', () => {
       expect(await reopened.isClaimed(old)).toBe(false);
     } finally {
       await reopened.close();
-    }
-  });
-
-  it('the next rotation drops claims older than two windows from disk', async () => {
-    fakeClock(T0);
-    const dir = await tempDir('replay-store-');
-    const store = await openAt(dir);
-    const [old, mid, recent] = [nanoid(), nanoid(), nanoid()];
-    try {
-      vi.setSystemTime(T0 + 100);
-      await store.claim(old, T0 + 1_100);
-      vi.setSystemTime(T0 + 1_200); // first rotation: old → previous.log
-      await store.claim(mid, T0 + 2_200);
-      expect(await journal(dir, 'previous.log')).toContain(old);
-
-      vi.setSystemTime(T0 + 2_300); // second rotation: old's file is gone
-      await store.claim(recent, T0 + 3_300);
-      const onDisk = (await journal(dir, 'previous.log')) + (await journal(dir, 'current.log'));
-      expect(onDisk).not.toContain(old);
-      expect(await journal(dir, 'previous.log')).toContain(mid);
-      expect(await journal(dir, 'current.log')).toContain(recent);
-      expect(await store.isClaimed(old)).toBe(false);
-      expect(await store.isClaimed(recent)).toBe(true);
-    } finally {
-      await store.close();
     }
   });
 
@@ -183,7 +159,7 @@ describe('MemoryReplayStore journal', () => {
     const store = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
     await store.claim(jti, Date.now() + 60_000);
     await store.close();
-    await appendFile(join(dir, 'current.log'), `${nanoid()} 17`); // no newline, truncated number
+    await appendFile(join(dir, 'claims.log'), `${nanoid()} 17`); // no newline, truncated number
 
     const reopened = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
     try {
@@ -194,18 +170,16 @@ describe('MemoryReplayStore journal', () => {
     }
   });
 
-  it('journal files are readable by the owner only (0600)', async () => {
+  it('the journal is readable by the owner only (0600), also after compaction', async () => {
     fakeClock(T0);
     const dir = await tempDir('replay-store-');
     const store = await openAt(dir);
     try {
       await store.claim(nanoid(), T0 + 1_000);
-      vi.setSystemTime(T0 + 1_500); // rotate, so both files exist
+      expect(((await stat(join(dir, 'claims.log'))).mode & 0o777).toString(8)).toBe('600');
+      vi.setSystemTime(T0 + 1_500); // compacts
       await store.claim(nanoid(), T0 + 2_500);
-      for (const name of ['current.log', 'previous.log']) {
-        const info = await stat(join(dir, name));
-        expect((info.mode & 0o777).toString(8), name).toBe('600');
-      }
+      expect(((await stat(join(dir, 'claims.log'))).mode & 0o777).toString(8)).toBe('600');
     } finally {
       await store.close();
     }

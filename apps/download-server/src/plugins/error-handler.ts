@@ -25,7 +25,7 @@ export default fp(
         error.fileId && FILE_ID.test(error.fileId)
           ? `${options.appOrigin}/files/${error.fileId}/download`
           : undefined;
-      if (renewUrl && request.method === 'GET' && prefersHtml(request.headers.accept)) {
+      if (renewUrl && prefersHtml(request.headers.accept)) {
         return reply.redirect(renewUrl, 303);
       }
       return reply

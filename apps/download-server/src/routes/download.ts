@@ -1,12 +1,12 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, verifyDownloadToken } from '@sfh/download-token';
-import type { ObjectInfo, ObjectStore } from '@sfh/storage';
+import type { ByteRange, ObjectInfo, ObjectStore } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import rangeParser from 'range-parser';
 import {
   FileNotFound,
   RangeNotSatisfiable,
+  ReplayStoreUnavailable,
   renewable,
   TokenExpired,
   TokenInvalid,
@@ -23,7 +23,7 @@ type Params = { token: string; name?: string };
 
 // Types a browser would render or run if it ever ignored `attachment` (or for a same-origin
 // fetch): served as opaque bytes instead.
-const ACTIVE_CONTENT = /html|xml|javascript|ecmascript|^text\/xsl|^application\/(x-)?(shockwave|java)/;
+const ACTIVE_CONTENT = /html|xml|javascript|ecmascript|^text\/xsl|^application\/(x-)?(shockwave|java)/i;
 
 /**
  * `GET|HEAD /d/:token[/:name]`: verify the token, claim it once, stream the file.
@@ -42,13 +42,14 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     const range = selectRange(request, claims, info);
 
     if (request.method === 'HEAD') {
-      if (await app.replayStore.isClaimed(claims.jti)) throw renewable(new TokenUsed(), claims.fid);
+      if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
     } else {
       const keepUntil =
         (Math.min(claims.exp, claims.iat + options.verify.maxTokenAgeSeconds) +
           options.verify.clockToleranceSeconds) *
         1000;
-      if (!(await app.replayStore.claim(claims.jti, keepUntil))) throw renewable(new TokenUsed(), claims.fid);
+      if (!(await replay(app.replayStore.claim(claims.jti, keepUntil))))
+        throw renewable(new TokenUsed(), claims.fid);
     }
 
     reply
@@ -104,7 +105,16 @@ function asciiName(name: string): string {
     .replace(/[^\x20-\x7e]/g, '_');
 }
 
-/** The single range to send, `undefined` for the whole file, or 416. RFC 9110 §14. */
+// Fail closed: when the store cannot say whether a token was used, nothing is sent.
+async function replay<T>(answer: Promise<T>): Promise<T> {
+  try {
+    return await answer;
+  } catch (error) {
+    throw new ReplayStoreUnavailable({ cause: error });
+  }
+}
+
+/** The single range to send, `undefined` for the whole file, or 416 (RFC 9110 §14). */
 function selectRange(request: FastifyRequest, claims: DownloadClaims, info: ObjectInfo) {
   const header = request.headers.range;
   if (!header) return undefined;
@@ -113,10 +123,31 @@ function selectRange(request: FastifyRequest, claims: DownloadClaims, info: Obje
   // gets the whole file (200), never a range that would splice two different contents.
   if (ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== info.mtime.toUTCString())
     return undefined;
-  const ranges = rangeParser(info.size, header, { combine: true });
-  if (ranges === -1) throw Object.assign(new RangeNotSatisfiable(), { size: info.size });
-  // A malformed header, another unit, or several ranges: the whole file. Never multipart, so a
-  // request for thousands of tiny ranges cannot multiply the response.
-  if (ranges === -2 || ranges.type !== 'bytes' || ranges.length !== 1) return undefined;
-  return ranges[0];
+  const range = parseRange(header.trim(), info.size);
+  if (range === 'unsatisfiable') throw Object.assign(new RangeNotSatisfiable(), { size: info.size });
+  return range;
+}
+
+/**
+ * One `bytes` range, with RFC 9110's rules: a header that is invalid, of another unit, or
+ * asks for several ranges is ignored (whole file; never multipart, so thousands of tiny ranges
+ * cannot multiply the response); an end past the file is clamped; a suffix longer than the
+ * file means all of it; only a first byte at or past the end (or an empty suffix) is 416.
+ * range-parser answers 416 for malformed headers, hence this.
+ */
+function parseRange(header: string, size: number): ByteRange | 'unsatisfiable' | undefined {
+  const match = /^bytes=(\d*)-(\d*)$/.exec(header);
+  if (!match) return undefined;
+  const [, first = '', last = ''] = match;
+  if (first === '') {
+    if (last === '') return undefined;
+    const suffix = Number(last);
+    if (suffix === 0 || size === 0) return 'unsatisfiable';
+    return { start: Math.max(0, size - suffix), end: size - 1 };
+  }
+  const start = Number(first);
+  const end = last === '' ? size - 1 : Number(last);
+  if (end < start) return undefined;
+  if (start >= size) return 'unsatisfiable';
+  return { start, end: Math.min(end, size - 1) };
 }
