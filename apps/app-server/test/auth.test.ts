@@ -224,13 +224,23 @@ describe('logout', () => {
     expect(await count(app, 'sessions WHERE user_id = $1', [user.id])).toBe(2);
 
     const cookie = `sid=${client.cookies.get('sid')}`;
+    const csrf = await client.csrfToken();
     expect((await me(app, cookie)).statusCode).toBe(200);
+    const rows = await count(app, 'sessions');
     const logout = await client.request({ method: 'POST', url: '/api/auth/logout' });
     expect(logout.statusCode).toBe(204);
     expect(logout.body).toBe('');
 
     expectError(await me(app, cookie), 401, 'UNAUTHENTICATED');
     expect(await count(app, 'sessions WHERE user_id = $1', [user.id])).toBe(1);
+    // The row is gone, not merely signed out: the session's CSRF secret went with it.
+    expect(await count(app, 'sessions')).toBe(rows - 1);
+    const replay = await app.inject({
+      method: 'POST',
+      url: '/api/auth/logout',
+      headers: { cookie, 'x-csrf-token': csrf },
+    });
+    expectError(replay, 403, 'CSRF_INVALID');
     expect((await other.request({ method: 'GET', url: '/api/me' })).statusCode).toBe(200);
   });
 });

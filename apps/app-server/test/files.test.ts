@@ -3,7 +3,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { verifyDownloadToken } from '@sfh/download-token';
 import type { FastifyInstance } from 'fastify';
-import { decodeProtectedHeader, importJWK, type JWK } from 'jose';
+import { type CryptoKey, decodeProtectedHeader, importJWK, type JWK } from 'jose';
 import { describe, expect, it } from 'vitest';
 import type { AppConfig } from '../src/config.ts';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
@@ -134,20 +134,41 @@ describe('upload', () => {
     expect(await walkFiles(config.storageDir)).toEqual([]);
   });
 
-  it('refuses a non-multipart body with a 4xx', async () => {
-    const { app } = await buildTestApp(db());
+  it('refuses a JSON or text body with a 4xx', async () => {
+    const { app, config } = await buildTestApp(db());
     const { client } = await signedIn(app);
     for (const request of [
       { payload: { file: 'hello' } },
       { payload: 'hello', headers: { 'content-type': 'text/plain' } },
-      { payload: 'garbage', headers: { 'content-type': 'multipart/form-data' } },
-      { payload: 'garbage', headers: { 'content-type': 'multipart/form-data; boundary=x' } },
     ]) {
       const response = await client.request({ method: 'POST', url: '/api/files', ...request });
       expect(response.statusCode).toBeGreaterThanOrEqual(400);
       expect(response.statusCode).toBeLessThan(500);
-      expect(response.json()).toMatchObject({ error: expect.any(String), message: expect.any(String) });
+      expect(response.json()).toMatchObject({ error: 'VALIDATION_FAILED', message: expect.any(String) });
     }
+    expect(await walkFiles(config.storageDir)).toEqual([]);
+  });
+
+  it.each([
+    ['without a boundary', 'multipart/form-data', 'garbage'],
+    ['not matching its boundary', 'multipart/form-data; boundary=x', 'garbage'],
+    [
+      'cut off inside the file part',
+      'multipart/form-data; boundary=x',
+      '--x\r\nContent-Disposition: form-data; name="file"; filename="a.txt"\r\n\r\nhalf a fi',
+    ],
+  ])('answers a malformed multipart body %s with 400, not 500', async (_case, contentType, payload) => {
+    const { app, config } = await buildTestApp(db());
+    const { client, user } = await signedIn(app);
+    const response = await client.request({
+      method: 'POST',
+      url: '/api/files',
+      payload,
+      headers: { 'content-type': contentType },
+    });
+    expectError(response, 400, 'VALIDATION_FAILED');
+    expect(await count(app, 'files WHERE user_id = $1', [user.id])).toBe(0);
+    expect(await walkFiles(config.storageDir)).toEqual([]);
   });
 
   it('refuses anonymous uploads and lists', async () => {
@@ -170,9 +191,12 @@ describe('own files only', () => {
 
     const aliceList = await alice.client.request({ method: 'GET', url: '/api/files' });
     expect(aliceList.statusCode).toBe(200);
-    expect(aliceList.json<{ files: FileView[] }>().files.map((f) => f.id).sort()).toEqual(
-      [a1.id, a2.id].sort(),
-    );
+    expect(
+      aliceList
+        .json<{ files: FileView[] }>()
+        .files.map((f) => f.id)
+        .sort(),
+    ).toEqual([a1.id, a2.id].sort());
     const bobList = await bob.client.request({ method: 'GET', url: '/api/files' });
     expect(bobList.json()).toEqual({ files: [b1] });
 
@@ -248,11 +272,7 @@ describe('delete', () => {
     const list = await client.request({ method: 'GET', url: '/api/files' });
     expect(list.json()).toEqual({ files: [keep] });
     expectError(await client.request({ method: 'GET', url: `/api/files/${file.id}` }), 404, 'NOT_FOUND');
-    expectError(
-      await client.request({ method: 'DELETE', url: `/api/files/${file.id}` }),
-      404,
-      'NOT_FOUND',
-    );
+    expectError(await client.request({ method: 'DELETE', url: `/api/files/${file.id}` }), 404, 'NOT_FOUND');
     const objects = await storedObjects(config);
     expect(objects).toHaveLength(1);
     expect(await readFile(join(config.storageDir, objects[0] as string), 'utf8')).toBe('keep');
@@ -295,7 +315,7 @@ describe('download tokens', () => {
       body.token,
       async (kid) => {
         const jwk = keys.find((key) => key.kid === kid);
-        return jwk ? importJWK(jwk, 'EdDSA') : undefined;
+        return jwk ? ((await importJWK(jwk, 'EdDSA')) as CryptoKey) : undefined;
       },
       {
         issuer: 'http://a.test',
@@ -361,8 +381,14 @@ describe('download tokens', () => {
     expect(keys.length).toBeGreaterThan(0);
     for (const key of keys) {
       expect(key).not.toHaveProperty('d');
-      expect(key).toMatchObject({ kty: 'OKP', crv: 'Ed25519', kid: expect.any(String), x: expect.any(String) });
-      for (const privateMember of ['p', 'q', 'dp', 'dq', 'qi', 'k']) expect(key).not.toHaveProperty(privateMember);
+      expect(key).toMatchObject({
+        kty: 'OKP',
+        crv: 'Ed25519',
+        kid: expect.any(String),
+        x: expect.any(String),
+      });
+      for (const privateMember of ['p', 'q', 'dp', 'dq', 'qi', 'k'])
+        expect(key).not.toHaveProperty(privateMember);
     }
     const cacheControl = String(response.headers['cache-control']);
     const maxAge = /max-age=(\d+)/.exec(cacheControl);

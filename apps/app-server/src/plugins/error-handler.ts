@@ -36,10 +36,14 @@ function toCatalogueError(error: FastifyError): FastifyError {
   if (error.code?.startsWith('FST_CSRF_')) return new CsrfInvalid({ cause: error });
   if (error.code === 'ENOSPC' || error.code === 'EDQUOT') return new InsufficientStorage({ cause: error });
   if (isDatabaseDown(error)) return new DatabaseUnavailable({ cause: error });
-  // Fastify's and its plugins' own client errors (bad JSON, wrong content type, body too large).
+  // Fastify's and its plugins' own client errors (bad JSON, wrong content type, body too large):
+  // 413 and 415 keep their status, the rest are plain 400s.
   const status = error.statusCode ?? 500;
   if (status >= 400 && status < 500) {
-    return Object.assign(new ValidationFailed(error.message, { cause: error }), { statusCode: status });
+    const keep = status === 413 || status === 415;
+    return Object.assign(new ValidationFailed(error.message, { cause: error }), {
+      statusCode: keep ? status : 400,
+    });
   }
   return new Internal({ cause: error });
 }

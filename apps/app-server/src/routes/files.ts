@@ -18,6 +18,16 @@ type IdParams = { id: string };
 const BAD_NAME = /[\u0000-\u001f\u007f]/;
 const MIME_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/;
 
+// busboy's parse errors (no boundary, a body cut short) carry no status: the client sent a
+// broken multipart body, which is a 400, not a server error.
+const MULTIPART_PARSE_ERROR = /^(Multipart: |Unexpected end of|Malformed part header)/;
+function rethrowMalformed(error: unknown): never {
+  if (error instanceof Error && !('code' in error) && MULTIPART_PARSE_ERROR.test(error.message)) {
+    throw new ValidationFailed(`Malformed multipart body: ${error.message}`, { cause: error });
+  }
+  throw error;
+}
+
 const fileView = (file: FileRecord) => ({
   id: file.id,
   name: file.name,
@@ -32,9 +42,9 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
   app.addHook('onRequest', app.requireUser);
 
   app.post('/api/files', async (request, reply) => {
-    const part = await request.file({
-      limits: { fileSize: options.maxUploadBytes, files: 1, fields: 4, parts: 5 },
-    });
+    const part = await request
+      .file({ limits: { fileSize: options.maxUploadBytes, files: 1, fields: 4, parts: 5 } })
+      .catch(rethrowMalformed);
     if (part?.fieldname !== 'file') {
       part?.file.resume();
       throw new ValidationFailed('Send the file as a multipart field named "file"');
@@ -52,13 +62,18 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
         `File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters and no control characters`,
       );
     }
-    const contentType = MIME_TYPE.test(part.mimetype.toLowerCase())
-      ? part.mimetype.toLowerCase()
-      : 'application/octet-stream';
-    // busboy ends a file that hits the limit as if it were complete; failing the stream instead
-    // makes the store discard what it wrote.
-    part.file.once('limit', () => part.file.destroy(new FileTooLarge(options.maxUploadBytes)));
-    const stored = await app.storage.put(part.file);
+    const mimeType = part.mimetype.toLowerCase();
+    const contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';
+    // busboy ends a file that hits the limit as if it were complete. Failing the stream makes
+    // the store discard what it wrote so far; the `truncated` check below catches a limit that
+    // was reached before this listener existed (a small body parsed in one go).
+    const tooLarge = () => new FileTooLarge(options.maxUploadBytes);
+    part.file.once('limit', () => part.file.destroy(tooLarge()));
+    const stored = await app.storage.put(part.file).catch(rethrowMalformed);
+    if (part.file.truncated) {
+      await app.storage.delete(stored.id);
+      throw tooLarge();
+    }
     let file: FileRecord;
     try {
       file = await app.repos.files.create({

@@ -1,0 +1,84 @@
+import { isAbsolute, join, resolve } from 'node:path';
+import { ConfigError } from '@sfh/config';
+import { describe, expect, it } from 'vitest';
+import { loadConfig } from '../src/config.ts';
+
+const SECRET = 'a-session-secret-of-at-least-32-chars';
+
+/** Asserts that `env` is refused with a `ConfigError` naming `variable`. */
+function expectRefused(env: Record<string, string>, variable: string) {
+  let caught: unknown;
+  try {
+    loadConfig(env);
+  } catch (error) {
+    caught = error;
+  }
+  expect(caught).toBeInstanceOf(ConfigError);
+  expect((caught as Error).message).toContain(variable);
+}
+
+describe('loadConfig', () => {
+  it('applies the defaults', () => {
+    const config = loadConfig({});
+    expect(config.APP_PORT).toBe(3000);
+    expect(config.TOKEN_TTL_SECONDS).toBe(60);
+    expect(config.JWKS_REFRESH_SECONDS).toBe(60);
+    expect(config.HOST).toBe('127.0.0.1');
+    expect(config.APP_PUBLIC_URL).toBe('http://localhost:3000');
+    expect(config.DOWNLOAD_PUBLIC_URL).toBe('http://localhost:3001');
+    expect(config.TRUST_PROXY).toBe(false);
+    expect(config.DATABASE_URL).toBeUndefined();
+    expect(config.SESSION_SECRET).toBeUndefined();
+    expect(config.storageDir).toBe(resolve('data', 'files'));
+    expect(isAbsolute(config.storageDir)).toBe(true);
+  });
+
+  it('puts storage in DATA_DIR/files, as an absolute path', () => {
+    expect(loadConfig({ DATA_DIR: '/srv/sfh' }).storageDir).toBe(join('/srv/sfh', 'files'));
+    const relative = loadConfig({ DATA_DIR: 'some/dir' }).storageDir;
+    expect(isAbsolute(relative)).toBe(true);
+    expect(relative).toBe(resolve('some/dir/files'));
+    expect(loadConfig({ DATA_DIR: '/srv/sfh', STORAGE_DIR: '/mnt/files' }).storageDir).toBe('/mnt/files');
+  });
+
+  it('coerces numbers and accepts the bounds of TOKEN_TTL_SECONDS', () => {
+    expect(loadConfig({ TOKEN_TTL_SECONDS: '5' }).TOKEN_TTL_SECONDS).toBe(5);
+    expect(loadConfig({ TOKEN_TTL_SECONDS: '600' }).TOKEN_TTL_SECONDS).toBe(600);
+    expect(loadConfig({ APP_PORT: '0' }).APP_PORT).toBe(0);
+    expect(loadConfig({ APP_PORT: '65535' }).APP_PORT).toBe(65535);
+  });
+
+  it.each(['4', '601', 'abc', '0', '-1', '60.5'])('refuses TOKEN_TTL_SECONDS=%s', (value) => {
+    expectRefused({ TOKEN_TTL_SECONDS: value }, 'TOKEN_TTL_SECONDS');
+  });
+
+  it.each(['70000', '-1', 'http'])('refuses APP_PORT=%s', (value) => {
+    expectRefused({ APP_PORT: value }, 'APP_PORT');
+  });
+
+  it('refuses a SESSION_SECRET shorter than 32 characters, also in a rotation list', () => {
+    expectRefused({ SESSION_SECRET: 'x'.repeat(31) }, 'SESSION_SECRET');
+    expectRefused({ SESSION_SECRET: `${SECRET},short` }, 'SESSION_SECRET');
+    expect(loadConfig({ SESSION_SECRET: 'x'.repeat(32) }).SESSION_SECRET).toBe('x'.repeat(32));
+    expect(loadConfig({ SESSION_SECRET: `${SECRET},${'y'.repeat(32)}` }).SESSION_SECRET).toBe(
+      `${SECRET},${'y'.repeat(32)}`,
+    );
+  });
+
+  it('requires SESSION_SECRET in production', () => {
+    expectRefused({ NODE_ENV: 'production' }, 'SESSION_SECRET');
+    expectRefused({ NODE_ENV: 'production', SESSION_SECRET: '' }, 'SESSION_SECRET');
+    expect(loadConfig({ NODE_ENV: 'production', SESSION_SECRET: SECRET }).NODE_ENV).toBe('production');
+  });
+
+  it('refuses a DATABASE_URL that is not Postgres', () => {
+    expectRefused({ DATABASE_URL: 'mysql://x' }, 'DATABASE_URL');
+    expect(loadConfig({ DATABASE_URL: 'postgres://u@h/db' }).DATABASE_URL).toBe('postgres://u@h/db');
+    expect(loadConfig({ DATABASE_URL: 'postgresql://u@h/db' }).DATABASE_URL).toBe('postgresql://u@h/db');
+  });
+
+  it('refuses public URLs that are not bare origins', () => {
+    expectRefused({ APP_PUBLIC_URL: 'http://a.test/' }, 'APP_PUBLIC_URL');
+    expectRefused({ DOWNLOAD_PUBLIC_URL: 'ftp://b.test' }, 'DOWNLOAD_PUBLIC_URL');
+  });
+});
