@@ -5,7 +5,13 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/database.ts';
 import { SessionClient } from '../support/http-client.ts';
-import { APP_SERVER, DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+import {
+  APP_SERVER,
+  DOWNLOAD_SERVER,
+  freePort,
+  type ServerProcess,
+  startServer,
+} from '../support/processes.ts';
 
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
@@ -37,10 +43,20 @@ describe.each(databases)('sign in on A, download once from B (%s database)', (da
     }
     a = await startServer(
       APP_SERVER,
-      { ...shared, ...databaseEnv, APP_PORT: String(appPort), ARGON2_MEMORY_KIB: '64', ARGON2_TIME_COST: '1' },
+      {
+        ...shared,
+        ...databaseEnv,
+        APP_PORT: String(appPort),
+        ARGON2_MEMORY_KIB: '64',
+        ARGON2_TIME_COST: '1',
+      },
       `${appOrigin}/readyz`,
     );
-    b = await startServer(DOWNLOAD_SERVER, { ...shared, DOWNLOAD_PORT: String(downloadPort) }, `${downloadOrigin}/readyz`);
+    b = await startServer(
+      DOWNLOAD_SERVER,
+      { ...shared, DOWNLOAD_PORT: String(downloadPort) },
+      `${downloadOrigin}/readyz`,
+    );
   }, 120_000);
 
   afterAll(async () => {
@@ -53,10 +69,14 @@ describe.each(databases)('sign in on A, download once from B (%s database)', (da
     const user = new SessionClient(appOrigin);
     const credentials = JSON.stringify({ username: 'alice', password: 'correct horse battery' });
     const json = { 'content-type': 'application/json' };
-    expect((await user.fetch('/api/auth/register', { method: 'POST', headers: json, body: credentials })).status).toBe(201);
+    expect(
+      (await user.fetch('/api/auth/register', { method: 'POST', headers: json, body: credentials })).status,
+    ).toBe(201);
     expect((await user.fetch('/api/auth/logout', { method: 'POST' })).status).toBe(204);
     expect((await user.fetch('/api/me')).status).toBe(401);
-    expect((await user.fetch('/api/auth/login', { method: 'POST', headers: json, body: credentials })).status).toBe(200);
+    expect(
+      (await user.fetch('/api/auth/login', { method: 'POST', headers: json, body: credentials })).status,
+    ).toBe(200);
 
     const bytes = randomBytes(3 * 1024 * 1024 + 17);
     const form = new FormData();
@@ -77,7 +97,9 @@ describe.each(databases)('sign in on A, download once from B (%s database)', (da
 
     const download = await fetch(mint.body.url);
     expect(download.status).toBe(200);
-    expect(download.headers.get('content-disposition')).toContain("filename*=UTF-8''rapport%20%C3%A9t%C3%A9.pdf");
+    expect(download.headers.get('content-disposition')).toContain(
+      "filename*=UTF-8''rapport%20%C3%A9t%C3%A9.pdf",
+    );
     const received = new Uint8Array(await download.arrayBuffer());
     expect(received.length).toBe(bytes.length);
     expect(sha256(received)).toBe(sha256(bytes));
@@ -100,11 +122,17 @@ describe.each(databases)('sign in on A, download once from B (%s database)', (da
   it('a file deleted on A is gone from B at once', async () => {
     const user = new SessionClient(appOrigin);
     const credentials = JSON.stringify({ username: 'bob', password: 'correct horse battery' });
-    await user.fetch('/api/auth/register', { method: 'POST', headers: { 'content-type': 'application/json' }, body: credentials });
+    await user.fetch('/api/auth/register', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: credentials,
+    });
     const form = new FormData();
     form.append('file', new Blob(['short-lived']), 'note.txt');
     const { body } = await user.json<{ file: { id: string } }>('/api/files', { method: 'POST', body: form });
-    const mint = await user.json<{ url: string }>(`/api/files/${body.file.id}/download-token`, { method: 'POST' });
+    const mint = await user.json<{ url: string }>(`/api/files/${body.file.id}/download-token`, {
+      method: 'POST',
+    });
     expect((await user.fetch(`/api/files/${body.file.id}`, { method: 'DELETE' })).status).toBe(204);
     const response = await fetch(mint.body.url);
     expect(response.status).toBe(404);

@@ -31,7 +31,11 @@ export interface ServerProcess {
  * Starts one of the servers as a real process, exactly as `npm run start:*` does, and waits
  * until `readyUrl` answers 200.
  */
-export async function startServer(entry: string, env: Record<string, string>, readyUrl: string): Promise<ServerProcess> {
+export async function startServer(
+  entry: string,
+  env: Record<string, string>,
+  readyUrl: string,
+): Promise<ServerProcess> {
   const child = spawn(process.execPath, ['--import', 'tsx', entry], {
     cwd: ROOT,
     env: { PATH: process.env.PATH, HOME: process.env.HOME, LOG_LEVEL: 'warn', ...env },
