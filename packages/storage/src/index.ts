@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createReadStream, createWriteStream, type WriteStream } from 'node:fs';
 import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -80,8 +80,11 @@ export class LocalDiskStore implements ObjectStore {
     const tmpPath = join(this.#tmp, `${id}.part`);
     const hash = createHash('sha256');
     let size = 0;
+    let out: WriteStream | undefined;
     try {
       await mkdir(this.#tmp, { recursive: true });
+      // `flush`: fsync before close, so the bytes are on disk before the rename publishes them.
+      out = createWriteStream(tmpPath, { flags: 'wx', mode: 0o600, flush: true });
       await pipeline(
         source,
         async function* measure(chunks: AsyncIterable<Buffer>) {
@@ -91,13 +94,15 @@ export class LocalDiskStore implements ObjectStore {
             yield chunk;
           }
         },
-        // `flush`: fsync before close, so the bytes are on disk before the rename publishes them.
-        createWriteStream(tmpPath, { flags: 'wx', mode: 0o600, flush: true }),
+        out,
       );
       await mkdir(join(this.#root, id.slice(0, 2)), { recursive: true });
       await rename(tmpPath, finalPath);
       await syncDir(join(this.#root, id.slice(0, 2)));
     } catch (error) {
+      // The file may still be opening when the source fails; removing it before it exists
+      // would leave it behind.
+      if (out && !out.closed) await new Promise<void>((resolve) => out?.once('close', resolve));
       await rm(tmpPath, { force: true });
       throw error;
     } finally {
