@@ -1,4 +1,5 @@
 import fastifyMultipart from '@fastify/multipart';
+import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { AppConfig } from './config.ts';
 import db from './plugins/db.ts';
@@ -6,7 +7,6 @@ import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
-import storage from './plugins/storage.ts';
 import authRoutes from './routes/auth.ts';
 import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
@@ -29,7 +29,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
-  await app.register(storage, { dir: config.storageDir });
+  await app.register(storagePlugin, { dir: config.storageDir });
   await app.register(session, {
     secret: options.sessionSecret,
     maxAgeSeconds: config.SESSION_MAX_AGE_SECONDS,

@@ -1,14 +1,30 @@
-import { LocalDiskStore } from '@sfh/storage';
-import Fastify, { type FastifyInstance, LogController } from 'fastify';
+import { storagePlugin } from '@sfh/storage/fastify';
+import Fastify, {
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+  LogController,
+} from 'fastify';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
+import metrics from './plugins/metrics.ts';
 import replayStore from './plugins/replay-store.ts';
 import downloadRoutes from './routes/download.ts';
 import healthRoutes from './routes/health.ts';
 
 // Tokens are bearer credentials: no log line may carry one.
 const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
+
+/** One line per request, when it completes, with the request id, the redacted path and the outcome. */
+class RequestLog extends LogController {
+  override incomingRequest() {}
+  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply) {
+    const line = { req: request, res: reply, responseTime: reply.elapsedTime };
+    if (error) reply.log.error({ ...line, err: error }, 'request errored');
+    else reply.log.info(line, 'request completed');
+  }
+}
 
 /** Server B. Stateless apart from the replay store; holds no sessions and opens no database. */
 export async function buildApp(config: DownloadConfig): Promise<FastifyInstance> {
@@ -17,13 +33,19 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
       level: config.LOG_LEVEL,
       serializers: { req: (req) => ({ method: req.method, url: redactToken(req.url ?? '') }) },
     },
-    // No per-request log lines on the hot path; errors are still logged.
-    logController: new LogController({ disableRequestLogging: true }),
+    logController: new RequestLog(),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
     // the server accepts can hit the router's limit (414): long tokens reach the handler and get
     // 400 TOKEN_MALFORMED.
     routerOptions: { maxParamLength: 16 * 1024 },
+    // Slowloris: a client gets REQUEST_TIMEOUT_SECONDS to send its request head, and a connection
+    // on which nothing moves for IDLE_TIMEOUT_SECONDS is closed. A slow download keeps moving, so
+    // it is never cut. Node checks these every second instead of every 30.
+    requestTimeout: config.REQUEST_TIMEOUT_SECONDS * 1000,
+    connectionTimeout: config.IDLE_TIMEOUT_SECONDS * 1000,
+    http: { connectionsCheckingInterval: 1000 },
   });
+  app.server.headersTimeout = config.REQUEST_TIMEOUT_SECONDS * 1000;
 
   // The same defensive headers on every answer, errors included.
   app.addHook('onRequest', async (_request, reply) => {
@@ -36,6 +58,7 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
   });
 
   await app.register(errorHandler, { appOrigin: config.APP_PUBLIC_URL });
+  await app.register(storagePlugin, { dir: config.storageDir });
   await app.register(keys, {
     source: config.jwksSource,
     refreshSeconds: config.JWKS_REFRESH_SECONDS,
@@ -45,9 +68,9 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
     journalDir: `${config.DATA_DIR}/replay`,
     windowMs: (config.TOKEN_MAX_AGE_SECONDS + 2 * config.CLOCK_TOLERANCE_SECONDS) * 1000,
   });
+  await app.register(metrics);
   await app.register(healthRoutes);
   await app.register(downloadRoutes, {
-    storage: new LocalDiskStore(config.storageDir),
     verify: {
       issuer: config.APP_PUBLIC_URL,
       audience: config.DOWNLOAD_PUBLIC_URL,

@@ -11,6 +11,10 @@ export const DownloadEnv = Type.Object({
   JWKS_MAX_STALE_SECONDS: Type.Integer({ minimum: 0, default: 3600 }),
   TOKEN_MAX_AGE_SECONDS: Type.Integer({ minimum: 5, maximum: 3600, default: 300 }),
   CLOCK_TOLERANCE_SECONDS: Type.Integer({ minimum: 0, maximum: 300, default: 5 }),
+  /** Time a client has to send its request head; stops slowloris clients. */
+  REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
+  /** A connection with no traffic either way for this long is closed (a download that moves never is). */
+  IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
 });
 
 export type DownloadConfig = Static<typeof DownloadEnv> & {

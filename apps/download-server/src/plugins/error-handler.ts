@@ -10,11 +10,20 @@ const FILE_ID = /^[A-Za-z0-9_-]{1,64}$/;
  * carries the file id: browsers are sent back to A for a fresh token (303), other clients get
  * the same link as `renewUrl`.
  */
+declare module 'fastify' {
+  interface FastifyReply {
+    /** The catalogue code this reply answered with, if it is an error (for metrics). */
+    errorCode: string | undefined;
+  }
+}
+
 export default fp(
   async (app, options: { appOrigin: string }) => {
+    app.decorateReply('errorCode', undefined);
     app.setErrorHandler((error: FastifyError & { fileId?: string; size?: number }, request, reply) => {
       const known = error instanceof DownloadError ? error : new Internal({ cause: error });
       const status = known.statusCode ?? 500;
+      reply.errorCode = known.code;
       if (known instanceof Internal) request.log.error({ err: error }, 'request failed');
       else if (status >= 500)
         request.log.warn({ code: known.code }, 'request refused: dependency unavailable');

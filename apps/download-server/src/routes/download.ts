@@ -1,6 +1,6 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, verifyDownloadToken } from '@sfh/download-token';
-import type { ByteRange, ObjectInfo, ObjectStore } from '@sfh/storage';
+import type { ByteRange, ObjectInfo } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import {
@@ -15,11 +15,16 @@ import {
 } from '../errors.ts';
 
 export interface DownloadOptions {
-  storage: ObjectStore;
   verify: Omit<VerifyOptions, 'currentDate'>;
 }
 
 type Params = { token: string; name?: string };
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    bytesWrittenBefore: number;
+  }
+}
 
 // Types a browser would render or run if it ever ignored `attachment` (or for a same-origin
 // fetch): served as opaque bytes instead.
@@ -32,7 +37,7 @@ const ACTIVE_CONTENT = /html|xml|javascript|ecmascript|^text\/xsl|^application\/
  * then claim atomically, then send.
  */
 export default async function downloadRoutes(app: FastifyInstance, options: DownloadOptions) {
-  const { storage } = options;
+  const { storage } = app;
 
   async function download(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
     const claims = await verify(request.params.token);
@@ -85,6 +90,18 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       throw new TokenInvalid({ cause: error });
     }
   }
+
+  // Outcome and bytes of every download request, for /metrics. Bytes are what the socket wrote
+  // during this response, so aborted downloads count what they really got.
+  app.addHook('onRequest', async (request) => {
+    request.bytesWrittenBefore = request.raw.socket.bytesWritten;
+  });
+  app.addHook('onResponse', async (request, reply) => {
+    const result =
+      reply.errorCode ?? (request.method === 'HEAD' ? 'head' : reply.statusCode === 206 ? 'partial' : 'ok');
+    app.metrics.download(result, request.raw.socket.bytesWritten - request.bytesWrittenBefore);
+  });
+  app.decorateRequest('bytesWrittenBefore', 0);
 
   const schema = {
     params: { type: 'object', properties: { token: { type: 'string' }, name: { type: 'string' } } },

@@ -1,5 +1,5 @@
-import { LocalDiskStore, type ObjectStore } from '@sfh/storage';
 import fp from 'fastify-plugin';
+import { LocalDiskStore, type ObjectStore } from './index.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -7,8 +7,8 @@ declare module 'fastify' {
   }
 }
 
-/** File bytes, on the volume A and B share. */
-export default fp(
+/** Decorates `app.storage` with the local-disk store on `dir` (the volume A and B share). */
+export const storagePlugin = fp(
   async (app, options: { dir: string }) => {
     app.decorate('storage', new LocalDiskStore(options.dir));
   },

@@ -1,0 +1,253 @@
+import { Redis } from 'ioredis';
+import type { ReplayStore } from './replay-store.ts';
+
+/** Where the store reports trouble with Redis (a pino logger fits). */
+export interface RedisReplayStoreLog {
+  warn(obj: object, msg: string): void;
+  /** Used for the refusal that makes every claim fail; `warn` when absent. */
+  error?(obj: object, msg: string): void;
+}
+
+export interface RedisReplayStoreOptions {
+  /** `redis://` or `rediss://` URL, credentials and database included. */
+  url: string;
+  /** Prepended to every jti: `<keyPrefix><jti>` is the key. */
+  keyPrefix: string;
+  /** How long one command may take before it rejects (the request then gets 503). */
+  commandTimeoutMs: number;
+  /**
+   * Refuse to serve (every claim rejects) unless Redis runs with `maxmemory-policy noeviction`.
+   * With `false`, another policy only logs a warning.
+   */
+  requireNoEviction: boolean;
+  log?: RedisReplayStoreLog;
+}
+
+/** After this long, a refused eviction policy is read again (ops may have fixed it live). */
+const RECHECK_REFUSED_MS = 5_000;
+/** Reconnect backoff: 100 ms more per failed attempt, never more than this. */
+const MAX_RECONNECT_DELAY_MS = 2_000;
+
+/**
+ * Replay store shared by any number of B replicas through one Redis (design.md "Single use",
+ * "Scaling out"). A used jti is the key `<keyPrefix><jti>`, set with a TTL that ends at the
+ * token's `keepUntil`, so Redis forgets it exactly when it stops mattering.
+ *
+ * What each method guarantees:
+ * - `claim` is one atomic `SET key 1 NX PX ttl`, never a read followed by a write: Redis runs
+ *   commands one at a time, so of any number of concurrent claims of one jti, from any number of
+ *   replicas, exactly one gets `OK` (resolves `true`) and every other gets nil (`false`). It
+ *   rejects when Redis does not answer within `commandTimeoutMs`, is disconnected, or is refused
+ *   for its eviction policy. A rejected claim may still have reached Redis (the reply got lost),
+ *   so the token may be burnt without a byte sent: that is the fail-closed side, by design.
+ * - `isClaimed` is `EXISTS`; it claims nothing. Rejects like `claim`.
+ * - `ping` resolves only when a claim could succeed now (Redis answers and its policy is
+ *   acceptable), which is what /readyz needs.
+ * - `close` sends `QUIT` when connected (replies in flight still arrive), else drops the socket.
+ *
+ * The offline queue is off on purpose. ioredis normally queues commands while it reconnects and
+ * sends them when Redis is back, which would hold a download request open for as long as Redis
+ * is down and then claim tokens whose clients have long given up. Without it a command fails at
+ * once while disconnected, B answers 503, and the client may retry. Commands that were in flight
+ * when the connection dropped are rejected, never resent. Reconnecting continues in the
+ * background with a capped backoff, so B recovers by itself when Redis returns; it also starts
+ * when Redis is down (the store then rejects until Redis answers).
+ *
+ * Why `noeviction` matters: with any other `maxmemory-policy`, a Redis under memory pressure
+ * deletes keys to make room, and a deleted claim makes a used token valid again until it
+ * expires, which breaks single use silently. With `noeviction` Redis refuses writes instead,
+ * the claim rejects and B fails closed. The policy is read with `CONFIG GET` at open (a wrong
+ * policy with `requireNoEviction` makes `open` throw) and again after every reconnect (Redis may
+ * have been restarted with other settings); until it has been read on the current connection,
+ * a store that requires `noeviction` rejects every call. Managed services that disable `CONFIG`
+ * get a warning and are trusted.
+ */
+export class RedisReplayStore implements ReplayStore {
+  readonly #client: Redis;
+  readonly #keyPrefix: string;
+  readonly #requireNoEviction: boolean;
+  readonly #log: RedisReplayStoreLog | undefined;
+  /** Bumped on every `ready`: a policy read on an older connection says nothing about this one. */
+  #connection = 0;
+  /** The connection on which the policy was last read, and what came of it. */
+  #checkedOn = -1;
+  #checkedAt = 0;
+  #refusal: Error | undefined;
+  #checking: Promise<void> | undefined;
+  #down = false;
+  #warnedNoConfig = false;
+  #closing: Promise<void> | undefined;
+
+  private constructor(client: Redis, options: RedisReplayStoreOptions) {
+    this.#client = client;
+    this.#keyPrefix = options.keyPrefix;
+    this.#requireNoEviction = options.requireNoEviction;
+    this.#log = options.log;
+  }
+
+  /**
+   * Creates the client and tries to connect once. Resolves also when Redis is unreachable
+   * (B starts; the store rejects until Redis answers). Rejects only when Redis answers with an
+   * eviction policy other than `noeviction` and `requireNoEviction` is set.
+   */
+  static async open(options: RedisReplayStoreOptions): Promise<RedisReplayStore> {
+    const client = new Redis(options.url, {
+      lazyConnect: true,
+      enableOfflineQueue: false,
+      autoResendUnfulfilledCommands: false,
+      maxRetriesPerRequest: 0,
+      commandTimeout: options.commandTimeoutMs,
+      // Bounds how long `open` (and each reconnect) waits on a host that drops packets.
+      connectTimeout: Math.max(options.commandTimeoutMs, 2_000),
+      retryStrategy: (attempt) => Math.min(attempt * 100, MAX_RECONNECT_DELAY_MS),
+    });
+    const store = new RedisReplayStore(client, options);
+    // Without an 'error' listener ioredis prints every failed reconnect attempt.
+    client.on('error', (error: Error) => store.#onError(error));
+    client.on('ready', () => store.#onReady());
+
+    try {
+      await client.connect();
+    } catch (error) {
+      store.#onError(error as Error);
+      return store;
+    }
+    try {
+      await store.#checkPolicy();
+    } catch (error) {
+      if (store.#refusal) {
+        client.disconnect();
+        throw store.#refusal;
+      }
+      // Redis went away between connecting and the check: checked again on the next 'ready'.
+      store.#log?.warn({ err: error }, 'Redis replay store: could not read maxmemory-policy');
+    }
+    return store;
+  }
+
+  async claim(jti: string, keepUntil: number): Promise<boolean> {
+    await this.#usable();
+    const ttl = Math.max(1, Math.ceil(keepUntil - Date.now()));
+    return (await this.#client.set(this.#key(jti), '1', 'PX', ttl, 'NX')) === 'OK';
+  }
+
+  async isClaimed(jti: string): Promise<boolean> {
+    await this.#usable();
+    return (await this.#client.exists(this.#key(jti))) === 1;
+  }
+
+  async ping(): Promise<void> {
+    await this.#usable();
+    await this.#client.ping();
+  }
+
+  async close(): Promise<void> {
+    this.#closing ??= (async () => {
+      if (this.#client.status === 'ready') {
+        try {
+          await this.#client.quit();
+          return;
+        } catch {
+          // Redis went away meanwhile: drop the socket below.
+        }
+      }
+      this.#client.disconnect();
+    })();
+    return this.#closing;
+  }
+
+  #key(jti: string): string {
+    return this.#keyPrefix + jti;
+  }
+
+  /** Resolves when a store that requires `noeviction` has seen it on the current connection. */
+  async #usable(): Promise<void> {
+    if (!this.#requireNoEviction) return;
+    const stale =
+      this.#checkedOn !== this.#connection ||
+      (this.#refusal !== undefined && Date.now() - this.#checkedAt > RECHECK_REFUSED_MS);
+    if (stale) await this.#checkPolicy();
+    if (this.#refusal) throw this.#refusal;
+  }
+
+  /**
+   * Reads `maxmemory-policy` (one read at a time). Rejects when Redis does not answer; records
+   * a refusal when the policy is wrong and `requireNoEviction` is set.
+   */
+  #checkPolicy(): Promise<void> {
+    this.#checking ??= this.#readPolicy().finally(() => {
+      this.#checking = undefined;
+    });
+    return this.#checking;
+  }
+
+  async #readPolicy(): Promise<void> {
+    const connection = this.#connection;
+    let policy: string | undefined;
+    try {
+      policy = policyFrom(await this.#client.config('GET', 'maxmemory-policy'));
+    } catch (error) {
+      if ((error as Error).name !== 'ReplyError') throw error;
+      // CONFIG is disabled or not permitted (managed Redis): trust the operator, say it once.
+      if (!this.#warnedNoConfig) {
+        this.#warnedNoConfig = true;
+        this.#log?.warn(
+          { err: error },
+          'Redis replay store: cannot read maxmemory-policy (CONFIG is not allowed); make sure Redis runs with noeviction, or used tokens may be forgotten',
+        );
+      }
+    }
+    this.#checkedOn = connection;
+    this.#checkedAt = Date.now();
+    if (policy === undefined || policy === 'noeviction') {
+      this.#refusal = undefined;
+      return;
+    }
+    if (!this.#requireNoEviction) {
+      this.#log?.warn(
+        { maxmemoryPolicy: policy },
+        `Redis maxmemory-policy is ${policy}; with any policy but noeviction, Redis under memory pressure may forget used tokens`,
+      );
+      return;
+    }
+    const first = this.#refusal === undefined;
+    this.#refusal = new Error(
+      `Redis maxmemory-policy is ${policy}; B needs noeviction or used tokens may be forgotten; set REDIS_ALLOW_EVICTION=true to only warn`,
+    );
+    if (first) {
+      const log = this.#log?.error ? this.#log.error.bind(this.#log) : this.#log?.warn.bind(this.#log);
+      log?.({ maxmemoryPolicy: policy }, `${this.#refusal.message}. Every download is refused (503).`);
+    }
+  }
+
+  #onReady(): void {
+    this.#connection++;
+    if (this.#down) {
+      this.#down = false;
+      this.#log?.warn({}, 'Redis replay store: connected again');
+    }
+    // Read the policy now, not on the next claim, so a wrong one is logged at once. A failure
+    // here is retried by the next call that needs it.
+    this.#checkPolicy().catch(() => {});
+  }
+
+  #onError(error: Error): void {
+    // One line per outage, not one per reconnect attempt.
+    if (this.#down || this.#closing) return;
+    this.#down = true;
+    this.#log?.warn(
+      { err: error },
+      'Redis replay store: Redis unreachable; downloads are refused (503) until it answers',
+    );
+  }
+}
+
+/** `CONFIG GET` answers `[name, value]` (RESP2, or RESP3 in ioredis' legacy mapping) or a map. */
+function policyFrom(reply: unknown): string | undefined {
+  if (Array.isArray(reply)) return reply[1] === undefined ? undefined : String(reply[1]);
+  if (reply && typeof reply === 'object') {
+    const value = (reply as Record<string, unknown>)['maxmemory-policy'];
+    return value === undefined ? undefined : String(value);
+  }
+  return undefined;
+}
