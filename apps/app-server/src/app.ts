@@ -12,6 +12,9 @@ import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
 
+// Every replica picks up a new current key within this.
+const KEY_POLL_MS = 2_000;
+
 export interface BuildOptions {
   /** Postgres connection string (server.ts starts the embedded database when none is configured). */
   databaseUrl: string;
@@ -39,6 +42,9 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     issuer: config.APP_PUBLIC_URL,
     audience: config.DOWNLOAD_PUBLIC_URL,
     ttlSeconds: config.TOKEN_TTL_SECONDS,
+    policy: config.keyPolicy,
+    kek: config.kek,
+    pollMs: KEY_POLL_MS,
   });
   await app.register(fastifyMultipart);
 

@@ -1,5 +1,6 @@
 import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
+import type { KeyPolicy } from './keys/lifecycle.ts';
 
 const GiB = 1024 ** 3;
 
@@ -12,6 +13,10 @@ export const AppEnv = Type.Object({
   TOKEN_TTL_SECONDS: Type.Integer({ minimum: 5, maximum: 600, default: 60 }),
   /** Comma-separated; the first signs cookies, all verify them (rotation). */
   SESSION_SECRET: Type.Optional(Type.String({ pattern: '^[^,]{32,}(,[^,]{32,})*$' })),
+  /** 32 random bytes, base64url: encrypts the private signing keys at rest. */
+  KEY_ENCRYPTION_KEY: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9_-]{43}$' })),
+  /** Scheduled rotation: a new key every this many days (0: only by hand). */
+  KEY_ROTATION_DAYS: Type.Number({ minimum: 0, default: 30 }),
   SESSION_MAX_AGE_SECONDS: Type.Integer({ minimum: 60, default: 7 * 24 * 3600 }),
   MAX_UPLOAD_BYTES: Type.Integer({ minimum: 1, default: GiB }),
   TRUST_PROXY: Type.Boolean({ default: false }),
@@ -23,13 +28,33 @@ export const AppEnv = Type.Object({
 export type AppConfig = Static<typeof AppEnv> & {
   /** Absolute path of the object store. */
   storageDir: string;
+  /** `KEY_ENCRYPTION_KEY` decoded. */
+  kek: Buffer | undefined;
+  keyPolicy: KeyPolicy;
 };
+
+// A retired key stays published this much longer than its last token can live: room for
+// replicas that still signed with it for a poll interval, and for B's clock tolerance.
+const KEY_RETENTION_MARGIN_SECONDS = 60;
 
 /** Validates A's environment; throws `ConfigError` naming the variable. */
 export function loadConfig(env: Record<string, string | undefined>): AppConfig {
   const parsed = parseEnv(AppEnv, env);
-  if (parsed.NODE_ENV === 'production' && !parsed.SESSION_SECRET) {
-    throw new ConfigError('Invalid configuration: SESSION_SECRET is required when NODE_ENV=production');
+  if (parsed.NODE_ENV === 'production') {
+    for (const name of ['SESSION_SECRET', 'KEY_ENCRYPTION_KEY'] as const) {
+      if (!parsed[name])
+        throw new ConfigError(`Invalid configuration: ${name} is required when NODE_ENV=production`);
+    }
   }
-  return { ...parsed, storageDir: storageDir(parsed) };
+  return {
+    ...parsed,
+    storageDir: storageDir(parsed),
+    kek: parsed.KEY_ENCRYPTION_KEY ? Buffer.from(parsed.KEY_ENCRYPTION_KEY, 'base64url') : undefined,
+    keyPolicy: {
+      // One B refresh, plus one more for a cache honouring the JWKS max-age in between.
+      activationDelayMs: 2 * parsed.JWKS_REFRESH_SECONDS * 1000,
+      retentionMs: (parsed.TOKEN_TTL_SECONDS + KEY_RETENTION_MARGIN_SECONDS) * 1000,
+      rotationIntervalMs: parsed.KEY_ROTATION_DAYS * 24 * 3600 * 1000,
+    },
+  };
 }

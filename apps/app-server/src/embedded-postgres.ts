@@ -46,8 +46,18 @@ export async function startEmbeddedPostgres(
   };
 }
 
-/** Connection string of the embedded database served for `dataDir` (for the ops CLI). */
-export function embeddedDatabaseUrl(dataDir: string): string {
+/**
+ * For the ops CLI: the embedded database of `dataDir` through the running A's socket, or, when
+ * no A is running, served by this process for as long as it needs it.
+ */
+export async function openEmbeddedPostgres(dataDir: string): Promise<EmbeddedPostgres> {
+  if (await isServing(join(resolve(dataDir, 'run'), '.s.PGSQL.5432'))) {
+    return { url: embeddedDatabaseUrl(dataDir), close: async () => {} };
+  }
+  return startEmbeddedPostgres(dataDir, 2);
+}
+
+function embeddedDatabaseUrl(dataDir: string): string {
   return `postgresql://postgres@localhost/postgres?host=${encodeURIComponent(resolve(dataDir, 'run'))}`;
 }
 

@@ -450,6 +450,7 @@ describe('session cookie', () => {
     const { app } = await buildTestApp(db(), {
       NODE_ENV: 'production',
       SESSION_SECRET: 'production-session-secret-0123456789abcdef',
+      KEY_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64url'),
       TRUST_PROXY: 'true',
     });
     const client = new HttpsProxiedClient(app);

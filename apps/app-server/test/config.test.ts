@@ -65,10 +65,17 @@ describe('loadConfig', () => {
     );
   });
 
-  it('requires SESSION_SECRET in production', () => {
-    expectRefused({ NODE_ENV: 'production' }, 'SESSION_SECRET');
-    expectRefused({ NODE_ENV: 'production', SESSION_SECRET: '' }, 'SESSION_SECRET');
-    expect(loadConfig({ NODE_ENV: 'production', SESSION_SECRET: SECRET }).NODE_ENV).toBe('production');
+  it('requires SESSION_SECRET and KEY_ENCRYPTION_KEY in production', () => {
+    const KEK = Buffer.alloc(32, 1).toString('base64url');
+    expectRefused({ NODE_ENV: 'production', KEY_ENCRYPTION_KEY: KEK }, 'SESSION_SECRET');
+    expectRefused({ NODE_ENV: 'production', SESSION_SECRET: '', KEY_ENCRYPTION_KEY: KEK }, 'SESSION_SECRET');
+    expectRefused({ NODE_ENV: 'production', SESSION_SECRET: SECRET }, 'KEY_ENCRYPTION_KEY');
+    expectRefused(
+      { NODE_ENV: 'production', SESSION_SECRET: SECRET, KEY_ENCRYPTION_KEY: 'short' },
+      'KEY_ENCRYPTION_KEY',
+    );
+    const config = loadConfig({ NODE_ENV: 'production', SESSION_SECRET: SECRET, KEY_ENCRYPTION_KEY: KEK });
+    expect(config.kek).toEqual(Buffer.alloc(32, 1));
   });
 
   it('refuses a DATABASE_URL that is not Postgres', () => {

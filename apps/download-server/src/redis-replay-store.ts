@@ -24,7 +24,7 @@ export interface RedisReplayStoreOptions {
 }
 
 /** After this long, a refused eviction policy is read again (ops may have fixed it live). */
-const RECHECK_REFUSED_MS = 5_000;
+const RECHECK_REFUSED_MS = 1_000;
 /** Reconnect backoff: 100 ms more per failed attempt, never more than this. */
 const MAX_RECONNECT_DELAY_MS = 2_000;
 
@@ -103,24 +103,26 @@ export class RedisReplayStore implements ReplayStore {
     });
     const store = new RedisReplayStore(client, options);
     // Without an 'error' listener ioredis prints every failed reconnect attempt.
-    client.on('error', (error: Error) => store.#onError(error));
+    client.on('error', (error: Error) => store.#onDown(error));
+    // A clean close (Redis stopped, or its host closed the socket) comes without an 'error'.
+    client.on('close', () => store.#onDown());
     client.on('ready', () => store.#onReady());
 
     try {
       await client.connect();
     } catch (error) {
-      store.#onError(error as Error);
+      store.#onDown(error as Error);
       return store;
     }
     try {
       await store.#checkPolicy();
     } catch (error) {
-      if (store.#refusal) {
-        client.disconnect();
-        throw store.#refusal;
-      }
-      // Redis went away between connecting and the check: checked again on the next 'ready'.
+      // Redis went away between connecting and the check: read again before the next claim.
       store.#log?.warn({ err: error }, 'Redis replay store: could not read maxmemory-policy');
+    }
+    if (store.#refusal) {
+      await store.close();
+      throw store.#refusal;
     }
     return store;
   }
@@ -231,12 +233,12 @@ export class RedisReplayStore implements ReplayStore {
     this.#checkPolicy().catch(() => {});
   }
 
-  #onError(error: Error): void {
+  #onDown(error?: Error): void {
     // One line per outage, not one per reconnect attempt.
     if (this.#down || this.#closing) return;
     this.#down = true;
     this.#log?.warn(
-      { err: error },
+      error ? { err: error } : {},
       'Redis replay store: Redis unreachable; downloads are refused (503) until it answers',
     );
   }

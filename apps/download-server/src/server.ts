@@ -6,6 +6,11 @@ runMain(async () => {
   const config = loadConfig(process.env);
   const app = await buildApp(config);
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS);
+  // An operator's "reload the keys now", e.g. right after an emergency revocation.
+  process.on('SIGHUP', () => {
+    app.log.info('SIGHUP: reading the key set');
+    void app.keys.refresh();
+  });
   await app.listen({ port: config.DOWNLOAD_PORT, host: config.HOST });
   app.log.info(
     { keys: config.jwksSource, storage: config.storageDir },

@@ -1,18 +1,14 @@
-import { type FileClaims, type SignedToken, signDownloadToken, TOKEN_ALGORITHM } from '@sfh/download-token';
+import { type FileClaims, type SignedToken, signDownloadToken } from '@sfh/download-token';
 import fp from 'fastify-plugin';
-import {
-  type CryptoKey,
-  calculateJwkThumbprint,
-  exportJWK,
-  generateKeyPair,
-  importJWK,
-  type JWK,
-} from 'jose';
+import type { CryptoKey, JWK } from 'jose';
+import { KeyLifecycle, type KeyPolicy } from '../keys/lifecycle.ts';
+import { createSigningKey, openSigningKey } from '../keys/material.ts';
+import type { SigningKeyRecord } from '../repositories/signing-keys.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
     tokens: {
-      /** Mints a download token for `file` on behalf of user `subject`. */
+      /** Mints a download token for `file` on behalf of user `subject`, with the current key. */
       mint(file: FileClaims, subject: string): Promise<SignedToken>;
       /** The public key set B verifies against (public members only). */
       jwks(): Promise<{ keys: JWK[] }>;
@@ -24,43 +20,79 @@ export interface KeysOptions {
   issuer: string;
   audience: string;
   ttlSeconds: number;
+  policy: KeyPolicy;
+  /** Key-encryption key for the private halves at rest. */
+  kek: Buffer | undefined;
+  /** How often this replica advances the lifecycle and picks up a new current key. */
+  pollMs: number;
 }
 
+/** The JWKS entry of a key: public members only, whatever the row holds. */
+export const publicJwk = (key: SigningKeyRecord): JWK => ({
+  ...key.publicJwk,
+  kid: key.kid,
+  alg: key.alg,
+  use: 'sig',
+});
+
 /**
- * A's signing keys: kept in the database, the current one imported once and held in memory.
- * On first start there is no key, so one is created and made current.
+ * A's signing keys. The lifecycle (rotation, retirement, scheduled rotation) advances on a
+ * timer in every replica; a Postgres advisory lock lets one at a time act. Each replica imports
+ * the current private key once per change and signs with it from memory.
  */
 export default fp(
   async (app, options: KeysOptions) => {
-    const record = await app.repos.signingKeys.ensureCurrent(createSigningKey);
-    const current = {
-      kid: record.kid,
-      key: (await importJWK(JSON.parse(record.privateKey) as JWK, record.alg)) as CryptoKey,
+    const repo = app.repos.signingKeys;
+    const lifecycle = new KeyLifecycle(options.policy, () => createSigningKey(options.kek));
+    let signer: { kid: string; key: CryptoKey } | undefined;
+
+    async function loadCurrent() {
+      const current = await repo.current();
+      if (current && current.kid !== signer?.kid) {
+        signer = {
+          kid: current.kid,
+          key: await openSigningKey(current.privateKey, current.alg, current.kid, options.kek),
+        };
+        app.log.info({ kid: current.kid }, 'signing with key');
+      }
+    }
+
+    // At start, wait for the lock: there must be a current key before the first request.
+    await repo.locked((keys) => lifecycle.advance(keys, new Date()));
+    await loadCurrent();
+
+    let timer: NodeJS.Timeout | undefined;
+    const tick = async () => {
+      try {
+        await repo.locked((keys) => lifecycle.advance(keys, new Date()), { wait: false });
+        await loadCurrent();
+      } catch (error) {
+        // The database is down: keep signing with the key we have; it is still valid.
+        app.log.warn({ err: error }, 'cannot advance the signing keys');
+      }
+      timer = setTimeout(tick, options.pollMs);
+      timer.unref();
     };
+    timer = setTimeout(tick, options.pollMs);
+    timer.unref();
+    app.addHook('onClose', async () => clearTimeout(timer));
 
     app.decorate('tokens', {
-      mint: (file, subject) =>
-        signDownloadToken(file, {
-          key: current.key,
-          kid: current.kid,
+      async mint(file, subject) {
+        const { kid, key } = signer as { kid: string; key: CryptoKey };
+        return signDownloadToken(file, {
+          key,
+          kid,
           issuer: options.issuer,
           audience: options.audience,
           subject,
           ttlSeconds: options.ttlSeconds,
-        }),
+        });
+      },
       async jwks() {
-        const published = await app.repos.signingKeys.published();
-        return { keys: published.map((k) => ({ ...k.publicJwk, kid: k.kid, alg: k.alg, use: 'sig' })) };
+        return { keys: (await repo.published()).map(publicJwk) };
       },
     });
   },
   { name: 'keys', dependencies: ['repositories'] },
 );
-
-async function createSigningKey() {
-  const { publicKey, privateKey } = await generateKeyPair(TOKEN_ALGORITHM, { extractable: true });
-  const publicJwk = await exportJWK(publicKey);
-  // The RFC 7638 thumbprint: a kid that names the key material itself.
-  const kid = await calculateJwkThumbprint(publicJwk);
-  return { kid, alg: TOKEN_ALGORITHM, publicJwk, privateKey: JSON.stringify(await exportJWK(privateKey)) };
-}

@@ -1,5 +1,6 @@
 import type { JWK } from 'jose';
-import type { Pool } from 'pg';
+import type { Pool, PoolClient } from 'pg';
+import type { NewSigningKey } from '../keys/material.ts';
 
 export type KeyState = 'next' | 'current' | 'previous' | 'revoked';
 
@@ -10,57 +11,116 @@ export interface SigningKeyRecord {
   publicJwk: JWK;
   privateKey: string;
   createdAt: Date;
+  activatesAt: Date | null;
   activatedAt: Date | null;
   retiredAt: Date | null;
+  retiresAt: Date | null;
+  revokedAt: Date | null;
 }
 
 const COLUMNS = `kid, alg, state, public_jwk AS "publicJwk", private_key AS "privateKey", created_at AS "createdAt",
-  activated_at AS "activatedAt", retired_at AS "retiredAt"`;
+  activates_at AS "activatesAt", activated_at AS "activatedAt", retired_at AS "retiredAt", retires_at AS "retiresAt",
+  revoked_at AS "revokedAt"`;
 
-// Any constant will do; it only has to be the same in every replica.
+// Any constant will do; it only has to be the same in every replica and in the CLI.
 const KEY_LOCK = 0x6b657973; // 'keys'
 
-export function signingKeysRepository(db: Pool) {
+type Queryable = Pool | PoolClient;
+
+function keyQueries(db: Queryable) {
+  const select = async (where: string, params: unknown[] = []) =>
+    (await db.query<SigningKeyRecord>(`SELECT ${COLUMNS} FROM signing_keys ${where}`, params)).rows;
   return {
-    async current(): Promise<SigningKeyRecord | undefined> {
+    /** Every key, revoked ones included, oldest first. */
+    list: () => select('ORDER BY created_at, kid'),
+    current: async () => (await select(`WHERE state = 'current'`))[0],
+    /** The keys whose public half is in the JWKS: next, current and previous. */
+    published: () => select(`WHERE state IN ('next', 'current', 'previous') ORDER BY created_at DESC`),
+
+    /** Adds a key: `next` waits until `activatesAt`; `current` signs from `now`. */
+    async insert(key: NewSigningKey, state: 'next' | 'current', now: Date, activatesAt: Date) {
       const { rows } = await db.query<SigningKeyRecord>(
-        `SELECT ${COLUMNS} FROM signing_keys WHERE state = 'current'`,
+        `INSERT INTO signing_keys (kid, alg, state, public_jwk, private_key, created_at, activates_at, activated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, CASE WHEN $3 = 'current' THEN $6::timestamptz END)
+         RETURNING ${COLUMNS}`,
+        [key.kid, key.alg, state, key.publicJwk, key.privateKey, now, activatesAt],
+      );
+      return rows[0] as SigningKeyRecord;
+    },
+
+    /** The oldest next key, first in line to sign. `readyBy` set: only one whose time has come. */
+    async firstNext(readyBy?: Date) {
+      const rows = await select(
+        `WHERE state = 'next' ${readyBy ? 'AND activates_at <= $1' : ''} ORDER BY activates_at, created_at LIMIT 1`,
+        readyBy ? [readyBy] : [],
       );
       return rows[0];
     },
 
-    /** Keys whose public half is published: every state but revoked. */
-    async published(): Promise<SigningKeyRecord[]> {
-      const { rows } = await db.query<SigningKeyRecord>(
-        `SELECT ${COLUMNS} FROM signing_keys WHERE state <> 'revoked' ORDER BY created_at DESC`,
+    /** current → previous (published until `retiresAt`), then `kid` → current. */
+    async promote(kid: string, now: Date, retiresAt: Date) {
+      await db.query(
+        `UPDATE signing_keys SET state = 'previous', retired_at = $1, retires_at = $2 WHERE state = 'current'`,
+        [now, retiresAt],
       );
-      return rows;
+      await db.query(`UPDATE signing_keys SET state = 'current', activated_at = $2 WHERE kid = $1`, [
+        kid,
+        now,
+      ]);
     },
 
+    /** Removes previous keys whose last tokens have expired: row and private key are gone. */
+    async deleteRetired(now: Date) {
+      const { rowCount } = await db.query(
+        `DELETE FROM signing_keys WHERE state = 'previous' AND retires_at <= $1`,
+        [now],
+      );
+      return rowCount ?? 0;
+    },
+
+    /** Unpublishes a key at once and destroys its private half; returns its state before. */
+    async revoke(kid: string, now: Date) {
+      const { rows } = await db.query<{ state: KeyState }>(
+        `UPDATE signing_keys k SET state = 'revoked', revoked_at = $2, private_key = ''
+           FROM (SELECT state FROM signing_keys WHERE kid = $1 AND state <> 'revoked' FOR UPDATE) old
+          WHERE k.kid = $1
+         RETURNING old.state`,
+        [kid, now],
+      );
+      return rows[0]?.state;
+    },
+  };
+}
+
+export type KeyQueries = ReturnType<typeof keyQueries>;
+
+export function signingKeysRepository(db: Pool) {
+  return {
+    ...keyQueries(db),
+
     /**
-     * Makes `create()`'s key current unless there already is a current key; returns the current
-     * key either way. An advisory lock serializes replicas starting at once.
+     * Runs `fn` in a transaction that holds the key-lifecycle lock, so one process (replica or
+     * CLI) changes key states at a time. With `wait: false`, resolves `undefined` at once if
+     * another process holds it.
      */
-    async ensureCurrent(
-      create: () => Promise<Omit<SigningKeyRecord, 'state' | 'createdAt' | 'activatedAt' | 'retiredAt'>>,
-    ) {
+    async locked<T>(fn: (keys: KeyQueries) => Promise<T>, { wait = true } = {}): Promise<T | undefined> {
       const client = await db.connect();
       try {
         await client.query('BEGIN');
-        await client.query('SELECT pg_advisory_xact_lock($1)', [KEY_LOCK]);
-        let { rows } = await client.query<SigningKeyRecord>(
-          `SELECT ${COLUMNS} FROM signing_keys WHERE state = 'current'`,
-        );
-        if (rows.length === 0) {
-          const key = await create();
-          ({ rows } = await client.query<SigningKeyRecord>(
-            `INSERT INTO signing_keys (kid, alg, state, public_jwk, private_key, activated_at)
-             VALUES ($1, $2, 'current', $3, $4, now()) RETURNING ${COLUMNS}`,
-            [key.kid, key.alg, key.publicJwk, key.privateKey],
-          ));
+        if (wait) {
+          await client.query('SELECT pg_advisory_xact_lock($1)', [KEY_LOCK]);
+        } else {
+          const { rows } = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [
+            KEY_LOCK,
+          ]);
+          if (!rows[0]?.ok) {
+            await client.query('ROLLBACK');
+            return undefined;
+          }
         }
+        const result = await fn(keyQueries(client));
         await client.query('COMMIT');
-        return rows[0] as SigningKeyRecord;
+        return result;
       } catch (error) {
         await client.query('ROLLBACK').catch(() => {});
         throw error;

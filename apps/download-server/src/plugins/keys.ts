@@ -1,4 +1,6 @@
+import { watch } from 'node:fs';
 import { readFile } from 'node:fs/promises';
+import { basename, dirname } from 'node:path';
 import { type KeyResolver, TOKEN_ALGORITHM } from '@sfh/download-token';
 import fp from 'fastify-plugin';
 import { type CryptoKey, importJWK, type JWK } from 'jose';
@@ -11,6 +13,8 @@ export interface KeyStatus {
   fetchedAt: Date | undefined;
   /** The set is usable: it was read, and not longer ago than the stale limit. */
   usable: boolean;
+  /** The last read failed: B serves on its last good set (until the stale limit). */
+  stale: boolean;
   lastError: string | undefined;
 }
 
@@ -20,7 +24,7 @@ declare module 'fastify' {
       /** For `verifyDownloadToken`: the key for a kid; throws KEYS_UNAVAILABLE when the set is unusable. */
       resolve: KeyResolver;
       status(): KeyStatus;
-      /** Re-reads the key set now. */
+      /** Re-reads the key set now (SIGHUP). Concurrent calls share one read. */
       refresh(): Promise<void>;
     };
   }
@@ -37,6 +41,9 @@ const MAX_JWKS_BYTES = 1024 * 1024;
 // After a failed read, retry sooner than the refresh interval so a B that started before A is
 // ready within seconds of A.
 const RETRY_SECONDS = 2;
+// A token with a kid B does not know triggers a re-read at most this often, so a flood of
+// random kids costs at most one fetch per cooldown.
+const UNKNOWN_KID_COOLDOWN_MS = 10_000;
 
 /**
  * A's public keys, read from `JWKS_URL` (or `JWKS_FILE`) at start and every
@@ -51,11 +58,20 @@ export default fp(
     let lastError: string | undefined;
     let timer: NodeJS.Timeout | undefined;
     let closed = false;
+    let reading: Promise<void> | undefined;
+    let unknownKidReadAt = 0;
 
     const usable = () =>
       fetchedAt !== undefined && Date.now() - fetchedAt.getTime() <= options.maxStaleSeconds * 1000;
 
-    async function refresh(): Promise<void> {
+    function refresh(): Promise<void> {
+      reading ??= read().finally(() => {
+        reading = undefined;
+      });
+      return reading;
+    }
+
+    async function read(): Promise<void> {
       try {
         keys = await importKeySet(await readKeySet(options.source));
         fetchedAt = new Date();
@@ -81,22 +97,52 @@ export default fp(
     app.decorate('keys', {
       async resolve(kid: string) {
         if (!usable()) throw new KeysUnavailable();
+        const key = keys.get(kid);
+        if (key) return key;
+        // Normally a key is published long before it signs. A fresh key that signs at once (A's
+        // first start, or after every key was revoked) is learnt here.
+        if (reading) await reading;
+        else if (Date.now() - unknownKidReadAt >= UNKNOWN_KID_COOLDOWN_MS) {
+          unknownKidReadAt = Date.now();
+          await refresh();
+        }
         return keys.get(kid);
       },
-      status: () => ({ keys: keys.size, fetchedAt, usable: usable(), lastError }),
+      status: () => ({
+        keys: keys.size,
+        fetchedAt,
+        usable: usable(),
+        stale: lastError !== undefined,
+        lastError,
+      }),
       refresh,
     });
 
     // B starts even when A is down: it answers 503 KEYS_UNAVAILABLE until the first read works.
     await refresh();
     schedule();
+    // A key file is re-read as soon as it changes (the CLI's export replaces it with a rename, so
+    // the folder is watched, not the file).
+    const watcher = 'file' in options.source ? watchKeyFile(options.source.file, refresh) : undefined;
     app.addHook('onClose', async () => {
       closed = true;
       clearTimeout(timer);
+      watcher?.close();
     });
   },
   { name: 'keys' },
 );
+
+function watchKeyFile(file: string, onChange: () => void) {
+  try {
+    return watch(dirname(file), { persistent: false }, (_event, name) => {
+      if (name === basename(file)) onChange();
+    });
+  } catch {
+    // No folder to watch (yet): the periodic re-read still picks the file up.
+    return undefined;
+  }
+}
 
 async function readKeySet(source: KeysOptions['source']): Promise<unknown> {
   if ('file' in source) return JSON.parse(await readFile(source.file, 'utf8'));

@@ -61,6 +61,14 @@ export default fp(
       },
     });
     new Gauge({
+      name: 'jwks_stale',
+      help: '1 while the last read of the key set failed and B serves on its last good set',
+      registers: [registry],
+      collect() {
+        this.set(app.keys.status().stale ? 1 : 0);
+      },
+    });
+    new Gauge({
       name: 'jwks_usable',
       help: '1 while the key set is fresh enough to verify tokens, 0 when B fails closed',
       registers: [registry],

@@ -1,0 +1,425 @@
+/**
+ * Server B alone, as a real process (issue 4, "No leaks" and "Operating it"; design.md "HTTP on
+ * B"): keys from a JWKS file, files in a local store the test writes, tokens minted here exactly
+ * as A mints them. What only a real process shows: its log output, its metrics, its open file
+ * descriptors, its socket timeouts, and files larger than 4 GiB.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { mkdtemp, open, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { get, type IncomingMessage, request } from 'node:http';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { type FileClaims, signDownloadToken } from '@sfh/download-token';
+import { LocalDiskStore } from '@sfh/storage';
+import { type CryptoKey, exportJWK, generateKeyPair } from 'jose';
+import { nanoid } from 'nanoid';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+
+const APP_PUBLIC_URL = 'http://a.test';
+const KIB = 1024;
+const MIB = 1024 * KIB;
+const GIB = 1024 * MIB;
+
+const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** One B process with its own data dir, key, store, and a record of every token it was shown. */
+interface B {
+  server: ServerProcess;
+  origin: string;
+  dir: string;
+  store: LocalDiskStore;
+  storageDir: string;
+  /** Every token minted or sent to this B, so the log check covers them all. */
+  tokens: string[];
+  put(bytes: Buffer, name?: string): Promise<FileClaims>;
+  mint(file: FileClaims, options?: { now?: Date; key?: CryptoKey }): Promise<string>;
+  url(token: string): string;
+  stop(): Promise<void>;
+}
+
+async function startB(env: Record<string, string> = {}): Promise<B> {
+  const dir = await mkdtemp(join(tmpdir(), 'sfh-e2e-b-'));
+  const storageDir = join(dir, 'objects');
+  const { privateKey, publicKey } = await generateKeyPair('EdDSA', { extractable: true });
+  const kid = `k-${nanoid(8)}`;
+  const jwksFile = join(dir, 'jwks.json');
+  await writeFile(
+    jwksFile,
+    JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid, alg: 'EdDSA', use: 'sig' }] }),
+  );
+  const port = await freePort();
+  const origin = `http://127.0.0.1:${port}`;
+  const server = await startServer(
+    DOWNLOAD_SERVER,
+    {
+      DATA_DIR: join(dir, 'data'),
+      STORAGE_DIR: storageDir,
+      JWKS_FILE: jwksFile,
+      APP_PUBLIC_URL,
+      DOWNLOAD_PUBLIC_URL: origin,
+      DOWNLOAD_PORT: String(port),
+      LOG_LEVEL: 'info',
+      ...env,
+    },
+    `${origin}/readyz`,
+  );
+  const store = new LocalDiskStore(storageDir);
+  const tokens: string[] = [];
+  return {
+    server,
+    origin,
+    dir,
+    store,
+    storageDir,
+    tokens,
+    async put(bytes, name = 'file.bin') {
+      const stored = await store.put(Readable.from(bytes.length > 0 ? [bytes] : []));
+      return {
+        fid: nanoid(),
+        obj: stored.id,
+        name,
+        ctype: 'application/octet-stream',
+        size: stored.size,
+        sha256: stored.sha256,
+      };
+    },
+    async mint(file, options = {}) {
+      const { token } = await signDownloadToken(file, {
+        key: options.key ?? privateKey,
+        kid,
+        issuer: APP_PUBLIC_URL,
+        audience: origin,
+        subject: 'user-1',
+        ttlSeconds: 60,
+        ...(options.now ? { now: options.now } : {}),
+      });
+      tokens.push(token);
+      return token;
+    },
+    url: (token) => `${origin}/d/${token}`,
+    async stop() {
+      await server.stop();
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Waits until B has written `count` more request log lines than `before` (logs follow responses). */
+async function logLines(b: B, before: number, count: number): Promise<void> {
+  const deadline = Date.now() + 5_000;
+  while (requestLines(b) < before + count && Date.now() < deadline) await sleep(50);
+}
+const requestLines = (b: B) =>
+  b.server
+    .output()
+    .split('\n')
+    .filter((line) => line.includes('"req":')).length;
+
+/** Prometheus text → the value of one series (exact name with labels), or undefined. */
+function metric(text: string, series: string): number | undefined {
+  for (const line of text.split('\n')) {
+    if (line.startsWith('#')) continue;
+    const space = line.lastIndexOf(' ');
+    if (line.slice(0, space) === series) return Number(line.slice(space + 1));
+  }
+  return undefined;
+}
+
+const openFds = (pid: number) => readdir(`/proc/${pid}/fd`).then((fds) => fds.length);
+
+/** GETs `url` with node:http, reads the first chunk of the body, then tears the connection down. */
+function abortAfterFirstChunk(url: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const req = get(url, { agent: false }, (res) => {
+      res.on('error', () => {});
+      if (res.statusCode !== 200) {
+        res.resume();
+        reject(new Error(`${url} answered ${res.statusCode}`));
+        return;
+      }
+      res.once('data', () => {
+        req.destroy();
+        resolve();
+      });
+    });
+    req.on('error', reject);
+  });
+}
+
+/** Resolves with the milliseconds from `start` until the socket closes. */
+function closedAfter(socket: ReturnType<typeof connect>, start: number): Promise<number> {
+  socket.on('data', () => {});
+  socket.on('error', () => {});
+  return once(socket, 'close').then(() => Date.now() - start);
+}
+
+describe('B as a real process: logs, metrics, descriptors, large files', () => {
+  let b: B;
+
+  beforeAll(async () => {
+    b = await startB();
+  }, 60_000);
+
+  afterAll(async () => {
+    await b?.stop();
+  });
+
+  it('never writes a token to its output; request lines carry /d/[token] and a reqId', async () => {
+    const bytes = randomBytes(64 * KIB);
+    const file = await b.put(bytes);
+    const before = requestLines(b);
+
+    const good = await b.mint(file);
+    const ok = await fetch(b.url(good));
+    expect(ok.status).toBe(200);
+    expect(sha256(Buffer.from(await ok.arrayBuffer()))).toBe(file.sha256);
+
+    const reuse = await fetch(b.url(good));
+    expect(reuse.status).toBe(410);
+    await reuse.body?.cancel();
+
+    const expired = await b.mint(file, { now: new Date(Date.now() - 10 * 60_000) });
+    const expiredRes = await fetch(b.url(expired), { headers: { accept: 'application/json' } });
+    expect(expiredRes.status).toBe(403);
+    expect(await expiredRes.json()).toMatchObject({ error: 'TOKEN_EXPIRED' });
+
+    const malformed = 'a'.repeat(5000);
+    b.tokens.push(malformed);
+    const malformedRes = await fetch(b.url(malformed));
+    expect(malformedRes.status).toBe(400);
+    expect(await malformedRes.json()).toMatchObject({ error: 'TOKEN_MALFORMED' });
+
+    const attacker = await generateKeyPair('EdDSA');
+    const forged = await b.mint(file, { key: attacker.privateKey });
+    const forgedRes = await fetch(b.url(forged));
+    expect(forgedRes.status).toBe(403);
+    expect(await forgedRes.json()).toMatchObject({ error: 'TOKEN_INVALID' });
+
+    const headToken = await b.mint(file);
+    const head = await fetch(b.url(headToken), { method: 'HEAD' });
+    expect(head.status).toBe(200);
+
+    const notFoundToken = await b.mint(file);
+    const notFound = await fetch(`${b.url(notFoundToken)}/x/y`);
+    expect(notFound.status).toBe(404);
+    await notFound.body?.cancel();
+
+    await logLines(b, before, 7);
+    const output = b.server.output();
+    for (const token of [good, expired, malformed, forged, headToken, notFoundToken]) {
+      expect(output.includes(token), `token in output: ${token.slice(0, 40)}…`).toBe(false);
+      const signature = token.split('.')[2];
+      if (signature) expect(output.includes(signature), 'signature segment in output').toBe(false);
+    }
+    expect(output).toContain('/d/[token]');
+    expect(output).toContain('/d/[token]/x/y');
+    expect(output).toMatch(/"reqId":/);
+    // One structured line per request, each with its request id.
+    const lines = output
+      .split('\n')
+      .filter((line) => line.includes('"req":'))
+      .map((line) => JSON.parse(line) as { reqId?: string; req?: { url?: string } });
+    expect(lines.length).toBeGreaterThanOrEqual(7);
+    for (const line of lines) expect(line.reqId).toBeTruthy();
+  });
+
+  it('/metrics reports downloads by result, rejections by reason, bytes sent and the key set', async () => {
+    const res = await fetch(`${b.origin}/metrics`);
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toMatch(/^text\/plain/);
+    const text = await res.text();
+    expect(metric(text, 'download_requests_total{result="ok"}')).toBeGreaterThanOrEqual(1);
+    expect(metric(text, 'download_token_rejections_total{reason="used"}')).toBeGreaterThanOrEqual(1);
+    expect(metric(text, 'download_token_rejections_total{reason="malformed"}')).toBeGreaterThanOrEqual(1);
+    expect(metric(text, 'download_token_rejections_total{reason="expired"}')).toBeGreaterThanOrEqual(1);
+    expect(metric(text, 'download_token_rejections_total{reason="invalid"}')).toBeGreaterThanOrEqual(1);
+    expect(metric(text, 'download_bytes_sent_total')).toBeGreaterThanOrEqual(64 * KIB);
+    expect(metric(text, 'jwks_keys')).toBe(1);
+    expect(metric(text, 'jwks_usable')).toBe(1);
+    const age = metric(text, 'jwks_age_seconds');
+    expect(age).toBeDefined();
+    expect(age).toBeGreaterThanOrEqual(0);
+  });
+
+  it('1,000 downloads aborted midway leave no open file descriptors behind', async () => {
+    const pid = b.server.child.pid as number;
+    const file = await b.put(randomBytes(4 * MIB));
+    const tokens = await Promise.all(Array.from({ length: 1000 }, () => b.mint(file)));
+    const baseline = await openFds(pid);
+
+    let next = 0;
+    const worker = async () => {
+      while (next < tokens.length) {
+        const token = tokens[next++] as string;
+        await abortAfterFirstChunk(b.url(token));
+      }
+    };
+    await Promise.all(Array.from({ length: 20 }, worker));
+
+    let count = await openFds(pid);
+    const deadline = Date.now() + 5_000;
+    while (count > baseline + 5 && Date.now() < deadline) {
+      await sleep(100);
+      count = await openFds(pid);
+    }
+    console.log('PROBE fds', baseline, count);
+    expect(count, `open fds: ${baseline} before, ${count} after`).toBeLessThanOrEqual(baseline + 5);
+    // B is still fine.
+    expect((await fetch(`${b.origin}/healthz`)).status).toBe(200);
+  }, 60_000);
+
+  it('serves files above 4 GiB: HEAD with the full length, a Range at the very end', async () => {
+    // A sparse 5 GiB object in the store's own layout: put a tiny file to learn the path, then
+    // grow it and write a marker at 5 GiB.
+    const marker = Buffer.from('0123456789');
+    const size = 5 * GIB + marker.length;
+    const tiny = await b.put(Buffer.from('x'));
+    const path = join(b.storageDir, tiny.obj.slice(0, 2), tiny.obj);
+    try {
+      await truncate(path, size);
+      const handle = await open(path, 'r+');
+      await handle.write(marker, 0, marker.length, 5 * GIB);
+      await handle.close();
+      const file: FileClaims = { ...tiny, name: 'huge.iso', size, sha256: 'ab'.repeat(32) };
+
+      const head = await fetch(b.url(await b.mint(file)), { method: 'HEAD' });
+      expect(head.status).toBe(200);
+      expect(head.headers.get('content-length')).toBe('5368709130');
+
+      const tail = await fetch(b.url(await b.mint(file)), { headers: { range: `bytes=${5 * GIB}-` } });
+      expect(tail.status).toBe(206);
+      expect(tail.headers.get('content-range')).toBe('bytes 5368709120-5368709129/5368709130');
+      expect(tail.headers.get('content-length')).toBe('10');
+      expect(Buffer.from(await tail.arrayBuffer()).equals(marker)).toBe(true);
+
+      const suffix = await fetch(b.url(await b.mint(file)), { headers: { range: 'bytes=-4' } });
+      expect(suffix.status).toBe(206);
+      expect(suffix.headers.get('content-range')).toBe('bytes 5368709126-5368709129/5368709130');
+      expect(Buffer.from(await suffix.arrayBuffer()).toString()).toBe('6789');
+    } finally {
+      await b.store.delete(tiny.obj);
+    }
+  });
+
+  it('no token it was shown appears anywhere in its output (after everything above)', async () => {
+    await sleep(200);
+    const output = b.server.output();
+    expect(b.tokens.length).toBeGreaterThan(1000);
+    const leaked = b.tokens.filter(
+      (token) => output.includes(token) || output.includes(token.split('.')[2] ?? token),
+    );
+    expect(leaked).toEqual([]);
+  });
+});
+
+describe('B as a real process: slowloris timeouts that spare slow downloads', () => {
+  let b: B;
+  let port: number;
+
+  beforeAll(async () => {
+    b = await startB({ REQUEST_TIMEOUT_SECONDS: '2', IDLE_TIMEOUT_SECONDS: '3' });
+    port = Number(new URL(b.origin).port);
+  }, 60_000);
+
+  afterAll(async () => {
+    await b?.stop();
+  });
+
+  it.concurrent('closes a connection whose request head never ends (REQUEST_TIMEOUT_SECONDS=2)', async ({
+    expect,
+  }) => {
+    const socket = connect(port, '127.0.0.1');
+    await once(socket, 'connect');
+    const start = Date.now();
+    const closed = closedAfter(socket, start);
+    socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\n');
+    const elapsed = await Promise.race([closed, sleep(8_000).then(() => Number.POSITIVE_INFINITY)]);
+    socket.destroy();
+    expect(elapsed).toBeLessThan(8_000);
+    // Closed by the head timeout, not at once for some other reason.
+    expect(elapsed).toBeGreaterThanOrEqual(1_500);
+  });
+
+  it.concurrent('closes an idle connection that sends nothing', async ({ expect }) => {
+    const socket = connect(port, '127.0.0.1');
+    await once(socket, 'connect');
+    const start = Date.now();
+    const elapsed = await Promise.race([
+      closedAfter(socket, start),
+      sleep(8_000).then(() => Number.POSITIVE_INFINITY),
+    ]);
+    socket.destroy();
+    expect(elapsed).toBeLessThan(8_000);
+    expect(elapsed).toBeGreaterThanOrEqual(1_500);
+  });
+
+  it.concurrent('does not cut a slow legitimate download (64 KiB every 500 ms for ~5 s)', async ({
+    expect,
+  }) => {
+    const bytes = randomBytes(16 * MIB);
+    const file = await b.put(bytes);
+    const token = await b.mint(file);
+    const started = Date.now();
+
+    const { received, slowPhaseBytes } = await new Promise<{ received: Buffer; slowPhaseBytes: number }>(
+      (resolve, reject) => {
+        const req = request(b.url(token), { agent: false }, (res: IncomingMessage) => {
+          if (res.statusCode !== 200) return reject(new Error(`answered ${res.statusCode}`));
+          const chunks: Buffer[] = [];
+          let total = 0;
+          let windowBytes = 0;
+          let slowPhaseBytes = 0;
+          let slow = true;
+          res.on('data', (chunk: Buffer) => {
+            chunks.push(chunk);
+            total += chunk.length;
+            if (!slow) return;
+            windowBytes += chunk.length;
+            if (windowBytes >= 64 * KIB) res.pause();
+          });
+          // Every 500 ms another 64 KiB; after ~5 s, the rest at full speed.
+          const timer = setInterval(() => {
+            if (Date.now() - started >= 5_000) {
+              slow = false;
+              slowPhaseBytes = total;
+              clearInterval(timer);
+            }
+            windowBytes = 0;
+            res.resume();
+          }, 500);
+          res.on('end', () => {
+            clearInterval(timer);
+            resolve({ received: Buffer.concat(chunks), slowPhaseBytes });
+          });
+          res.on('error', (error) => {
+            clearInterval(timer);
+            reject(error);
+          });
+          res.on('aborted', () => {
+            clearInterval(timer);
+            reject(new Error(`cut after ${total} bytes and ${Date.now() - started} ms`));
+          });
+        });
+        req.on('error', reject);
+        req.end();
+      },
+    );
+    expect(Date.now() - started).toBeGreaterThanOrEqual(5_000);
+    // The slow phase really was slow: well under the file by the time it ended.
+    expect(slowPhaseBytes).toBeLessThan(bytes.length);
+    expect(received.length).toBe(bytes.length);
+    expect(sha256(received)).toBe(sha256(bytes));
+    console.log(
+      'PROBE',
+      b.server
+        .output()
+        .split('\n')
+        .filter((l) => l.includes('/d/[token]')),
+    );
+  });
+});
