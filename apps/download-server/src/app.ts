@@ -65,6 +65,14 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
     maxStaleSeconds: config.JWKS_MAX_STALE_SECONDS,
   });
   await app.register(replayStore, {
+    ...(config.REDIS_URL && {
+      redis: {
+        url: config.REDIS_URL,
+        keyPrefix: config.REDIS_KEY_PREFIX,
+        timeoutMs: config.REDIS_TIMEOUT_MS,
+        allowEviction: config.REDIS_ALLOW_EVICTION,
+      },
+    }),
     journalDir: `${config.DATA_DIR}/replay`,
     windowMs: (config.TOKEN_MAX_AGE_SECONDS + 2 * config.CLOCK_TOLERANCE_SECONDS) * 1000,
   });

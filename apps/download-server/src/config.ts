@@ -11,6 +11,13 @@ export const DownloadEnv = Type.Object({
   JWKS_MAX_STALE_SECONDS: Type.Integer({ minimum: 0, default: 3600 }),
   TOKEN_MAX_AGE_SECONDS: Type.Integer({ minimum: 5, maximum: 3600, default: 300 }),
   CLOCK_TOLERANCE_SECONDS: Type.Integer({ minimum: 0, maximum: 300, default: 5 }),
+  /** Replay store shared by B replicas; unset: in memory, journalled in DATA_DIR/replay. */
+  REDIS_URL: Type.Optional(Type.String({ pattern: '^rediss?://' })),
+  REDIS_KEY_PREFIX: Type.String({ default: 'dl:jti:', minLength: 1 }),
+  /** Longest B waits for Redis before it answers 503 REPLAY_STORE_UNAVAILABLE. */
+  REDIS_TIMEOUT_MS: Type.Integer({ minimum: 10, maximum: 60_000, default: 1000 }),
+  /** B refuses to start on a Redis that may evict its keys (used tokens forgotten), unless this is true. */
+  REDIS_ALLOW_EVICTION: Type.Boolean({ default: false }),
   /** Time a client has to send its request head; stops slowloris clients. */
   REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
   /** A connection with no traffic either way for this long is closed (a download that moves never is). */
