@@ -19,7 +19,7 @@ export interface ReplayStoreOptions {
 /** Where B remembers used tokens: Redis when B runs as several replicas, else memory. */
 export default fp(
   async (app, options: ReplayStoreOptions) => {
-    const store = options.redis
+    const store: ReplayStore = options.redis
       ? await RedisReplayStore.open({
           url: options.redis.url,
           keyPrefix: options.redis.keyPrefix,
