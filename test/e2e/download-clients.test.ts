@@ -195,14 +195,16 @@ describe('real clients resume downloads across single-use tokens', () => {
     expect(sha256(received)).toBe(sha256(original));
   });
 
+  /** A fresh B link from A's API, as the UI gets it. */
+  async function mint(): Promise<string> {
+    const res = await user.json<{ url: string; token: string }>(`/api/files/${fileId}/download-token`, {
+      method: 'POST',
+    });
+    expect(res.status).toBe(201);
+    return res.body.url;
+  }
+
   it('resume across tokens: token 1 gives the first part, token 2 + If-Range the rest', async () => {
-    const mint = async () => {
-      const res = await user.json<{ url: string; token: string }>(`/api/files/${fileId}/download-token`, {
-        method: 'POST',
-      });
-      expect(res.status).toBe(201);
-      return res.body.url;
-    };
     const first = await mint();
     const part1 = await fetch(first, { headers: { range: 'bytes=0-99999' } });
     expect(part1.status).toBe(206);
@@ -234,16 +236,27 @@ describe('real clients resume downloads across single-use tokens', () => {
     expect(stale.status).toBe(200);
     expect(stale.headers.get('content-range')).toBeNull();
     expect(sha256(Buffer.from(await stale.arrayBuffer()))).toBe(sha256(original));
+  });
 
-    // A browser opening the old, used link is sent back to A for a fresh token.
-    const browser = await fetch(first, { headers: { accept: BROWSER_ACCEPT }, redirect: 'manual' });
+  it('a browser opening an old, used B link is sent back to A (303), which mints a fresh one', async () => {
+    const link = await mint();
+    const used = await fetch(link);
+    expect(used.status).toBe(200);
+    await used.arrayBuffer();
+
+    const browser = await fetch(link, { headers: { accept: BROWSER_ACCEPT }, redirect: 'manual' });
     expect(browser.status).toBe(303);
     expect(browser.headers.get('location')).toBe(`${appOrigin}/files/${fileId}/download`);
+    expect(browser.headers.get('referrer-policy')).toBe('no-referrer');
     await browser.body?.cancel();
-    // ...where the session mints a fresh one and the download works.
-    const click = await user.fetch(`/files/${fileId}/download`);
+
+    // Following it with the session: A answers 303 to a fresh B link, which downloads.
+    const click = await user.fetch(new URL(browser.headers.get('location') as string).pathname);
     expect(click.status).toBe(303);
-    const again = await fetch(click.headers.get('location') as string);
+    const fresh = click.headers.get('location') as string;
+    expect(fresh.startsWith(`${downloadOrigin}/d/`)).toBe(true);
+    expect(fresh).not.toBe(link);
+    const again = await fetch(fresh);
     expect(again.status).toBe(200);
     expect(sha256(Buffer.from(await again.arrayBuffer()))).toBe(sha256(original));
   });

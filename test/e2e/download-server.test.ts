@@ -252,6 +252,12 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
     const tokens = await Promise.all(Array.from({ length: 1000 }, () => b.mint(file)));
     const baseline = await openFds(pid);
 
+    // The peak while they run shows the count does see each connection's and file's descriptor,
+    // so a leak of one per download could not hide.
+    let peak = baseline;
+    const sampler = setInterval(async () => {
+      peak = Math.max(peak, await openFds(pid).catch(() => 0));
+    }, 10);
     let next = 0;
     const worker = async () => {
       while (next < tokens.length) {
@@ -259,7 +265,8 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
         await abortAfterFirstChunk(b.url(token));
       }
     };
-    await Promise.all(Array.from({ length: 20 }, worker));
+    await Promise.all(Array.from({ length: 20 }, worker)).finally(() => clearInterval(sampler));
+    expect(peak).toBeGreaterThan(baseline + 5);
 
     let count = await openFds(pid);
     const deadline = Date.now() + 5_000;
@@ -361,7 +368,9 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
   // whole within milliseconds, B's response ends at once and no server timeout could cut it, so a
   // 2 MiB test would pass whatever the timeouts did. 16 MiB keeps B writing through the slow phase
   // (checked below against B's own log line).
-  it.concurrent('does not cut a slow legitimate download (64 KiB every 500 ms for ~5 s)', async ({ expect }) => {
+  it.concurrent('does not cut a slow legitimate download (64 KiB every 500 ms for ~5 s)', async ({
+    expect,
+  }) => {
     const bytes = randomBytes(16 * MIB);
     const file = await b.put(bytes);
     const token = await b.mint(file);
@@ -441,8 +450,10 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
           total += chunk.length;
         });
         res.once('data', () => res.pause());
-        // Nothing read for 6 s (twice the idle timeout), then drain whatever B left us.
-        setTimeout(() => res.resume(), 6_000);
+        // Nothing read for 9 s, then drain whatever B left us. Node cuts a socket whose write is
+        // stuck only on the second idle period (net.Socket#_onTimeout lets the first pass when
+        // the write queue changed since the last write), so a stalled download goes after 2 × 3 s.
+        setTimeout(() => res.resume(), 9_000);
         res.on('error', () => {});
         res.on('close', () => resolve({ total, complete: res.complete }));
       });
@@ -452,5 +463,4 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
     expect(outcome.complete).toBe(false);
     expect(outcome.total).toBeLessThan(bytes.length);
   });
-
 });

@@ -1,3 +1,4 @@
+import helmet from '@fastify/helmet';
 import fastifyMultipart from '@fastify/multipart';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
@@ -11,6 +12,7 @@ import authRoutes from './routes/auth.ts';
 import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
+import sessionRoutes from './routes/sessions.ts';
 
 // Every replica picks up a new current key within this.
 const KEY_POLL_MS = 2_000;
@@ -33,10 +35,34 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
   await app.register(storagePlugin, { dir: config.storageDir });
+  await app.register(helmet, {
+    // A's pages load nothing from elsewhere and run no inline script.
+    contentSecurityPolicy: {
+      directives: {
+        defaultSrc: ["'self'"],
+        scriptSrc: ["'self'"],
+        styleSrc: ["'self'"],
+        imgSrc: ["'self'", 'data:'],
+        objectSrc: ["'none'"],
+        baseUri: ["'none'"],
+        frameAncestors: ["'none'"],
+        formAction: ["'self'"],
+        // B is another origin: downloads are navigations there, not fetches from A's pages.
+        connectSrc: ["'self'"],
+        upgradeInsecureRequests: config.NODE_ENV === 'production' ? [] : null,
+      },
+    },
+    referrerPolicy: { policy: 'same-origin' },
+    strictTransportSecurity: config.NODE_ENV === 'production',
+  });
   await app.register(session, {
     secret: options.sessionSecret,
-    maxAgeSeconds: config.SESSION_MAX_AGE_SECONDS,
+    timeouts: {
+      idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS,
+      absoluteSeconds: config.SESSION_ABSOLUTE_TIMEOUT_SECONDS,
+    },
     production: config.NODE_ENV === 'production',
+    appOrigin: config.APP_PUBLIC_URL,
   });
   await app.register(keys, {
     issuer: config.APP_PUBLIC_URL,
@@ -52,9 +78,16 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
   await app.register(authRoutes, {
     passwordCost: { memoryKib: config.ARGON2_MEMORY_KIB, timeCost: config.ARGON2_TIME_COST },
+    throttle: {
+      maxPerAccount: config.LOGIN_MAX_FAILURES_PER_ACCOUNT,
+      maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
+      windowSeconds: config.LOGIN_WINDOW_SECONDS,
+    },
   });
+  await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
   await app.register(fileRoutes, {
     maxUploadBytes: config.MAX_UPLOAD_BYTES,
+    quotaBytes: config.USER_QUOTA_BYTES,
     downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
   });
   return app;

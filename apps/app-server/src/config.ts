@@ -17,8 +17,17 @@ export const AppEnv = Type.Object({
   KEY_ENCRYPTION_KEY: Type.Optional(Type.String({ pattern: '^[A-Za-z0-9_-]{43}$' })),
   /** Scheduled rotation: a new key every this many days (0: only by hand). */
   KEY_ROTATION_DAYS: Type.Number({ minimum: 0, default: 30 }),
-  SESSION_MAX_AGE_SECONDS: Type.Integer({ minimum: 60, default: 7 * 24 * 3600 }),
+  /** A session unused this long is over (sign in again). */
+  SESSION_IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 60, default: 24 * 3600 }),
+  /** A session is over this long after sign-in, however active. */
+  SESSION_ABSOLUTE_TIMEOUT_SECONDS: Type.Integer({ minimum: 60, default: 14 * 24 * 3600 }),
+  /** Sign-in throttling: this many failures per account, or per client IP, within the window → 429. */
+  LOGIN_MAX_FAILURES_PER_ACCOUNT: Type.Integer({ minimum: 1, default: 5 }),
+  LOGIN_MAX_FAILURES_PER_IP: Type.Integer({ minimum: 1, default: 50 }),
+  LOGIN_WINDOW_SECONDS: Type.Integer({ minimum: 1, default: 15 * 60 }),
   MAX_UPLOAD_BYTES: Type.Integer({ minimum: 1, default: GiB }),
+  /** Bytes a user may store in all; 0: no quota. */
+  USER_QUOTA_BYTES: Type.Integer({ minimum: 0, default: 10 * GiB }),
   TRUST_PROXY: Type.Boolean({ default: false }),
   // argon2id cost. The defaults are OWASP's minimum for argon2id; tests lower them through config.
   ARGON2_MEMORY_KIB: Type.Integer({ minimum: 8, default: 19456 }),

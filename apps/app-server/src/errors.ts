@@ -20,6 +20,16 @@ export const FileTooLarge = define<[number]>(
   'The file is larger than the limit of %d bytes',
   413,
 );
+export const QuotaExceeded = define<[number]>(
+  'QUOTA_EXCEEDED',
+  'This upload would exceed your storage quota of %d bytes',
+  413,
+);
+export const RateLimited = define<[number]>(
+  'RATE_LIMITED',
+  'Too many attempts; try again in %d seconds',
+  429,
+);
 export const DatabaseUnavailable = define(
   'DATABASE_UNAVAILABLE',
   'The database is unavailable; try again shortly',

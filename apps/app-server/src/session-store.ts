@@ -5,41 +5,54 @@ import type { Repositories } from './plugins/repositories.ts';
 
 type Callback = (error?: unknown) => void;
 
-const hashId = (sessionId: string) => createHash('sha256').update(sessionId).digest('base64url');
+/** The database key of a session id: its SHA-256, so the table alone never yields a usable cookie. */
+export const hashSessionId = (sessionId: string) =>
+  createHash('sha256').update(sessionId).digest('base64url');
+
+// Recording every request's time would turn each read into a write; a minute is precise enough
+// for an idle timeout measured in hours and for "last seen".
+const TOUCH_AFTER_MS = 60_000;
+
+export interface SessionTimeouts {
+  idleSeconds: number;
+  absoluteSeconds: number;
+}
 
 /**
- * @fastify/session store on Postgres. Rows are keyed by the SHA-256 of the session id, so the
- * table alone never yields a usable cookie.
+ * @fastify/session store on Postgres.
  *
- * - `get` yields the session, or nothing if it does not exist or has expired.
- * - `set` writes the whole session; its expiry is the cookie's.
- * - `destroy` removes it; the id is dead from then on for every replica.
+ * - `get` yields the session only while it is alive: not revoked, used within the idle timeout,
+ *   younger than the absolute timeout. Otherwise nothing (the request is anonymous).
+ * - `set` creates or updates it; the absolute timeout counts from creation (sign-in). A revoked
+ *   session is never written back, whatever request was still in flight.
+ * - `destroy` revokes it at once, for every replica.
  */
 export class PgSessionStore implements SessionStore {
   readonly #sessions: Repositories['sessions'];
-  readonly #maxAgeMs: number;
+  readonly #timeouts: SessionTimeouts;
 
-  constructor(sessions: Repositories['sessions'], maxAgeMs: number) {
+  constructor(sessions: Repositories['sessions'], timeouts: SessionTimeouts) {
     this.#sessions = sessions;
-    this.#maxAgeMs = maxAgeMs;
+    this.#timeouts = timeouts;
   }
 
   get(sessionId: string, callback: (error: unknown, session?: Session | null) => void): void {
-    this.#sessions.get(hashId(sessionId)).then(
-      (row) => callback(null, row ? (row.data as unknown as Session) : null),
-      (error) => callback(error),
-    );
+    const idHash = hashSessionId(sessionId);
+    this.#sessions.get(idHash, this.#timeouts.idleSeconds).then(async (row) => {
+      if (row && Date.now() - row.lastSeenAt.getTime() > TOUCH_AFTER_MS) await this.#sessions.touch(idHash);
+      callback(null, row ? (row.data as unknown as Session) : null);
+    }, callback);
   }
 
   set(sessionId: string, session: Session, callback: Callback): void {
-    const expires = session.cookie.expires ?? new Date(Date.now() + this.#maxAgeMs);
     const data = JSON.parse(JSON.stringify(session)) as Record<string, unknown>;
+    const expiresAt = new Date(Date.now() + this.#timeouts.absoluteSeconds * 1000);
     this.#sessions
-      .upsert(hashId(sessionId), { userId: session.userId ?? null, data, expiresAt: new Date(expires) })
+      .upsert(hashSessionId(sessionId), { userId: session.userId ?? null, data, expiresAt })
       .then(() => callback(), callback);
   }
 
   destroy(sessionId: string, callback: Callback): void {
-    this.#sessions.delete(hashId(sessionId)).then(() => callback(), callback);
+    this.#sessions.revoke(hashSessionId(sessionId)).then(() => callback(), callback);
   }
 }

@@ -145,7 +145,7 @@ describe('login', () => {
     expect(oldCookie).toBeDefined();
     expect(setCookie(before, 'sid')).toBeDefined();
     const oldCsrf = before.json().token as string;
-    const rowsBefore = await count(app, 'sessions');
+    const rowsBefore = await count(app, 'sessions WHERE revoked_at IS NULL');
 
     const login = await client.request({
       method: 'POST',
@@ -160,7 +160,7 @@ describe('login', () => {
     expect(sessionIdOf(newCookie as string)).not.toBe(sessionIdOf(oldCookie as string));
 
     // The old session row was replaced, not kept next to the new one.
-    expect(await count(app, 'sessions')).toBe(rowsBefore);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL')).toBe(rowsBefore);
     // The new cookie is signed in, the old one is not, and its CSRF secret went with it.
     expect((await me(app, `sid=${newCookie}`)).statusCode).toBe(200);
     expectError(await me(app, `sid=${oldCookie}`), 401, 'UNAUTHENTICATED');
@@ -221,20 +221,20 @@ describe('logout', () => {
       payload: { username: user.username, password: PASSWORD },
     });
     expect(login.statusCode).toBe(200);
-    expect(await count(app, 'sessions WHERE user_id = $1', [user.id])).toBe(2);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL AND user_id = $1', [user.id])).toBe(2);
 
     const cookie = `sid=${client.cookies.get('sid')}`;
     const csrf = await client.csrfToken();
     expect((await me(app, cookie)).statusCode).toBe(200);
-    const rows = await count(app, 'sessions');
+    const rows = await count(app, 'sessions WHERE revoked_at IS NULL');
     const logout = await client.request({ method: 'POST', url: '/api/auth/logout' });
     expect(logout.statusCode).toBe(204);
     expect(logout.body).toBe('');
 
     expectError(await me(app, cookie), 401, 'UNAUTHENTICATED');
-    expect(await count(app, 'sessions WHERE user_id = $1', [user.id])).toBe(1);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL AND user_id = $1', [user.id])).toBe(1);
     // The row is gone, not merely signed out: the session's CSRF secret went with it.
-    expect(await count(app, 'sessions')).toBe(rows - 1);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL')).toBe(rows - 1);
     const replay = await app.inject({
       method: 'POST',
       url: '/api/auth/logout',
@@ -380,7 +380,7 @@ describe('CSRF', () => {
 describe('session cookie', () => {
   it('is neither stored nor sent for anonymous GETs', async () => {
     const { app } = await buildTestApp(db());
-    const rows = await count(app, 'sessions');
+    const rows = await count(app, 'sessions WHERE revoked_at IS NULL');
     for (let i = 0; i < 50; i++) {
       const health = await app.inject({ method: 'GET', url: '/healthz' });
       expect(health.statusCode).toBe(200);
@@ -389,7 +389,7 @@ describe('session cookie', () => {
       expectError(who, 401, 'UNAUTHENTICATED');
       expect(setCookies(who)).toEqual([]);
     }
-    expect(await count(app, 'sessions')).toBe(rows);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL')).toBe(rows);
   });
 
   it('treats a tampered cookie as anonymous', async () => {

@@ -37,7 +37,9 @@ const session = (fields: Record<string, unknown>, expires = new Date(Date.now() 
 
 async function setup() {
   const { app } = await buildTestApp(db());
-  const store = promised(new PgSessionStore(app.repos.sessions, DAY_MS));
+  const store = promised(
+    new PgSessionStore(app.repos.sessions, { idleSeconds: DAY_MS / 1000, absoluteSeconds: DAY_MS / 1000 }),
+  );
   return { app, store };
 }
 
@@ -45,19 +47,19 @@ describe('PgSessionStore', () => {
   it('gives back what was set', async () => {
     const { app, store } = await setup();
     const user = await new TestClient(app).register();
-    const rows = await count(app, 'sessions WHERE user_id = $1', [user.id]);
+    const rows = await count(app, 'sessions WHERE revoked_at IS NULL AND user_id = $1', [user.id]);
     const id = sessionId();
     await store.set(id, session({ userId: user.id, _csrf: 'secret', nested: { a: [1, 2] } }));
 
     const got = await store.get(id);
     expect(got).toMatchObject({ userId: user.id, _csrf: 'secret', nested: { a: [1, 2] } });
     expect(got?.cookie).toBeDefined();
-    expect(await count(app, 'sessions WHERE user_id = $1', [user.id])).toBe(rows + 1);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL AND user_id = $1', [user.id])).toBe(rows + 1);
 
     // A second set overwrites the same row.
     await store.set(id, session({ userId: user.id, _csrf: 'other' }));
     expect(await store.get(id)).toMatchObject({ userId: user.id, _csrf: 'other' });
-    expect(await count(app, 'sessions WHERE user_id = $1', [user.id])).toBe(rows + 1);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL AND user_id = $1', [user.id])).toBe(rows + 1);
   });
 
   it('stores anonymous sessions', async () => {
@@ -80,20 +82,36 @@ describe('PgSessionStore', () => {
     const other = sessionId();
     await store.set(id, session({ _csrf: 'a' }));
     await store.set(other, session({ _csrf: 'b' }));
-    const rows = await count(app, 'sessions');
+    const rows = await count(app, 'sessions WHERE revoked_at IS NULL');
     await store.destroy(id);
     expect(await store.get(id)).toBeNull();
-    expect(await count(app, 'sessions')).toBe(rows - 1);
+    expect(await count(app, 'sessions WHERE revoked_at IS NULL')).toBe(rows - 1);
     expect(await store.get(other)).toMatchObject({ _csrf: 'b' });
     // Destroying what is not there is fine.
     await store.destroy(id);
     await store.destroy(sessionId());
   });
 
-  it('answers null for an expired session', async () => {
+  it('answers null for a session past its idle or its absolute timeout', async () => {
+    const { app, store } = await setup();
+    const idle = sessionId();
+    const old = sessionId();
+    await store.set(idle, session({ _csrf: 'idle' }));
+    await store.set(old, session({ _csrf: 'old' }));
+    // Unused for longer than the idle timeout (a day here).
+    await app.db.query(`UPDATE sessions SET last_seen_at = now() - interval '25 hours' WHERE data->>'_csrf' = 'idle'`);
+    // Signed in longer ago than the absolute timeout, however active.
+    await app.db.query(`UPDATE sessions SET expires_at = now() - interval '1 second' WHERE data->>'_csrf' = 'old'`);
+    expect(await store.get(idle)).toBeNull();
+    expect(await store.get(old)).toBeNull();
+  });
+
+  it('never writes back a destroyed session (a request in flight during logout)', async () => {
     const { store } = await setup();
     const id = sessionId();
-    await store.set(id, session({ _csrf: 'old' }, new Date(Date.now() - 1000)));
+    await store.set(id, session({ _csrf: 'a' }));
+    await store.destroy(id);
+    await store.set(id, session({ _csrf: 'a', later: true }));
     expect(await store.get(id)).toBeNull();
   });
 

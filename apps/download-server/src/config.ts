@@ -20,7 +20,11 @@ export const DownloadEnv = Type.Object({
   REDIS_ALLOW_EVICTION: Type.Boolean({ default: false }),
   /** Time a client has to send its request head; stops slowloris clients. */
   REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
-  /** A connection with no traffic either way for this long is closed (a download that moves never is). */
+  /**
+   * A connection with no traffic either way for this long is closed; a download that keeps
+   * moving never is. (Node lets one timeout pass while a write is pending, so a stalled transfer
+   * is cut after up to twice this.)
+   */
   IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
 });
 

@@ -248,3 +248,15 @@ function hasDownloadClaims(payload: JWTPayload): payload is DownloadClaims & JWT
     typeof p.nbf === 'number'
   );
 }
+
+// C0 and C1 controls, and the bidi controls that can make "evil‮fdp.exe" read as "evilexe.pdf".
+// biome-ignore lint/suspicious/noControlCharactersInRegex: removing them is the point
+const UNSAFE_IN_NAMES = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+/**
+ * A file name as it may be shown or offered for saving: the stored name (kept as the user gave
+ * it) without control and bidi characters; never empty.
+ */
+export function displayFileName(name: string): string {
+  return name.replace(UNSAFE_IN_NAMES, '') || 'download';
+}

@@ -50,12 +50,13 @@ function toCatalogueError(error: FastifyError): FastifyError {
 
 export default fp(
   async (app) => {
-    app.setErrorHandler((error: FastifyError, request, reply) => {
+    app.setErrorHandler((error: FastifyError & { retryAfter?: number }, request, reply) => {
       const mapped = toCatalogueError(error);
       const status = mapped.statusCode ?? 500;
       if (status >= 500) request.log.error({ err: error }, 'request failed');
       else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
       if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);
+      if (mapped.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
       return reply.code(status).send({ error: mapped.code, message: mapped.message });
     });
     app.setNotFoundHandler((request, reply) => {

@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin';
 import { filesRepository } from '../repositories/files.ts';
+import { loginFailuresRepository } from '../repositories/login-failures.ts';
 import { sessionsRepository } from '../repositories/sessions.ts';
 import { signingKeysRepository } from '../repositories/signing-keys.ts';
 import { usersRepository } from '../repositories/users.ts';
@@ -8,6 +9,7 @@ export interface Repositories {
   users: ReturnType<typeof usersRepository>;
   sessions: ReturnType<typeof sessionsRepository>;
   files: ReturnType<typeof filesRepository>;
+  loginFailures: ReturnType<typeof loginFailuresRepository>;
   signingKeys: ReturnType<typeof signingKeysRepository>;
 }
 
@@ -23,6 +25,7 @@ export default fp(
       users: usersRepository(app.db),
       sessions: sessionsRepository(app.db),
       files: filesRepository(app.db),
+      loginFailures: loginFailuresRepository(app.db),
       signingKeys: signingKeysRepository(app.db),
     });
   },

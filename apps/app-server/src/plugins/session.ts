@@ -1,14 +1,20 @@
-import fastifyCookie from '@fastify/cookie';
+import fastifyCookie, { Signer } from '@fastify/cookie';
 import fastifyCsrf from '@fastify/csrf-protection';
+import fastifyFormbody from '@fastify/formbody';
 import fastifySession from '@fastify/session';
 import type { FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
-import { Unauthenticated } from '../errors.ts';
-import { PgSessionStore } from '../session-store.ts';
+import { CsrfInvalid, Unauthenticated } from '../errors.ts';
+import { hashSessionId, PgSessionStore, type SessionTimeouts } from '../session-store.ts';
 
 declare module 'fastify' {
   interface Session {
     userId?: string;
+    /** Shown in the session list. */
+    userAgent?: string;
+    ip?: string;
+    /** Set when a cookie signed with a retired secret is re-signed. */
+    resignedAt?: number;
   }
   interface FastifyInstance {
     /** onRequest hook: refuses requests without a signed-in user (401 UNAUTHENTICATED). */
@@ -17,62 +23,107 @@ declare module 'fastify' {
   interface FastifyRequest {
     /** The signed-in user's id; set by `requireUser`. */
     userId: string;
+    /** The database key of this request's session. */
+    sessionIdHash(): string;
   }
 }
 
 export interface SessionOptions {
   /** Comma-separated secrets: the first signs, all verify. */
   secret: string;
-  maxAgeSeconds: number;
+  timeouts: SessionTimeouts;
   production: boolean;
+  /** A's own origin: state-changing requests from any other are refused. */
+  appOrigin: string;
 }
 
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
+const isForm = (request: FastifyRequest) =>
+  request.headers['content-type']?.startsWith('application/x-www-form-urlencoded') ?? false;
+const CLEANUP_MS = 10 * 60_000;
 
 /**
- * Server-side sessions: a random id in an HttpOnly cookie, the session in Postgres. Plus CSRF
- * protection for every state-changing request, bound to the session.
+ * Server-side sessions: a random id (192 bits) in an HttpOnly cookie, the session in Postgres.
+ * Plus CSRF protection for every state-changing request, bound to the session.
  */
 export default fp(
   async (app, options: SessionOptions) => {
     const secrets = options.secret.split(',');
+    const cookieName = options.production ? '__Host-sid' : 'sid';
     await app.register(fastifyCookie);
+    await app.register(fastifyFormbody);
     await app.register(fastifySession, {
       secret: secrets,
       // `__Host-` makes the browser insist on Secure, Path=/ and no Domain, so a sibling
       // subdomain cannot plant or overwrite the cookie.
-      cookieName: options.production ? '__Host-sid' : 'sid',
+      cookieName,
       cookie: {
         httpOnly: true,
         sameSite: 'lax',
         secure: options.production ? true : 'auto',
         path: '/',
-        maxAge: options.maxAgeSeconds * 1000,
+        maxAge: options.timeouts.absoluteSeconds * 1000,
       },
       // No row and no cookie for visitors who never needed a session.
       saveUninitialized: false,
       // Re-sending the cookie on every response would also rewrite the session on every request.
       rolling: false,
-      store: new PgSessionStore(app.repos.sessions, options.maxAgeSeconds * 1000),
+      store: new PgSessionStore(app.repos.sessions, options.timeouts),
     });
     await app.register(fastifyCsrf, {
       sessionPlugin: '@fastify/session',
-      getToken: (request) => request.headers['x-csrf-token'] as string | undefined,
+      getToken: (request) =>
+        (request.headers['x-csrf-token'] as string | undefined) ??
+        (request.body as { _csrf?: string } | undefined)?._csrf,
     });
 
-    // Every state-changing request, in every scope, must carry the session's CSRF token. The
-    // check runs before the body is read, so a refused upload does not touch storage.
+    // A cookie signed with a secret that is no longer first: re-sign it now. (@fastify/session
+    // would otherwise answer with a cleared cookie, signing the user out after every rotation.)
+    const signer = new Signer(secrets);
+    app.addHook('onRequest', async (request) => {
+      const cookie = request.cookies[cookieName];
+      if (cookie && request.session.userId && signer.unsign(cookie).renew)
+        request.session.resignedAt = Date.now();
+    });
+
+    // Every state-changing request, in every scope, must come from A's own pages (Origin) and
+    // carry the session's CSRF token: in the header, checked before the body is read (a refused
+    // upload never touches storage), or for HTML forms as the `_csrf` field once it is parsed.
     app.addHook('onRequest', (request, reply, done) => {
       if (SAFE_METHODS.has(request.method)) return done();
+      const origin = request.headers.origin;
+      if (
+        (origin !== undefined && origin !== options.appOrigin) ||
+        request.headers['sec-fetch-site'] === 'cross-site'
+      ) {
+        return done(new CsrfInvalid());
+      }
+      if (isForm(request)) return done();
+      app.csrfProtection(request, reply, done);
+    });
+    app.addHook('preHandler', (request, reply, done) => {
+      if (SAFE_METHODS.has(request.method) || !isForm(request)) return done();
       app.csrfProtection(request, reply, done);
     });
 
     app.decorateRequest('userId', '');
+    app.decorateRequest('sessionIdHash', function (this: FastifyRequest) {
+      return hashSessionId(this.session.sessionId);
+    });
     app.decorate('requireUser', async (request: FastifyRequest) => {
       const userId = request.session.userId;
       if (!userId) throw new Unauthenticated();
       request.userId = userId;
     });
+
+    // Expired sessions and tombstones go eventually; any replica may do it.
+    const cleanup = setInterval(() => {
+      app.repos.sessions
+        .deleteExpired()
+        .catch((error) => app.log.warn({ err: error }, 'session cleanup failed'));
+    }, CLEANUP_MS);
+    cleanup.unref();
+    app.addHook('onClose', async () => clearInterval(cleanup));
   },
   { name: 'session', dependencies: ['repositories'] },
 );

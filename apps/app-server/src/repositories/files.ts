@@ -17,13 +17,52 @@ const COLUMNS = `id, user_id AS "userId", object_id AS "objectId", name, content
 /** File metadata. Every read and delete is scoped to the owner: another user's file does not exist. */
 export function filesRepository(db: Pool) {
   return {
-    async create(file: Omit<FileRecord, 'createdAt'>): Promise<FileRecord> {
-      const { rows } = await db.query<FileRecord>(
-        `INSERT INTO files (id, user_id, object_id, name, content_type, size, sha256)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING ${COLUMNS}`,
-        [file.id, file.userId, file.objectId, file.name, file.contentType, file.size, file.sha256],
+    /** Bytes the user stores in all. */
+    async usedBytes(userId: string): Promise<number> {
+      const { rows } = await db.query<{ used: number }>(
+        'SELECT coalesce(sum(size), 0)::bigint AS used FROM files WHERE user_id = $1',
+        [userId],
       );
-      return rows[0] as FileRecord;
+      return rows[0]?.used ?? 0;
+    },
+
+    /**
+     * Inserts the file unless it takes the user's total over `quotaBytes` (0: no quota); then
+     * returns `undefined`. The user's row is locked meanwhile, so concurrent uploads cannot
+     * both squeeze in.
+     */
+    async createWithinQuota(
+      file: Omit<FileRecord, 'createdAt'>,
+      quotaBytes: number,
+    ): Promise<FileRecord | undefined> {
+      const client = await db.connect();
+      try {
+        await client.query('BEGIN');
+        await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [file.userId]);
+        const { rows } = await client.query<FileRecord>(
+          `INSERT INTO files (id, user_id, object_id, name, content_type, size, sha256)
+           SELECT $1, $2, $3, $4, $5, $6::bigint, $7
+            WHERE $8::bigint = 0 OR (SELECT coalesce(sum(size), 0) FROM files WHERE user_id = $2) + $6::bigint <= $8::bigint
+           RETURNING ${COLUMNS}`,
+          [
+            file.id,
+            file.userId,
+            file.objectId,
+            file.name,
+            file.contentType,
+            file.size,
+            file.sha256,
+            quotaBytes,
+          ],
+        );
+        await client.query('COMMIT');
+        return rows[0];
+      } catch (error) {
+        await client.query('ROLLBACK').catch(() => {});
+        throw error;
+      } finally {
+        client.release();
+      }
     },
 
     async listForUser(userId: string): Promise<FileRecord[]> {

@@ -31,9 +31,13 @@ export function usersRepository(db: Pool) {
       return rows[0];
     },
 
-    async findById(id: string): Promise<User | undefined> {
+    async findById(id: string): Promise<UserWithHash | undefined> {
       const { rows } = await db.query<UserWithHash>(`SELECT ${COLUMNS} FROM users WHERE id = $1`, [id]);
-      return rows[0] && withoutHash(rows[0]);
+      return rows[0];
+    },
+
+    async setPasswordHash(id: string, passwordHash: string): Promise<void> {
+      await db.query('UPDATE users SET password_hash = $2 WHERE id = $1', [id, passwordHash]);
     },
   };
 }

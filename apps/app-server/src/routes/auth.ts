@@ -1,17 +1,18 @@
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
-import { InvalidCredentials, Unauthenticated, UsernameTaken } from '../errors.ts';
-import type { PasswordCost } from '../passwords.ts';
-import { passwordHasher } from '../passwords.ts';
-import type { User } from '../repositories/users.ts';
+import { InvalidCredentials, RateLimited, Unauthenticated, UsernameTaken } from '../errors.ts';
+import { type PasswordCost, passwordHasher } from '../passwords.ts';
+import { type User, withoutHash } from '../repositories/users.ts';
 
+// Never truncated: argon2 takes the whole password, and 1024 characters bounds the work.
+const Password = Type.String({ minLength: 8, maxLength: 1024 });
 const Credentials = Type.Object(
-  {
-    username: Type.String({ pattern: '^[A-Za-z0-9._-]{3,64}$' }),
-    // Never truncated: argon2 takes the whole password, and 1024 characters bounds the work.
-    password: Type.String({ minLength: 8, maxLength: 1024 }),
-  },
+  { username: Type.String({ pattern: '^[A-Za-z0-9._-]{3,64}$' }), password: Password },
+  { additionalProperties: false },
+);
+const PasswordChange = Type.Object(
+  { currentPassword: Type.String({ minLength: 1, maxLength: 1024 }), newPassword: Password },
   { additionalProperties: false },
 );
 
@@ -21,15 +22,23 @@ const userView = (user: User) => ({
   createdAt: user.createdAt.toISOString(),
 });
 
-/** Register, sign in, sign out, who am I. */
-export default async function authRoutes(app: FastifyInstance, options: { passwordCost: PasswordCost }) {
+export interface AuthOptions {
+  passwordCost: PasswordCost;
+  throttle: { maxPerAccount: number; maxPerIp: number; windowSeconds: number };
+}
+
+/** Register, sign in, sign out, who am I, change password. */
+export default async function authRoutes(app: FastifyInstance, options: AuthOptions) {
   const passwords = passwordHasher(options.passwordCost);
+  const { throttle } = options;
 
   // A new session id on every change of privilege: an id an attacker planted before sign-in
-  // (session fixation) is worthless after it.
+  // (session fixation) is worthless after it. The new session has a new CSRF token too.
   async function signIn(request: FastifyRequest, user: User) {
     await request.session.regenerate();
     request.session.userId = user.id;
+    request.session.userAgent = request.headers['user-agent']?.slice(0, 512);
+    request.session.ip = request.ip;
   }
 
   app.get('/api/csrf', async (_request, reply) => ({ token: reply.generateCsrf() }));
@@ -51,11 +60,28 @@ export default async function authRoutes(app: FastifyInstance, options: { passwo
     return reply.code(201).send({ user: userView(user) });
   });
 
+  // Throttled per account and per client IP (shared by all replicas through Postgres): guessing
+  // is slow, and no amount of failures locks the real user out beyond the window.
   app.post('/api/auth/login', { schema: { body: Credentials } }, async (request) => {
     const { username, password } = request.body as { username: string; password: string };
+    const account = username.toLowerCase();
+    const recent = await app.repos.loginFailures.recent(account, request.ip, throttle.windowSeconds);
+    const freeAt = [
+      recent.account >= throttle.maxPerAccount ? recent.accountFreeAt : null,
+      recent.client >= throttle.maxPerIp ? recent.clientFreeAt : null,
+    ].reduce<number>((latest, at) => Math.max(latest, at?.getTime() ?? 0), 0);
+    if (freeAt > 0) {
+      const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
+      throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
+    }
     const found = await app.repos.users.findByUsername(username);
-    if (!(await passwords.verify(found?.passwordHash, password)) || !found) throw new InvalidCredentials();
-    const user = { id: found.id, username: found.username, createdAt: found.createdAt };
+    // Unknown user and wrong password: the same answer, in the same time (passwords.verify).
+    if (!(await passwords.verify(found?.passwordHash, password)) || !found) {
+      await app.repos.loginFailures.record(account, request.ip);
+      throw new InvalidCredentials();
+    }
+    await app.repos.loginFailures.clearAccount(account);
+    const user = withoutHash(found);
     await signIn(request, user);
     return { user: userView(user) };
   });
@@ -69,6 +95,26 @@ export default async function authRoutes(app: FastifyInstance, options: { passwo
     const userId = request.session.userId;
     const user = userId ? await app.repos.users.findById(userId) : undefined;
     if (!user) throw new Unauthenticated();
-    return { user: userView(user) };
+    return { user: userView(withoutHash(user)) };
   });
+
+  // Knowing the password is required again; afterwards this session gets a new id and every
+  // other session of the user ends (a thief's included).
+  app.post(
+    '/api/auth/password',
+    { schema: { body: PasswordChange }, onRequest: app.requireUser },
+    async (request, reply) => {
+      const { currentPassword, newPassword } = request.body as {
+        currentPassword: string;
+        newPassword: string;
+      };
+      const found = await app.repos.users.findById(request.userId);
+      if (!found || !(await passwords.verify(found.passwordHash, currentPassword)))
+        throw new InvalidCredentials();
+      await app.repos.users.setPasswordHash(found.id, await passwords.hash(newPassword));
+      await signIn(request, withoutHash(found));
+      await app.repos.sessions.revokeOthers(found.id, request.sessionIdHash());
+      return reply.code(204).send();
+    },
+  );
 }

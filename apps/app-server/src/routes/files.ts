@@ -1,28 +1,33 @@
 import { MAX_FILE_NAME_LENGTH } from '@sfh/download-token';
+import type { StoredObject } from '@sfh/storage';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance } from 'fastify';
 import { nanoid } from 'nanoid';
-import { FileTooLarge, NotFound, ValidationFailed } from '../errors.ts';
+import { FileTooLarge, NotFound, QuotaExceeded, ValidationFailed } from '../errors.ts';
 import type { FileRecord } from '../repositories/files.ts';
 
 export interface FilesOptions {
   maxUploadBytes: number;
+  /** Bytes a user may store in all; 0: no quota. */
+  quotaBytes: number;
   downloadOrigin: string;
 }
 
 const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
 type IdParams = { id: string };
 
-// Names are metadata, never paths; control characters would only make trouble in headers and logs.
-// biome-ignore lint/suspicious/noControlCharactersInRegex: that is the point
-const BAD_NAME = /[\u0000-\u001f\u007f]/;
 const MIME_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/;
 
-// busboy's parse errors (no boundary, a body cut short) carry no status: the client sent a
-// broken multipart body, which is a 400, not a server error.
+// busboy's parse errors (no boundary, a body cut short) carry no status, and a second file
+// part is a limit error: the client sent a broken or unwanted body, a 400, not a server error.
 const MULTIPART_PARSE_ERROR = /^(Multipart: |Unexpected end of|Malformed part header)/;
+const PART_LIMITS = new Set(['FST_FILES_LIMIT', 'FST_PARTS_LIMIT', 'FST_FIELDS_LIMIT']);
 function rethrowMalformed(error: unknown): never {
-  if (error instanceof Error && !('code' in error) && MULTIPART_PARSE_ERROR.test(error.message)) {
+  const code = (error as { code?: string }).code;
+  if (code && PART_LIMITS.has(code)) {
+    throw new ValidationFailed('Send exactly one file per request', { cause: error });
+  }
+  if (error instanceof Error && code === undefined && MULTIPART_PARSE_ERROR.test(error.message)) {
     throw new ValidationFailed(`Malformed multipart body: ${error.message}`, { cause: error });
   }
   throw error;
@@ -42,53 +47,71 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
   app.addHook('onRequest', app.requireUser);
 
   app.post('/api/files', async (request, reply) => {
-    const part = await request
-      .file({ limits: { fileSize: options.maxUploadBytes, files: 1, fields: 4, parts: 5 } })
-      .catch(rethrowMalformed);
-    if (part?.fieldname !== 'file') {
-      part?.file.resume();
-      throw new ValidationFailed('Send the file as a multipart field named "file"');
-    }
-    const name = part.filename.normalize('NFC');
-    if (
-      name.length === 0 ||
-      name.length > MAX_FILE_NAME_LENGTH ||
-      BAD_NAME.test(name) ||
-      name === '.' ||
-      name === '..'
-    ) {
-      part.file.resume();
-      throw new ValidationFailed(
-        `File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters and no control characters`,
-      );
-    }
-    const mimeType = part.mimetype.toLowerCase();
-    const contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';
-    // busboy ends a file that hits the limit as if it were complete. Failing the stream makes
-    // the store discard what it wrote so far; the `truncated` check below catches a limit that
-    // was reached before this listener existed (a small body parsed in one go).
-    const tooLarge = () => new FileTooLarge(options.maxUploadBytes);
-    part.file.once('limit', () => part.file.destroy(tooLarge()));
-    const stored = await app.storage.put(part.file).catch(rethrowMalformed);
-    if (part.file.truncated) {
-      await app.storage.delete(stored.id);
-      throw tooLarge();
-    }
-    let file: FileRecord;
+    const quota = options.quotaBytes;
+    const remaining =
+      quota > 0 ? quota - (await app.repos.files.usedBytes(request.userId)) : Number.POSITIVE_INFINITY;
+    if (remaining <= 0) throw new QuotaExceeded(quota);
+    const limit = Math.min(options.maxUploadBytes, remaining);
+    const overLimit = () =>
+      limit < options.maxUploadBytes ? new QuotaExceeded(quota) : new FileTooLarge(options.maxUploadBytes);
+
+    let stored: StoredObject | undefined;
+    let name = '';
+    let contentType = '';
     try {
-      file = await app.repos.files.create({
-        id: nanoid(),
-        userId: request.userId,
-        objectId: stored.id,
-        name,
-        contentType,
-        size: stored.size,
-        sha256: stored.sha256,
-      });
+      // Fields (a form's `_csrf`) are skipped; exactly one file part, named "file".
+      for await (const part of request.parts({
+        limits: { fileSize: limit, files: 1, fields: 4, parts: 5 },
+      })) {
+        if (part.type !== 'file') continue;
+        if (part.fieldname !== 'file') {
+          part.file.resume();
+          throw new ValidationFailed('Send the file as a multipart field named "file"');
+        }
+        // Names are metadata only, kept as given (never part of a path); control and bidi
+        // characters are removed where a name is shown (displayFileName).
+        name = part.filename;
+        if (name.length === 0 || name.length > MAX_FILE_NAME_LENGTH) {
+          part.file.resume();
+          throw new ValidationFailed(`File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters`);
+        }
+        const mimeType = part.mimetype.toLowerCase();
+        contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';
+        // busboy ends a file that hits the limit as if it were complete. Failing the stream makes
+        // the store discard what it wrote so far; the `truncated` check catches a limit reached
+        // before this listener existed (a small body parsed in one go).
+        part.file.once('limit', () => part.file.destroy(overLimit()));
+        stored = await app.storage.put(part.file);
+        if (part.file.truncated) throw overLimit();
+      }
     } catch (error) {
-      // Bytes without a row would be unreachable garbage.
+      if (stored) await app.storage.delete(stored.id);
+      rethrowMalformed(error);
+    }
+    if (!stored) throw new ValidationFailed('Send the file as a multipart field named "file"');
+
+    const file = await app.repos.files
+      .createWithinQuota(
+        {
+          id: nanoid(),
+          userId: request.userId,
+          objectId: stored.id,
+          name,
+          contentType,
+          size: stored.size,
+          sha256: stored.sha256,
+        },
+        quota,
+      )
+      .catch(async (error: unknown) => {
+        // Bytes without a row would be unreachable garbage.
+        await app.storage.delete((stored as StoredObject).id);
+        throw error;
+      });
+    if (!file) {
+      // Concurrent uploads together went over the quota: this one lost the race.
       await app.storage.delete(stored.id);
-      throw error;
+      throw new QuotaExceeded(quota);
     }
     return reply.code(201).send({ file: fileView(file) });
   });

@@ -1,5 +1,5 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
-import { DownloadTokenError, verifyDownloadToken } from '@sfh/download-token';
+import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/download-token';
 import type { ByteRange, ObjectInfo } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
@@ -61,7 +61,10 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       .header('content-type', ACTIVE_CONTENT.test(claims.ctype) ? 'application/octet-stream' : claims.ctype)
       .header(
         'content-disposition',
-        contentDisposition(claims.name, { type: 'attachment', fallback: asciiName(claims.name) }),
+        contentDisposition(displayFileName(claims.name), {
+          type: 'attachment',
+          fallback: asciiName(claims.name),
+        }),
       )
       .header('etag', `"${claims.sha256}"`)
       .header('last-modified', info.mtime.toUTCString())
@@ -116,7 +119,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
  * "resume.pdf"). The library's own fallback keeps Latin-1 letters, which are not ASCII.
  */
 function asciiName(name: string): string {
-  return name
+  return displayFileName(name)
     .normalize('NFKD')
     .replace(/[\u0300-\u036f]/g, '')
     .replace(/[^\x20-\x7e]/g, '_');
