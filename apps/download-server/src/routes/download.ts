@@ -2,7 +2,7 @@ import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/download-token';
 import type { ByteRange, ObjectInfo } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import {
   FileNotFound,
   RangeNotSatisfiable,
@@ -40,7 +40,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
   const { storage } = app;
 
   async function download(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
-    const claims = await verify(request.params.token);
+    const claims = await verify(request.params.token, request.log);
     const info = await storage.stat(claims.obj);
     // A size that disagrees with the token means these are not the bytes A vouched for.
     if (!info || info.size !== claims.size) throw new FileNotFound();
@@ -81,11 +81,24 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     return reply.send(storage.createReadStream(claims.obj, range));
   }
 
-  async function verify(token: string): Promise<DownloadClaims> {
+  async function verify(token: string, log: FastifyBaseLogger): Promise<DownloadClaims> {
     try {
       return await verifyDownloadToken(token, app.keys.resolve, options.verify);
     } catch (error) {
       if (!(error instanceof DownloadTokenError)) throw error;
+      // A genuine token (its signature checked out) that is not valid yet: A's clock is ahead of
+      // B's by more than the tolerance. Operators need to hear that, not just "invalid token".
+      const cause = error.cause as { claim?: string; reason?: string } | undefined;
+      if (
+        (cause?.claim === 'nbf' || cause?.claim === 'iat') &&
+        cause.reason === 'check_failed' &&
+        error.code === 'TOKEN_INVALID'
+      ) {
+        log.warn(
+          { claim: cause.claim, toleranceSeconds: options.verify.clockToleranceSeconds },
+          'token from the future: clock skew between A and B exceeds CLOCK_TOLERANCE_SECONDS',
+        );
+      }
       if (error.code === 'TOKEN_MALFORMED') throw new TokenMalformed(error.message, { cause: error });
       // Expiry is checked after the signature, issuer and audience: these claims are genuine.
       if (error.code === 'TOKEN_EXPIRED')
