@@ -31,7 +31,7 @@ export async function createTestDatabase(): Promise<TestDatabase> {
   }
   const dir = await mkdtemp(join(tmpdir(), 'sfh-db-'));
   await cp(inject('pgliteTemplate'), join(dir, 'pg'), { recursive: true });
-  const embedded = await startEmbeddedPostgres(dir, 12);
+  const embedded = await startEmbeddedPostgres(dir);
   return {
     url: embedded.url,
     async close() {

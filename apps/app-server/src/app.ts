@@ -12,6 +12,7 @@ import authRoutes from './routes/auth.ts';
 import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
+import pageRoutes from './routes/pages.ts';
 import sessionRoutes from './routes/sessions.ts';
 
 // Every replica picks up a new current key within this.
@@ -46,7 +47,9 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
         objectSrc: ["'none'"],
         baseUri: ["'none'"],
         frameAncestors: ["'none'"],
-        formAction: ["'self'"],
+        // Signing in with `next=/files/:id/download` ends in a redirect to B, and browsers apply
+        // form-action to every redirect after a form post.
+        formAction: ["'self'", config.DOWNLOAD_PUBLIC_URL],
         // B is another origin: downloads are navigations there, not fetches from A's pages.
         connectSrc: ["'self'"],
         upgradeInsecureRequests: config.NODE_ENV === 'production' ? [] : null,
@@ -76,19 +79,28 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
 
   await app.register(healthRoutes);
   await app.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
-  await app.register(authRoutes, {
+  const authOptions = {
     passwordCost: { memoryKib: config.ARGON2_MEMORY_KIB, timeCost: config.ARGON2_TIME_COST },
     throttle: {
       maxPerAccount: config.LOGIN_MAX_FAILURES_PER_ACCOUNT,
       maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
       windowSeconds: config.LOGIN_WINDOW_SECONDS,
     },
-  });
-  await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
-  await app.register(fileRoutes, {
+  };
+  const fileOptions = {
     maxUploadBytes: config.MAX_UPLOAD_BYTES,
     quotaBytes: config.USER_QUOTA_BYTES,
     downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
+  };
+  await app.register(authRoutes, authOptions);
+  await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
+  await app.register(fileRoutes, fileOptions);
+  // The HTML UI, on the same actions as the JSON routes above.
+  await app.register(pageRoutes, {
+    auth: authOptions,
+    files: fileOptions,
+    idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS,
+    production: config.NODE_ENV === 'production',
   });
   return app;
 }

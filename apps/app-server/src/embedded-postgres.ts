@@ -1,8 +1,7 @@
-import { mkdir, rm, stat } from 'node:fs/promises';
-import { connect } from 'node:net';
+import { chmod, mkdir, rm, stat } from 'node:fs/promises';
+import { connect, createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
-import { PGLiteSocketServer } from '@electric-sql/pglite-socket';
 
 export interface EmbeddedPostgres {
   /** A `pg` connection string for the Unix socket the database is served on. */
@@ -15,10 +14,7 @@ export interface EmbeddedPostgres {
  * talks to it through `pg` exactly as to a real Postgres (one data-access path), and the ops CLI
  * can reach the same database while A holds it open. The socket's folder is private to the user.
  */
-export async function startEmbeddedPostgres(
-  dataDir: string,
-  maxConnections: number,
-): Promise<EmbeddedPostgres> {
+export async function startEmbeddedPostgres(dataDir: string): Promise<EmbeddedPostgres> {
   const pgDir = resolve(dataDir, 'pg');
   const runDir = resolve(dataDir, 'run');
   const socketPath = join(runDir, '.s.PGSQL.5432');
@@ -27,6 +23,7 @@ export async function startEmbeddedPostgres(
   }
   await mkdir(pgDir, { recursive: true });
   await mkdir(runDir, { recursive: true, mode: 0o700 });
+  await chmod(runDir, 0o700);
   if (await isServing(socketPath)) {
     throw new Error(
       `The embedded database in ${pgDir} is already in use by another process (an app server?)`,
@@ -35,12 +32,13 @@ export async function startEmbeddedPostgres(
   // A socket file left by a process that crashed.
   await rm(socketPath, { force: true });
   const db = await PGlite.create(pgDir);
-  const server = new PGLiteSocketServer({ db, path: socketPath, maxConnections });
-  await server.start();
+  const wire = new WireServer(db);
+  const server = createServer((socket) => wire.accept(socket));
+  await new Promise<void>((done, fail) => server.once('error', fail).listen(socketPath, done));
   return {
     url: embeddedDatabaseUrl(dataDir),
     async close() {
-      await server.stop();
+      await closeServer(server, wire);
       await db.close();
     },
   };
@@ -54,7 +52,7 @@ export async function openEmbeddedPostgres(dataDir: string): Promise<EmbeddedPos
   if (await isServing(join(resolve(dataDir, 'run'), '.s.PGSQL.5432'))) {
     return { url: embeddedDatabaseUrl(dataDir), close: async () => {} };
   }
-  return startEmbeddedPostgres(dataDir, 2);
+  return startEmbeddedPostgres(dataDir);
 }
 
 function embeddedDatabaseUrl(dataDir: string): string {
@@ -71,4 +69,159 @@ async function isServing(socketPath: string): Promise<boolean> {
     });
     socket.once('error', () => done(false));
   });
+}
+
+async function closeServer(server: Server, wire: WireServer): Promise<void> {
+  const closed = new Promise<void>((done) => server.close(() => done()));
+  wire.closeAll();
+  await closed;
+}
+
+const SSL_REQUEST = 80877103;
+const GSSENC_REQUEST = 80877104;
+const CANCEL_REQUEST = 80877102;
+const READY_FOR_QUERY = 0x5a; // 'Z'
+const TERMINATE = 0x58; // 'X'
+const IDLE = 0x49; // 'I'
+const SYNC = Uint8Array.from([0x53, 0, 0, 0, 4]); // 'S', length 4
+
+class Connection {
+  buffer = Buffer.alloc(0);
+  started = false;
+  closed = false;
+  readonly pending: Buffer[] = [];
+  constructor(readonly socket: Socket) {}
+}
+
+/**
+ * The Postgres wire protocol between many `pg` connections and the one PGlite backend. A
+ * connection has the backend to itself from its first message until Postgres reports it idle
+ * (ReadyForQuery 'I'), so a statement's Parse/Bind/Execute/Sync and a whole transaction are
+ * never interleaved with another connection's messages. (pglite-socket 0.2 protects only
+ * explicit transactions and mixes up concurrent statements: electric-sql/pglite#1046.)
+ */
+class WireServer {
+  readonly #db: PGlite;
+  readonly #connections = new Set<Connection>();
+  readonly #waiting: Connection[] = [];
+  #owner: Connection | undefined;
+  #running = false;
+
+  constructor(db: PGlite) {
+    this.#db = db;
+  }
+
+  accept(socket: Socket): void {
+    const conn = new Connection(socket);
+    this.#connections.add(conn);
+    socket.on('data', (chunk) => {
+      conn.buffer = Buffer.concat([conn.buffer, chunk]);
+      this.#split(conn);
+      if (conn.pending.length > 0) this.#schedule(conn);
+    });
+    socket.on('error', () => socket.destroy());
+    socket.on('close', () => {
+      conn.closed = true;
+      this.#connections.delete(conn);
+      const index = this.#waiting.indexOf(conn);
+      if (index >= 0) this.#waiting.splice(index, 1);
+      if (this.#owner === conn) void this.#run();
+    });
+  }
+
+  closeAll(): void {
+    for (const conn of this.#connections) conn.socket.destroy();
+  }
+
+  #split(conn: Connection): void {
+    for (;;) {
+      const { buffer } = conn;
+      if (!conn.started) {
+        if (buffer.length < 8) return;
+        const length = buffer.readInt32BE(0);
+        if (buffer.length < length) return;
+        const code = buffer.readInt32BE(4);
+        conn.buffer = buffer.subarray(length);
+        if (code === SSL_REQUEST || code === GSSENC_REQUEST) {
+          conn.socket.write('N'); // no encryption on a private Unix socket
+        } else if (code === CANCEL_REQUEST) {
+          conn.socket.destroy();
+          return;
+        } else {
+          conn.started = true;
+          conn.pending.push(buffer.subarray(0, length));
+        }
+        continue;
+      }
+      if (buffer.length < 5) return;
+      const length = 1 + buffer.readInt32BE(1);
+      if (buffer.length < length) return;
+      conn.buffer = buffer.subarray(length);
+      if (buffer[0] === TERMINATE) {
+        conn.socket.end();
+        return;
+      }
+      conn.pending.push(buffer.subarray(0, length));
+    }
+  }
+
+  #schedule(conn: Connection): void {
+    if (conn !== this.#owner && !this.#waiting.includes(conn)) this.#waiting.push(conn);
+    void this.#run();
+  }
+
+  async #run(): Promise<void> {
+    if (this.#running) return;
+    this.#running = true;
+    try {
+      for (;;) {
+        this.#owner ??= this.#waiting.shift();
+        const conn = this.#owner;
+        if (!conn) return;
+        if (conn.closed) {
+          await this.#abandon();
+          continue;
+        }
+        const message = conn.pending.shift();
+        // The owner is mid-statement or mid-transaction: everyone else waits for its next message.
+        if (!message) return;
+        let reply: Uint8Array;
+        try {
+          reply = await this.#db.execProtocolRaw(message);
+        } catch {
+          conn.socket.destroy();
+          conn.closed = true;
+          continue;
+        }
+        if (!conn.closed) conn.socket.write(reply);
+        if (readyStatus(reply) === IDLE) {
+          this.#owner = undefined;
+          if (conn.pending.length > 0) this.#waiting.push(conn);
+        }
+      }
+    } finally {
+      this.#running = false;
+    }
+  }
+
+  // The owner went away mid-statement or mid-transaction: end both, so the next connection
+  // starts from a clean backend.
+  async #abandon(): Promise<void> {
+    try {
+      await this.#db.execProtocolRaw(SYNC);
+      if (this.#db.isInTransaction()) await this.#db.exec('ROLLBACK');
+    } finally {
+      this.#owner = undefined;
+    }
+  }
+}
+
+/** The transaction status of the last ReadyForQuery in a reply, if it has one. */
+function readyStatus(reply: Uint8Array): number | undefined {
+  const view = Buffer.from(reply.buffer, reply.byteOffset, reply.byteLength);
+  let status: number | undefined;
+  for (let offset = 0; offset + 5 <= view.length; offset += 1 + view.readInt32BE(offset + 1)) {
+    if (view[offset] === READY_FOR_QUERY) status = view[offset + 5];
+  }
+  return status;
 }

@@ -9,9 +9,7 @@ import { startEmbeddedPostgres } from './embedded-postgres.ts';
 runMain(async () => {
   const config = loadConfig(process.env);
   await mkdir(config.DATA_DIR, { recursive: true });
-  const embedded = config.DATABASE_URL
-    ? undefined
-    : await startEmbeddedPostgres(config.DATA_DIR, config.DATABASE_POOL_MAX + 2);
+  const embedded = config.DATABASE_URL ? undefined : await startEmbeddedPostgres(config.DATA_DIR);
   const app = await buildApp(config, {
     databaseUrl: config.DATABASE_URL ?? (embedded?.url as string),
     sessionSecret: config.SESSION_SECRET ?? (await developmentSecret(config.DATA_DIR)),

@@ -38,10 +38,13 @@ export class PgSessionStore implements SessionStore {
 
   get(sessionId: string, callback: (error: unknown, session?: Session | null) => void): void {
     const idHash = hashSessionId(sessionId);
-    this.#sessions.get(idHash, this.#timeouts.idleSeconds).then(async (row) => {
-      if (row && Date.now() - row.lastSeenAt.getTime() > TOUCH_AFTER_MS) await this.#sessions.touch(idHash);
-      callback(null, row ? (row.data as unknown as Session) : null);
-    }, callback);
+    this.#sessions
+      .get(idHash, this.#timeouts.idleSeconds)
+      .then(async (row) => {
+        if (row && Date.now() - row.lastSeenAt.getTime() > TOUCH_AFTER_MS) await this.#sessions.touch(idHash);
+        return row ? (row.data as unknown as Session) : null;
+      })
+      .then((session) => callback(null, session), callback);
   }
 
   set(sessionId: string, session: Session, callback: Callback): void {

@@ -44,7 +44,7 @@ export default fp(
   { name: 'db' },
 );
 
-/** Applies pending migrations; node-pg-migrate holds an advisory lock, so replicas may race safely. */
+/** Applies pending migrations under node-pg-migrate's advisory lock. */
 export async function migrate(pool: pg.Pool): Promise<void> {
   const client = await pool.connect();
   try {
@@ -57,6 +57,8 @@ export async function migrate(pool: pg.Pool): Promise<void> {
       dir: MIGRATIONS_DIR,
       direction: 'up',
       migrationsTable: 'pgmigrations',
+      // Replicas (and the CLI) starting together wait for each other instead of failing.
+      advisoryLockMode: 'wait',
       log: () => {},
     });
   } finally {

@@ -1,5 +1,6 @@
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
+import Negotiator from 'negotiator';
 import {
   AppError,
   CsrfInvalid,
@@ -9,6 +10,7 @@ import {
   NotFound,
   ValidationFailed,
 } from '../errors.ts';
+import { redirectToSignIn } from '../routes/pages.ts';
 
 // Connection-level failures of pg (and of the embedded database's socket): the database is
 // down or unreachable, which the client should hear as 503, not 500.
@@ -53,6 +55,14 @@ export default fp(
     app.setErrorHandler((error: FastifyError & { retryAfter?: number }, request, reply) => {
       const mapped = toCatalogueError(error);
       const status = mapped.statusCode ?? 500;
+      // A signed-out navigation (the download link, a bookmarked page) goes to the sign-in page
+      // and comes back afterwards; API clients keep getting the 401.
+      if (
+        mapped.code === 'UNAUTHENTICATED' &&
+        request.method === 'GET' &&
+        prefersHtml(request.headers.accept)
+      )
+        return redirectToSignIn(request, reply);
       if (status >= 500) request.log.error({ err: error }, 'request failed');
       else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
       if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);
@@ -68,3 +78,9 @@ export default fp(
   },
   { name: 'error-handler' },
 );
+
+/** A navigation: the client ranks text/html above application/json (ties go to JSON), as on B. */
+function prefersHtml(accept: string | undefined): boolean {
+  if (!accept) return false;
+  return new Negotiator({ headers: { accept } }).mediaType(['application/json', 'text/html']) === 'text/html';
+}

@@ -40,6 +40,8 @@ export interface SessionOptions {
 const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 const isForm = (request: FastifyRequest) =>
   request.headers['content-type']?.startsWith('application/x-www-form-urlencoded') ?? false;
+const isMultipart = (request: FastifyRequest) =>
+  request.headers['content-type']?.startsWith('multipart/form-data') ?? false;
 const CLEANUP_MS = 10 * 60_000;
 
 /**
@@ -74,7 +76,12 @@ export default fp(
       sessionPlugin: '@fastify/session',
       getToken: (request) =>
         (request.headers['x-csrf-token'] as string | undefined) ??
-        (request.body as { _csrf?: string } | undefined)?._csrf,
+        (request.body as { _csrf?: string } | undefined)?._csrf ??
+        // A multipart form (the upload page without JavaScript) cannot set the header, and its
+        // `_csrf` field is only readable after the file: it carries the token in the action's
+        // query string instead, checked at onRequest before a byte is stored. Only there: a
+        // token in a URL can end up in logs, so no other request may use this place.
+        (isMultipart(request) ? (request.query as { _csrf?: string } | undefined)?._csrf : undefined),
     });
 
     // A cookie signed with a secret that is no longer first: re-sign it now. (@fastify/session

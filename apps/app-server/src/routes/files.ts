@@ -1,7 +1,7 @@
 import { MAX_FILE_NAME_LENGTH } from '@sfh/download-token';
 import type { StoredObject } from '@sfh/storage';
 import { Type } from '@sinclair/typebox';
-import type { FastifyInstance } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
 import { FileTooLarge, NotFound, QuotaExceeded, ValidationFailed } from '../errors.ts';
 import type { FileRecord } from '../repositories/files.ts';
@@ -13,8 +13,8 @@ export interface FilesOptions {
   downloadOrigin: string;
 }
 
-const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
-type IdParams = { id: string };
+export const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+export type IdParams = { id: string };
 
 const MIME_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/;
 
@@ -42,79 +42,100 @@ const fileView = (file: FileRecord) => ({
   createdAt: file.createdAt.toISOString(),
 });
 
+/**
+ * Receives one uploaded file (multipart field `file`) for the signed-in `request.userId`, within
+ * the upload limit and the user's quota, and records it. Nothing is kept when it fails:
+ * `FILE_TOO_LARGE`, `QUOTA_EXCEEDED`, `VALIDATION_FAILED` (malformed body, no or several files).
+ */
+export async function receiveUpload(
+  app: FastifyInstance,
+  request: FastifyRequest,
+  options: Pick<FilesOptions, 'maxUploadBytes' | 'quotaBytes'>,
+): Promise<FileRecord> {
+  const quota = options.quotaBytes;
+  const remaining =
+    quota > 0 ? quota - (await app.repos.files.usedBytes(request.userId)) : Number.POSITIVE_INFINITY;
+  if (remaining <= 0) throw new QuotaExceeded(quota);
+  const limit = Math.min(options.maxUploadBytes, remaining);
+  const overLimit = () =>
+    limit < options.maxUploadBytes ? new QuotaExceeded(quota) : new FileTooLarge(options.maxUploadBytes);
+
+  let stored: StoredObject | undefined;
+  let name = '';
+  let contentType = '';
+  try {
+    // Fields (a form's `_csrf`) are skipped; exactly one file part, named "file".
+    for await (const part of request.parts({
+      limits: { fileSize: limit, files: 1, fields: 4, parts: 5 },
+    })) {
+      if (part.type !== 'file') continue;
+      if (part.fieldname !== 'file') {
+        part.file.resume();
+        throw new ValidationFailed('Send the file as a multipart field named "file"');
+      }
+      // Names are metadata only, kept as given (never part of a path); control and bidi
+      // characters are removed where a name is shown (displayFileName).
+      name = part.filename;
+      if (name.length === 0 || name.length > MAX_FILE_NAME_LENGTH) {
+        part.file.resume();
+        throw new ValidationFailed(`File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters`);
+      }
+      const mimeType = part.mimetype.toLowerCase();
+      contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';
+      // busboy ends a file that hits the limit as if it were complete. Failing the stream makes
+      // the store discard what it wrote so far; the `truncated` check catches a limit reached
+      // before this listener existed (a small body parsed in one go).
+      part.file.once('limit', () => part.file.destroy(overLimit()));
+      stored = await app.storage.put(part.file);
+      if (part.file.truncated) throw overLimit();
+    }
+  } catch (error) {
+    if (stored) await app.storage.delete(stored.id);
+    rethrowMalformed(error);
+  }
+  if (!stored) throw new ValidationFailed('Send the file as a multipart field named "file"');
+
+  const file = await app.repos.files
+    .createWithinQuota(
+      {
+        id: nanoid(),
+        userId: request.userId,
+        objectId: stored.id,
+        name,
+        contentType,
+        size: stored.size,
+        sha256: stored.sha256,
+      },
+      quota,
+    )
+    .catch(async (error: unknown) => {
+      // Bytes without a row would be unreachable garbage.
+      await app.storage.delete((stored as StoredObject).id);
+      throw error;
+    });
+  if (!file) {
+    // Concurrent uploads together went over the quota: this one lost the race.
+    await app.storage.delete(stored.id);
+    throw new QuotaExceeded(quota);
+  }
+  return file;
+}
+
+/** Deletes the user's file and its bytes; `NOT_FOUND` if there is no such file of theirs. */
+export async function deleteFile(app: FastifyInstance, userId: string, fileId: string): Promise<void> {
+  const file = await app.repos.files.deleteForUser(userId, fileId);
+  if (!file) throw new NotFound();
+  // The bytes go at once: a token minted before the delete then gets 404 from B.
+  await app.storage.delete(file.objectId);
+}
+
 /** The signed-in user's files: upload, list, get, delete, and download tokens for them. */
 export default async function fileRoutes(app: FastifyInstance, options: FilesOptions) {
   app.addHook('onRequest', app.requireUser);
 
-  app.post('/api/files', async (request, reply) => {
-    const quota = options.quotaBytes;
-    const remaining =
-      quota > 0 ? quota - (await app.repos.files.usedBytes(request.userId)) : Number.POSITIVE_INFINITY;
-    if (remaining <= 0) throw new QuotaExceeded(quota);
-    const limit = Math.min(options.maxUploadBytes, remaining);
-    const overLimit = () =>
-      limit < options.maxUploadBytes ? new QuotaExceeded(quota) : new FileTooLarge(options.maxUploadBytes);
-
-    let stored: StoredObject | undefined;
-    let name = '';
-    let contentType = '';
-    try {
-      // Fields (a form's `_csrf`) are skipped; exactly one file part, named "file".
-      for await (const part of request.parts({
-        limits: { fileSize: limit, files: 1, fields: 4, parts: 5 },
-      })) {
-        if (part.type !== 'file') continue;
-        if (part.fieldname !== 'file') {
-          part.file.resume();
-          throw new ValidationFailed('Send the file as a multipart field named "file"');
-        }
-        // Names are metadata only, kept as given (never part of a path); control and bidi
-        // characters are removed where a name is shown (displayFileName).
-        name = part.filename;
-        if (name.length === 0 || name.length > MAX_FILE_NAME_LENGTH) {
-          part.file.resume();
-          throw new ValidationFailed(`File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters`);
-        }
-        const mimeType = part.mimetype.toLowerCase();
-        contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';
-        // busboy ends a file that hits the limit as if it were complete. Failing the stream makes
-        // the store discard what it wrote so far; the `truncated` check catches a limit reached
-        // before this listener existed (a small body parsed in one go).
-        part.file.once('limit', () => part.file.destroy(overLimit()));
-        stored = await app.storage.put(part.file);
-        if (part.file.truncated) throw overLimit();
-      }
-    } catch (error) {
-      if (stored) await app.storage.delete(stored.id);
-      rethrowMalformed(error);
-    }
-    if (!stored) throw new ValidationFailed('Send the file as a multipart field named "file"');
-
-    const file = await app.repos.files
-      .createWithinQuota(
-        {
-          id: nanoid(),
-          userId: request.userId,
-          objectId: stored.id,
-          name,
-          contentType,
-          size: stored.size,
-          sha256: stored.sha256,
-        },
-        quota,
-      )
-      .catch(async (error: unknown) => {
-        // Bytes without a row would be unreachable garbage.
-        await app.storage.delete((stored as StoredObject).id);
-        throw error;
-      });
-    if (!file) {
-      // Concurrent uploads together went over the quota: this one lost the race.
-      await app.storage.delete(stored.id);
-      throw new QuotaExceeded(quota);
-    }
-    return reply.code(201).send({ file: fileView(file) });
-  });
+  app.post('/api/files', async (request, reply) =>
+    reply.code(201).send({ file: fileView(await receiveUpload(app, request, options)) }),
+  );
 
   app.get('/api/files', async (request) => ({
     files: (await app.repos.files.listForUser(request.userId)).map(fileView),
@@ -130,10 +151,7 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
     '/api/files/:id',
     { schema: { params: IdParams } },
     async (request, reply) => {
-      const file = await app.repos.files.deleteForUser(request.userId, request.params.id);
-      if (!file) throw new NotFound();
-      // The bytes go at once: a token minted before the delete then gets 404 from B.
-      await app.storage.delete(file.objectId);
+      await deleteFile(app, request.userId, request.params.id);
       return reply.code(204).send();
     },
   );

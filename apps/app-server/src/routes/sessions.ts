@@ -6,7 +6,7 @@ import { NotFound } from '../errors.ts';
 const IdParams = Type.Object({ id: Type.String({ format: 'uuid' }) });
 
 /** "Chrome 131 on macOS", from the User-Agent recorded at sign-in. */
-function device(userAgent: string | null): string {
+export function device(userAgent: string | null): string {
   if (!userAgent) return 'Unknown device';
   const { browser, os } = Bowser.parse(userAgent);
   const name = [browser.name, browser.version?.split('.')[0]].filter(Boolean).join(' ');

@@ -17,6 +17,8 @@ export default async function healthRoutes(app: FastifyInstance) {
       keys: {
         count: keys.keys,
         fetchedAt: keys.fetchedAt?.toISOString() ?? null,
+        // Serving on the last good set while the source is unreachable (until JWKS_MAX_STALE_SECONDS).
+        stale: keys.stale,
         lastError: keys.lastError ?? null,
       },
     });
