@@ -1,0 +1,511 @@
+/**
+ * infra/: what can be checked on a development or CI machine without Docker or systemd running.
+ * - nginx: `nginx -t` on the local cluster's rendered config, on the production examples (in a
+ *   minimal `events {} http { include ...; }` wrapper, certificates replaced by a throwaway
+ *   self-signed pair) and on the compose file's config (service names pointed at 127.0.0.1).
+ * - compose.yaml parses, everything it refers to exists, every variable it sets is one the
+ *   server it configures reads.
+ * - Dockerfiles and systemd units carry what an operator relies on; `systemd-analyze verify`.
+ * - `infra/local-cluster.sh`: `bash -n`, and one real run (up, readyz through both nginx
+ *   origins, down, nothing left running) on the local Postgres (a fresh schema) and Redis.
+ *
+ * nginx is Debian's (`apt-get install -y nginx`); CI installs it, a developer machine without it
+ * skips those checks. CI without nginx fails them.
+ */
+import { execFile, spawnSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parse } from 'yaml';
+import { AppEnv } from '../apps/app-server/src/config.ts';
+import { DownloadEnv } from '../apps/download-server/src/config.ts';
+import { createTestDatabase, type TestDatabase } from './support/database.ts';
+import { freePort } from './support/processes.ts';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const INFRA = join(ROOT, 'infra');
+const CLUSTER_SCRIPT = join(INFRA, 'local-cluster.sh');
+const IN_CI = Boolean(process.env.CI);
+
+const nginxBinary = ['nginx', '/usr/sbin/nginx'].find((bin) => spawnSync(bin, ['-v']).status === 0);
+const nginxAvailable = nginxBinary !== undefined;
+const systemdAnalyze = spawnSync('systemd-analyze', ['--version']).status === 0;
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a command to its end (never throws on a non-zero exit). */
+function run(
+  command: string,
+  args: string[],
+  options: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {},
+): Promise<Run> {
+  return new Promise((resolve) => {
+    execFile(
+      command,
+      args,
+      { cwd: ROOT, env: options.env ?? process.env, timeout: options.timeoutMs ?? 60_000 },
+      (error, stdout, stderr) => {
+        const code = error ? (typeof error.code === 'number' ? error.code : null) : 0;
+        resolve({ code, stdout, stderr });
+      },
+    );
+  });
+}
+
+function requireNginx(): string {
+  if (!nginxBinary) {
+    throw new Error('nginx is not installed: CI must install it (apt-get install -y nginx in .ci/run)');
+  }
+  return nginxBinary;
+}
+
+/** `nginx -t` on a main config, with its prefix, error log and temp paths in `dir`. */
+async function nginxTest(dir: string, conf: string): Promise<Run> {
+  const result = await run(requireNginx(), ['-t', '-p', `${dir}/`, '-e', join(dir, 'error.log'), '-c', conf]);
+  return { ...result, stderr: result.stderr.trim() };
+}
+
+/** A main config around `includes`, as Debian's nginx.conf includes conf.d/*.conf in `http`. */
+async function wrapper(dir: string, includes: string[]): Promise<string> {
+  await mkdir(join(dir, 'tmp'), { recursive: true });
+  const conf = join(dir, 'wrapper.conf');
+  const temp = ['client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi']
+    .map((name) => `  ${name}_temp_path ${dir}/tmp/${name};`)
+    .join('\n');
+  await writeFile(
+    conf,
+    `pid ${dir}/nginx.pid;
+error_log ${dir}/error.log;
+events {}
+http {
+${temp}
+  access_log ${dir}/access.log;
+${includes.map((file) => `  include ${file};`).join('\n')}
+}
+`,
+  );
+  return conf;
+}
+
+/** Properties of a `[section]`-style unit file: key → values (a key may repeat). */
+function unitKeys(text: string): Map<string, string[]> {
+  const keys = new Map<string, string[]>();
+  for (const line of text.split('\n')) {
+    const match = /^([A-Za-z]+)=(.*)$/.exec(line.trim());
+    if (!match) continue;
+    const [, key, value] = match as unknown as [string, string, string];
+    keys.set(key, [...(keys.get(key) ?? []), value]);
+  }
+  return keys;
+}
+
+describe('infra/ files', () => {
+  let temp: string;
+
+  beforeAll(async () => {
+    temp = await mkdtemp(join(tmpdir(), 'sfh-infra-'));
+  });
+  afterAll(async () => {
+    await rm(temp, { recursive: true, force: true });
+  });
+
+  it('local-cluster.sh is valid bash, strict, and answers a wrong command with usage (exit 2)', async () => {
+    expect(await run('bash', ['-n', CLUSTER_SCRIPT])).toMatchObject({ code: 0, stderr: '' });
+    const text = await readFile(CLUSTER_SCRIPT, 'utf8');
+    expect(text).toMatch(/^#!\/usr\/bin\/env bash\n/);
+    expect(text).toContain('set -euo pipefail');
+    const usage = await run('bash', [CLUSTER_SCRIPT, 'sideways'], {
+      env: { ...process.env, CLUSTER_DIR: join(temp, 'usage') },
+    });
+    expect(usage.code).toBe(2);
+    expect(usage.stderr).toContain('usage: infra/local-cluster.sh up|down|status');
+  });
+
+  it.skipIf(!nginxAvailable && !IN_CI)(
+    'nginx -t accepts the local cluster config the script renders',
+    async () => {
+      const dir = join(temp, 'cluster');
+      const rendered = await run('bash', [CLUSTER_SCRIPT, 'render'], {
+        env: {
+          ...process.env,
+          CLUSTER_DIR: dir,
+          A_PORTS: '4100,4101,4102',
+          B_PORTS: '4200 4201',
+          A_LB_PORT: '4180',
+          B_LB_PORT: '4181',
+        },
+      });
+      expect(rendered.code, rendered.stderr).toBe(0);
+      const conf = rendered.stdout.trim();
+      expect(conf).toBe(join(dir, 'nginx', 'nginx.conf'));
+      const text = await readFile(conf, 'utf8');
+      expect(text).not.toMatch(/@[A-Z_0-9]+@/);
+      for (const port of [4100, 4101, 4102, 4200, 4201]) expect(text).toContain(`server 127.0.0.1:${port} `);
+      expect(text).toContain('listen 127.0.0.1:4180;');
+      expect(text).toContain('listen 127.0.0.1:4181;');
+      // Everything nginx writes stays inside CLUSTER_DIR.
+      const directives = text.replace(/#.*$/gm, '');
+      expect(directives).not.toMatch(/\/var\/|\/etc\/nginx|\/run\//);
+      const result = await nginxTest(join(dir, 'nginx'), conf);
+      expect(result.code, result.stderr).toBe(0);
+      expect(result.stderr).toContain('test is successful');
+    },
+  );
+
+  it.skipIf(!nginxAvailable && !IN_CI)(
+    'nginx -t accepts the production examples for A and B together',
+    async () => {
+      const dir = join(temp, 'production');
+      await mkdir(dir, { recursive: true });
+      // A throwaway certificate instead of the example paths, and logs in the temp folder.
+      const cert = await run('openssl', [
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:prime256v1',
+        '-nodes',
+        '-subj',
+        '/CN=example.com',
+        '-days',
+        '1',
+        '-keyout',
+        join(dir, 'key.pem'),
+        '-out',
+        join(dir, 'cert.pem'),
+      ]);
+      expect(cert.code, `openssl is needed for a test certificate: ${cert.stderr}`).toBe(0);
+      const includes: string[] = [];
+      for (const name of ['app.conf', 'download.conf']) {
+        const original = await readFile(join(INFRA, 'nginx', name), 'utf8');
+        expect(original).toMatch(/proxy_set_header X-Forwarded-Proto \$scheme;/);
+        expect(original).toMatch(/ssl_certificate /);
+        const copy = join(dir, name);
+        await writeFile(
+          copy,
+          original
+            .replace(/ssl_certificate_key [^;]+;/g, `ssl_certificate_key ${dir}/key.pem;`)
+            .replace(/ssl_certificate [^;]+;/g, `ssl_certificate ${dir}/cert.pem;`)
+            .replaceAll('/var/log/nginx/', `${dir}/`),
+        );
+        includes.push(copy);
+      }
+      const result = await nginxTest(dir, await wrapper(dir, includes));
+      expect(result.code, result.stderr).toBe(0);
+    },
+  );
+
+  it('the production nginx for B streams, waits long and never logs a token; A takes large uploads', async () => {
+    const download = await readFile(join(INFRA, 'nginx', 'download.conf'), 'utf8');
+    expect(download).toMatch(/proxy_buffering off;/);
+    expect(download).toMatch(/proxy_read_timeout (\d+h|[0-9]{4,}s?);/);
+    // Every access log of B is off or uses the redacted format (a format-less one logs $request).
+    const accessLogs = [...download.matchAll(/access_log\s+([^;\s]+)(?:\s+([^;\s]+))?[^;]*;/g)];
+    expect(accessLogs.length).toBeGreaterThan(0);
+    for (const [line, path, format] of accessLogs) {
+      expect(path === 'off' || format === 'sfh_download', line).toBe(true);
+    }
+    const formats = [...download.matchAll(/log_format\s+\S+([^;]+);/g)].map((m) => m[1] ?? '');
+    for (const format of formats)
+      expect(format).not.toMatch(/\$request\b|\$request_uri|\$args|\$query_string/);
+    const app = await readFile(join(INFRA, 'nginx', 'app.conf'), 'utf8');
+    expect(app).toMatch(/client_max_body_size \d+[mg];/);
+  });
+
+  it.skipIf(!nginxAvailable && !IN_CI)("nginx -t accepts the compose file's nginx config", async () => {
+    const dir = join(temp, 'compose-nginx');
+    await mkdir(dir, { recursive: true });
+    const original = await readFile(join(INFRA, 'docker', 'nginx.conf'), 'utf8');
+    // Compose's service names do not resolve here: point the upstreams at this host.
+    const copy = join(dir, 'default.conf');
+    await writeFile(
+      copy,
+      original
+        .replace(/server [a-z0-9-]+:(\d+)/g, 'server 127.0.0.1:$1')
+        .replaceAll('/var/log/nginx/', `${dir}/`),
+    );
+    const result = await nginxTest(dir, await wrapper(dir, [copy]));
+    expect(result.code, result.stderr).toBe(0);
+  });
+
+  it('compose.yaml parses; services, volumes, files and hosts it names exist; env is what each server reads', async () => {
+    const dockerDir = join(INFRA, 'docker');
+    const compose = parse(await readFile(join(dockerDir, 'compose.yaml'), 'utf8'), { merge: true }) as {
+      services: Record<string, Record<string, unknown>>;
+      volumes?: Record<string, unknown>;
+    };
+    const services = compose.services;
+    expect(Object.keys(services).sort()).toEqual(
+      [
+        'app-server-1',
+        'app-server-2',
+        'download-server-1',
+        'download-server-2',
+        'nginx',
+        'postgres',
+        'redis',
+      ].sort(),
+    );
+    expect(services.postgres?.image).toMatch(/^postgres:16/);
+    expect(services.redis?.image).toMatch(/^redis:7/);
+    expect(((services.redis?.command ?? []) as string[]).join(' ')).toContain(
+      '--maxmemory-policy noeviction',
+    );
+
+    const appKeys = new Set(Object.keys(AppEnv.properties));
+    const downloadKeys = new Set(Object.keys(DownloadEnv.properties));
+    const hostsReferenced: string[] = [];
+    for (const [name, service] of Object.entries(services)) {
+      const dependsOn = service.depends_on as string[] | Record<string, unknown> | undefined;
+      for (const dependency of Array.isArray(dependsOn) ? dependsOn : Object.keys(dependsOn ?? {})) {
+        expect(services, `${name} depends on ${dependency}`).toHaveProperty([dependency]);
+      }
+      for (const volume of (service.volumes as string[] | undefined) ?? []) {
+        const source = volume.split(':')[0] as string;
+        if (source.startsWith('.') || source.startsWith('/')) {
+          expect(existsSync(join(dockerDir, source)), `${name} mounts ${source}`).toBe(true);
+        } else {
+          expect(compose.volumes ?? {}, `${name} uses volume ${source}`).toHaveProperty([source]);
+        }
+      }
+      const build = service.build as { context: string; dockerfile: string } | undefined;
+      if (build) {
+        const context = join(dockerDir, build.context);
+        expect(existsSync(join(context, build.dockerfile)), `${name}: ${build.dockerfile}`).toBe(true);
+        expect(existsSync(join(context, 'package-lock.json')), `${name}: context is the repository`).toBe(
+          true,
+        );
+      }
+      const environment = (service.environment ?? {}) as Record<string, string>;
+      for (const value of Object.values(environment)) {
+        const url = /^[a-z]+:\/\/(?:[^@/]*@)?([a-z0-9-]+)(?::\d+)?/.exec(String(value));
+        if (url && !['localhost'].includes(url[1] as string)) hostsReferenced.push(url[1] as string);
+      }
+      const reads = name.startsWith('app-server')
+        ? appKeys
+        : name.startsWith('download-server')
+          ? downloadKeys
+          : null;
+      if (reads) {
+        for (const key of Object.keys(environment)) expect(reads.has(key), `${name} sets ${key}`).toBe(true);
+        expect(environment.STORAGE_DIR).toBeDefined();
+        // The token's issuer and audience: the same strings on every server.
+        const first = services['app-server-1']?.environment as Record<string, string>;
+        expect(environment.APP_PUBLIC_URL).toBe(first.APP_PUBLIC_URL);
+        expect(environment.DOWNLOAD_PUBLIC_URL).toBe(first.DOWNLOAD_PUBLIC_URL);
+      }
+    }
+    const appEnv = services['app-server-1']?.environment as Record<string, string>;
+    const downloadEnv = services['download-server-1']?.environment as Record<string, string>;
+    expect(Object.keys(appEnv)).toEqual(
+      expect.arrayContaining([
+        'DATABASE_URL',
+        'SESSION_SECRET',
+        'KEY_ENCRYPTION_KEY',
+        'NODE_ENV',
+        'TRUST_PROXY',
+      ]),
+    );
+    expect(Object.keys(downloadEnv)).toEqual(expect.arrayContaining(['REDIS_URL', 'JWKS_URL']));
+    expect(Object.keys(downloadEnv)).not.toContain('DATABASE_URL');
+    // A's replicas and B's replicas each share one storage volume.
+    const storageOf = (name: string) =>
+      (((services[name]?.volumes ?? []) as string[])[0] ?? '').split(':')[0];
+    expect(
+      new Set(['app-server-1', 'app-server-2', 'download-server-1', 'download-server-2'].map(storageOf)).size,
+    ).toBe(1);
+
+    // Hosts in URLs and in the nginx upstreams are services of the file.
+    const nginxConf = await readFile(join(dockerDir, 'nginx.conf'), 'utf8');
+    for (const match of nginxConf.matchAll(/server ([a-z0-9-]+):\d+/g))
+      hostsReferenced.push(match[1] as string);
+    expect(hostsReferenced.length).toBeGreaterThan(4);
+    for (const host of hostsReferenced) expect(services, `host ${host}`).toHaveProperty([host]);
+  });
+
+  it.each([
+    ['app-server', 'apps/app-server/src/server.ts', 'APP_PORT'],
+    ['download-server', 'apps/download-server/src/server.ts', 'DOWNLOAD_PORT'],
+  ])(
+    '%s.Dockerfile: node:20-bookworm-slim, npm ci, non-root, SIGTERM, healthcheck, runs the server with tsx',
+    async (name, entry, portVariable) => {
+      const text = await readFile(join(INFRA, 'docker', `${name}.Dockerfile`), 'utf8');
+      const froms = [...text.matchAll(/^FROM (\S+)/gm)].map((m) => m[1]);
+      expect(froms.length).toBeGreaterThan(0);
+      for (const from of froms) expect(from).toBe('node:20-bookworm-slim');
+      expect(text).toMatch(/^RUN npm ci\b/m);
+      const users = [...text.matchAll(/^USER (\S+)/gm)].map((m) => m[1]);
+      expect(users.at(-1)).toBeDefined();
+      expect(users.at(-1)).not.toMatch(/^(root|0)$/);
+      expect(text).toMatch(/^STOPSIGNAL SIGTERM$/m);
+      expect(text).toMatch(/^HEALTHCHECK [\s\S]*\/healthz/m);
+      expect(text).toContain(portVariable);
+      const cmd = /^CMD (\[.*\])$/m.exec(text);
+      expect(JSON.parse(cmd?.[1] ?? '[]')).toEqual(['node', '--import', 'tsx', entry]);
+      expect(existsSync(join(ROOT, entry))).toBe(true);
+      const ignore = await readFile(join(INFRA, 'docker', `${name}.Dockerfile.dockerignore`), 'utf8');
+      expect(ignore).toMatch(/node_modules/);
+    },
+  );
+
+  it.each([
+    ['sfh-app-server@.service', 'apps/app-server/src/server.ts', 'APP_PORT', '/etc/sfh/app.env'],
+    [
+      'sfh-download-server@.service',
+      'apps/download-server/src/server.ts',
+      'DOWNLOAD_PORT',
+      '/etc/sfh/download.env',
+    ],
+  ])('%s: templated on the port, drains on SIGTERM, hardened', async (unit, entry, portVariable, envFile) => {
+    const keys = unitKeys(await readFile(join(INFRA, 'systemd', unit), 'utf8'));
+    expect(keys.get('EnvironmentFile')).toEqual([envFile]);
+    expect(keys.get('Environment')).toContain(`${portVariable}=%i`);
+    expect(keys.get('ExecStart')?.[0]).toMatch(new RegExp(`^(/usr/bin/)?node --import tsx ${entry}$`));
+    expect(keys.get('KillSignal')).toEqual(['SIGTERM']);
+    // Longer than SHUTDOWN_GRACE_SECONDS (default 30) so a drain is never cut short.
+    expect(Number(keys.get('TimeoutStopSec')?.[0])).toBeGreaterThan(30);
+    expect(keys.get('NoNewPrivileges')).toEqual(['yes']);
+    expect(keys.get('ProtectSystem')).toEqual(['strict']);
+    expect(keys.get('ReadWritePaths')?.length).toBeGreaterThan(0);
+    expect(keys.get('PrivateTmp')).toEqual(['yes']);
+    expect(keys.get('User')?.[0]).not.toBe('root');
+    if (unit.startsWith('sfh-download')) expect(keys.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
+  });
+
+  it.skipIf(!systemdAnalyze)('systemd-analyze verify accepts both units (as instances)', async () => {
+    const dir = join(temp, 'systemd');
+    await mkdir(dir, { recursive: true });
+    const instances: string[] = [];
+    for (const [unit, port] of [
+      ['sfh-app-server@.service', '3000'],
+      ['sfh-download-server@.service', '3001'],
+    ] as const) {
+      await writeFile(join(dir, unit), await readFile(join(INFRA, 'systemd', unit)));
+      const instance = join(dir, unit.replace('@.', `@${port}.`));
+      await symlink(join(dir, unit), instance);
+      instances.push(instance);
+    }
+    const result = await run('systemd-analyze', ['verify', ...instances]);
+    // verify prints what it ignores (unknown keys, bad values) without failing: no output at all.
+    expect(result, result.stderr).toMatchObject({ code: 0, stderr: '' });
+  });
+});
+
+describe.skipIf(!process.env.TEST_DATABASE_URL || (!nginxAvailable && !IN_CI))(
+  'infra/local-cluster.sh up → both origins ready through nginx → down, nothing left',
+  () => {
+    let db: TestDatabase;
+    let clusterDir: string;
+    let env: NodeJS.ProcessEnv;
+    let aLbPort: number;
+    let bLbPort: number;
+
+    beforeAll(async () => {
+      requireNginx();
+      db = await createTestDatabase();
+      clusterDir = await mkdtemp(join(tmpdir(), 'sfh-cluster-'));
+      const ports: number[] = [];
+      for (let i = 0; i < 6; i++) ports.push(await freePort());
+      const [a1, a2, b1, b2, aLb, bLb] = ports as [number, number, number, number, number, number];
+      [aLbPort, bLbPort] = [aLb, bLb];
+      env = {
+        ...process.env,
+        CLUSTER_DIR: clusterDir,
+        A_PORTS: `${a1} ${a2}`,
+        B_PORTS: `${b1},${b2}`,
+        A_LB_PORT: String(aLb),
+        B_LB_PORT: String(bLb),
+        DATABASE_URL: db.url,
+        REDIS_URL: process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379',
+        REDIS_KEY_PREFIX: `test:cluster:${randomUUID()}:`,
+        LOG_LEVEL: 'warn',
+      };
+    });
+
+    afterAll(async () => {
+      // Whatever happened above, leave nothing running.
+      if (env) await run('bash', [CLUSTER_SCRIPT, 'down'], { env, timeoutMs: 90_000 });
+      await db?.close();
+      if (clusterDir) await rm(clusterDir, { recursive: true, force: true });
+    }, 120_000);
+
+    /** Every process the cluster runs: the pid files, plus nginx's workers. */
+    async function clusterPids(): Promise<number[]> {
+      const files = (await readdir(join(clusterDir, 'run'))).filter((f) => f.endsWith('.pid'));
+      const pids = await Promise.all(
+        [...files.map((f) => join(clusterDir, 'run', f)), join(clusterDir, 'nginx', 'nginx.pid')].map(
+          async (file) => Number((await readFile(file, 'utf8')).trim()),
+        ),
+      );
+      const master = pids.at(-1) as number;
+      for (const entry of await readdir('/proc')) {
+        if (!/^\d+$/.test(entry)) continue;
+        const stat = await readFile(`/proc/${entry}/stat`, 'utf8').catch(() => '');
+        // pid (comm) state ppid ...
+        const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+        if (ppid === master) pids.push(Number(entry));
+      }
+      return pids;
+    }
+
+    /** Whether the process runs (an exited one that nobody has reaped yet does not). */
+    const alive = (pid: number) => {
+      try {
+        const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+        return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+      } catch {
+        return false;
+      }
+    };
+
+    it('starts, serves /readyz on both origins, reports status, and stops cleanly', async () => {
+      const started = performance.now();
+      const up = await run('bash', [CLUSTER_SCRIPT, 'up'], { env, timeoutMs: 150_000 });
+      const upMs = performance.now() - started;
+      expect(up.code, `${up.stdout}\n${up.stderr}`).toBe(0);
+      expect(up.stdout).toContain(`http://localhost:${aLbPort}`);
+      expect(up.stdout).toContain(`http://localhost:${bLbPort}`);
+
+      for (const port of [aLbPort, bLbPort]) {
+        const response = await fetch(`http://localhost:${port}/readyz`);
+        expect(response.status, `nginx on ${port}`).toBe(200);
+      }
+      const status = await run('bash', [CLUSTER_SCRIPT, 'status'], { env });
+      expect(status.code, status.stdout).toBe(0);
+      expect(status.stdout.match(/running/g)).toHaveLength(5);
+
+      const pids = await clusterPids();
+      expect(pids.length).toBeGreaterThanOrEqual(6);
+      expect(pids.every(alive)).toBe(true);
+
+      const stopping = performance.now();
+      const down = await run('bash', [CLUSTER_SCRIPT, 'down'], { env, timeoutMs: 90_000 });
+      const downMs = performance.now() - stopping;
+      expect(down.code, `${down.stdout}\n${down.stderr}`).toBe(0);
+      expect(down.stdout).not.toContain('SIGKILL');
+      expect(pids.filter(alive), 'processes left running').toEqual([]);
+      for (const port of [aLbPort, bLbPort]) {
+        await expect(fetch(`http://127.0.0.1:${port}/readyz`)).rejects.toThrow();
+      }
+      // And nothing else that this cluster started (its servers carry SFH_CLUSTER_DIR).
+      const leftovers: string[] = [];
+      for (const entry of await readdir('/proc')) {
+        if (!/^\d+$/.test(entry)) continue;
+        const environ = await readFile(`/proc/${entry}/environ`, 'utf8').catch(() => '');
+        if (environ.split('\0').includes(`SFH_CLUSTER_DIR=${clusterDir}`)) leftovers.push(entry);
+      }
+      expect(leftovers).toEqual([]);
+      expect((await run('bash', [CLUSTER_SCRIPT, 'status'], { env })).code).toBe(3);
+      console.log(`local cluster: up ${Math.round(upMs)} ms, down ${Math.round(downMs)} ms`);
+    }, 240_000);
+  },
+);
