@@ -12,7 +12,9 @@ CREATE TABLE login_failures (
   id       bigserial PRIMARY KEY,
   username text NOT NULL,
   ip       text NOT NULL,
-  at       timestamptz NOT NULL DEFAULT now()
+  at       timestamptz NOT NULL DEFAULT now(),
+  -- A successful sign-in clears the account's count; the rows still count for their IP.
+  cleared  boolean NOT NULL DEFAULT false
 );
 CREATE INDEX login_failures_username_at_idx ON login_failures (username, at);
 CREATE INDEX login_failures_ip_at_idx ON login_failures (ip, at);

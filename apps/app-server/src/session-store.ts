@@ -10,7 +10,7 @@ export const hashSessionId = (sessionId: string) =>
   createHash('sha256').update(sessionId).digest('base64url');
 
 // Recording every request's time would turn each read into a write; a minute is precise enough
-// for an idle timeout measured in hours and for "last seen".
+// for "last seen", and half the idle timeout at most keeps an active session alive.
 const TOUCH_AFTER_MS = 60_000;
 
 export interface SessionTimeouts {
@@ -41,7 +41,8 @@ export class PgSessionStore implements SessionStore {
     this.#sessions
       .get(idHash, this.#timeouts.idleSeconds)
       .then(async (row) => {
-        if (row && Date.now() - row.lastSeenAt.getTime() > TOUCH_AFTER_MS) await this.#sessions.touch(idHash);
+        const touchAfterMs = Math.min(TOUCH_AFTER_MS, (this.#timeouts.idleSeconds * 1000) / 2);
+        if (row && Date.now() - row.lastSeenAt.getTime() > touchAfterMs) await this.#sessions.touch(idHash);
         return row ? (row.data as unknown as Session) : null;
       })
       .then((session) => callback(null, session), callback);

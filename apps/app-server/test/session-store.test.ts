@@ -99,9 +99,13 @@ describe('PgSessionStore', () => {
     await store.set(idle, session({ _csrf: 'idle' }));
     await store.set(old, session({ _csrf: 'old' }));
     // Unused for longer than the idle timeout (a day here).
-    await app.db.query(`UPDATE sessions SET last_seen_at = now() - interval '25 hours' WHERE data->>'_csrf' = 'idle'`);
+    await app.db.query(
+      `UPDATE sessions SET last_seen_at = now() - interval '25 hours' WHERE data->>'_csrf' = 'idle'`,
+    );
     // Signed in longer ago than the absolute timeout, however active.
-    await app.db.query(`UPDATE sessions SET expires_at = now() - interval '1 second' WHERE data->>'_csrf' = 'old'`);
+    await app.db.query(
+      `UPDATE sessions SET expires_at = now() - interval '1 second' WHERE data->>'_csrf' = 'old'`,
+    );
     expect(await store.get(idle)).toBeNull();
     expect(await store.get(old)).toBeNull();
   });

@@ -108,7 +108,8 @@ export default fp(
       if (isForm(request)) return done();
       app.csrfProtection(request, reply, done);
     });
-    app.addHook('preHandler', (request, reply, done) => {
+    // preValidation: after parsing, before a body schema strips fields it does not list.
+    app.addHook('preValidation', (request, reply, done) => {
       if (SAFE_METHODS.has(request.method) || !isForm(request)) return done();
       app.csrfProtection(request, reply, done);
     });

@@ -67,21 +67,25 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
     /** Signs this session in under a new id; `RATE_LIMITED` (with `retryAfter`) or `INVALID_CREDENTIALS`. */
     async login(request: FastifyRequest, username: string, password: string): Promise<User> {
       const account = username.toLowerCase();
+      // The attempt is recorded before it is counted and checked, so concurrent guesses cannot
+      // all pass the count before any of them is recorded.
+      const attempt = await app.repos.loginFailures.record(account, request.ip);
       const recent = await app.repos.loginFailures.recent(account, request.ip, throttle.windowSeconds);
       const freeAt = [
-        recent.account >= throttle.maxPerAccount ? recent.accountFreeAt : null,
-        recent.client >= throttle.maxPerIp ? recent.clientFreeAt : null,
+        recent.account > throttle.maxPerAccount ? recent.accountFreeAt : null,
+        recent.client > throttle.maxPerIp ? recent.clientFreeAt : null,
       ].reduce<number>((latest, at) => Math.max(latest, at?.getTime() ?? 0), 0);
       if (freeAt > 0) {
+        // A refused attempt does not count: it cannot extend the lockout.
+        await app.repos.loginFailures.remove(attempt);
         const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
         throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
       }
       const found = await app.repos.users.findByUsername(username);
       // Unknown user and wrong password: the same answer, in the same time (passwords.verify).
-      if (!(await passwords.verify(found?.passwordHash, password)) || !found) {
-        await app.repos.loginFailures.record(account, request.ip);
-        throw new InvalidCredentials();
-      }
+      // The recorded attempt stays as the failure.
+      if (!(await passwords.verify(found?.passwordHash, password)) || !found) throw new InvalidCredentials();
+      await app.repos.loginFailures.remove(attempt);
       await app.repos.loginFailures.clearAccount(account);
       const user = withoutHash(found);
       await signIn(request, user);

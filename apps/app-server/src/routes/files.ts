@@ -65,7 +65,9 @@ export async function receiveUpload(
   let contentType = '';
   try {
     // Fields (a form's `_csrf`) are skipped; exactly one file part, named "file".
+    // preservePath: the name is kept whole ("reports/q1.pdf"); it is metadata, never a path.
     for await (const part of request.parts({
+      preservePath: true,
       limits: { fileSize: limit, files: 1, fields: 4, parts: 5 },
     })) {
       if (part.type !== 'file') continue;
