@@ -75,9 +75,9 @@ export function redirectToSignIn(request: FastifyRequest, reply: FastifyReply, n
     .redirect(`/login?next=${encodeURIComponent(safeNext(next))}`, 303);
 }
 
-/** "1.4 MB": decimal units, as file managers show them. */
+/** "1.4 MB" (a no-break space before the unit): decimal units, as file managers show them. */
 export function humanBytes(bytes: number): string {
-  if (bytes < 1000) return `${bytes} B`;
+  if (bytes < 1000) return `${bytes}\u00a0B`;
   const units = ['kB', 'MB', 'GB', 'TB', 'PB'];
   let value = bytes;
   let unit = -1;
@@ -85,7 +85,7 @@ export function humanBytes(bytes: number): string {
     value /= 1000;
     unit += 1;
   } while (value >= 999.95 && unit < units.length - 1);
-  return `${value.toFixed(value < 100 ? 1 : 0)} ${units[unit]}`;
+  return `${value.toFixed(value < 100 ? 1 : 0)}\u00a0${units[unit]}`;
 }
 
 const dateFormat = new Intl.DateTimeFormat('en-GB', {
@@ -176,7 +176,6 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     reply: FastifyReply,
     view: string,
     data: { title: string } & Record<string, unknown>,
-    status = 200,
   ) {
     const message = request.session?.flash;
     if (message) delete request.session.flash;
@@ -187,7 +186,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       username: request.username,
       path: request.url.split('?')[0],
     });
-    return reply.code(status).header('cache-control', 'no-store').type('text/html; charset=utf-8').send(html);
+    return reply.header('cache-control', 'no-store').type('text/html; charset=utf-8').send(html);
   }
 
   const back = (reply: FastifyReply, to: string) =>
