@@ -13,6 +13,8 @@ function enhanceUpload(uploadForm) {
   const list = document.getElementById('upload-progress');
   const token = document.querySelector('meta[name="csrf-token"]')?.getAttribute('content') ?? '';
   const maxBytes = Number(uploadForm.dataset.maxBytes);
+  // Rendered by the server, so sizes read the same everywhere on the page.
+  const maxLabel = uploadForm.dataset.maxLabel;
   let remaining = uploadForm.dataset.remainingBytes ? Number(uploadForm.dataset.remainingBytes) : Infinity;
   let busy = false;
   input.multiple = true;
@@ -95,7 +97,7 @@ function enhanceUpload(uploadForm) {
       return false;
     };
     // Refused before a byte is sent: the server would refuse it anyway.
-    if (file.size > maxBytes) return Promise.resolve(fail(`Larger than the ${formatBytes(maxBytes)} limit`));
+    if (file.size > maxBytes) return Promise.resolve(fail(`Larger than the ${maxLabel} limit`));
     if (file.size > remaining) return Promise.resolve(fail('Not enough space left in your quota'));
     return new Promise((resolve) => {
       const request = new XMLHttpRequest();
@@ -135,7 +137,7 @@ function enhanceUpload(uploadForm) {
   function messageFor(status, body) {
     switch (body.error) {
       case 'FILE_TOO_LARGE':
-        return `Larger than the ${formatBytes(maxBytes)} limit`;
+        return `Larger than the ${maxLabel} limit`;
       case 'QUOTA_EXCEEDED':
         return 'Not enough space left in your quota';
       case 'UNAUTHENTICATED':
@@ -148,17 +150,4 @@ function enhanceUpload(uploadForm) {
         return body.message ?? `Upload failed (HTTP ${status})`;
     }
   }
-}
-
-/** "1.4 MB", as the page shows sizes. */
-function formatBytes(bytes) {
-  if (bytes < 1000) return `${bytes} B`;
-  const units = ['kB', 'MB', 'GB', 'TB', 'PB'];
-  let value = bytes;
-  let unit = -1;
-  do {
-    value /= 1000;
-    unit += 1;
-  } while (value >= 999.95 && unit < units.length - 1);
-  return `${value.toFixed(value < 100 ? 1 : 0)} ${units[unit]}`;
 }
