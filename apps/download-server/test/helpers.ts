@@ -89,6 +89,8 @@ export interface BuildOptions {
   dir?: string;
   /** Sign with and publish this key instead of a fresh one. */
   key?: TestKey;
+  /** Read keys from this URL instead of the JWKS file. */
+  jwksUrl?: string;
 }
 
 /**
@@ -107,7 +109,7 @@ export async function buildTestApp(
 
   const config = loadConfig({
     DATA_DIR: dir,
-    JWKS_FILE: jwksFile,
+    ...(options.jwksUrl ? { JWKS_URL: options.jwksUrl } : { JWKS_FILE: jwksFile }),
     LOG_LEVEL: 'silent',
     APP_PUBLIC_URL: ISSUER,
     DOWNLOAD_PUBLIC_URL: AUDIENCE,

@@ -1,0 +1,125 @@
+import { rename, writeFile } from 'node:fs/promises';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { afterEach, describe, expect, it } from 'vitest';
+import { buildTestApp, createKey, createUnknownKey, type TestKey } from './helpers.ts';
+
+const jwksOf = (...keys: TestKey[]) => ({
+  keys: keys.map((k) => ({ ...k.publicJwk, kid: k.kid, alg: 'EdDSA', use: 'sig' })),
+});
+
+/** A stand-in for A's JWKS endpoint that counts how often B reads it. */
+async function jwksServer(keys: TestKey[]) {
+  let reads = 0;
+  let body = JSON.stringify(jwksOf(...keys));
+  const server: Server = createServer((_request, response) => {
+    reads += 1;
+    response.setHeader('content-type', 'application/json');
+    response.end(body);
+  });
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+  servers.push(server);
+  return {
+    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/.well-known/jwks.json`,
+    reads: () => reads,
+    publish: (...next: TestKey[]) => {
+      body = JSON.stringify(jwksOf(...next));
+    },
+    stop: () => new Promise<void>((done) => server.close(() => done())),
+  };
+}
+
+const servers: Server[] = [];
+afterEach(async () => {
+  for (const server of servers.splice(0)) {
+    server.closeAllConnections();
+    await new Promise((done) => server.close(done));
+  }
+});
+
+const head = (app: Awaited<ReturnType<typeof buildTestApp>>['app'], token: string) =>
+  app.inject({ method: 'HEAD', url: `/d/${token}` });
+
+const until = async (check: () => Promise<boolean>, ms: number) => {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await check()) return true;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  return false;
+};
+
+describe("B's key set", () => {
+  it('a flood of tokens with unknown kids costs at most one extra fetch per cooldown', async () => {
+    const key = await createKey();
+    const source = await jwksServer([key]);
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { key, jwksUrl: source.url });
+    expect(source.reads()).toBe(1);
+    const file = await t.putFile('flood');
+    const forged = await Promise.all(
+      Array.from({ length: 50 }, async () => {
+        const stranger = await createUnknownKey();
+        return t.mint(file, { key: stranger.privateKey, kid: stranger.kid });
+      }),
+    );
+    const answers = await Promise.all(forged.map((token) => head(t.app, token)));
+    expect(answers.map((a) => a.statusCode)).toEqual(forged.map(() => 403));
+    for (const token of forged) expect((await head(t.app, token)).statusCode).toBe(403);
+    expect(source.reads()).toBe(2);
+  });
+
+  it('learns a key that starts signing at once (first start, or after every key was revoked) on first sight', async () => {
+    const old = await createKey();
+    const fresh = await createKey();
+    const source = await jwksServer([old]);
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { key: old, jwksUrl: source.url });
+    source.publish(old, fresh);
+    const file = await t.putFile('fresh key');
+    const token = await t.mint(file, { key: fresh.privateKey, kid: fresh.kid });
+    expect((await head(t.app, token)).statusCode).toBe(200);
+  });
+
+  it('re-reads JWKS_FILE as soon as it changes (the CLI export replaces it with a rename)', async () => {
+    const first = await createKey();
+    const second = await createKey();
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { key: first });
+    const file = await t.putFile('watched');
+    const token = await t.mint(file, { key: second.privateKey, kid: second.kid });
+    // Unknown: refused, and the unknown-kid re-read is now spent for its cooldown.
+    expect((await head(t.app, token)).statusCode).toBe(403);
+    await writeFile(`${t.jwksFile}.tmp`, JSON.stringify(jwksOf(first, second)));
+    await rename(`${t.jwksFile}.tmp`, t.jwksFile);
+    expect(await until(async () => (await head(t.app, token)).statusCode === 200, 3000)).toBe(true);
+  });
+
+  it('serves on its last good set while A is unreachable, for at most JWKS_MAX_STALE_SECONDS, then fails closed', async () => {
+    const key = await createKey();
+    const source = await jwksServer([key]);
+    const t = await buildTestApp(
+      { JWKS_REFRESH_SECONDS: '1', JWKS_MAX_STALE_SECONDS: '3' },
+      { key, jwksUrl: source.url },
+    );
+    const file = await t.putFile('stale');
+    const token = await t.mint(file, { ttlSeconds: 600 });
+    expect((await head(t.app, token)).statusCode).toBe(200);
+    await source.stop();
+
+    // Stale but within the bound: still serving, and saying so.
+    expect(
+      await until(
+        async () => (await t.app.inject({ method: 'GET', url: '/readyz' })).json().keys.stale === true,
+        3000,
+      ),
+    ).toBe(true);
+    expect((await head(t.app, token)).statusCode).toBe(200);
+    expect((await t.app.inject({ method: 'GET', url: '/metrics' })).body).toMatch(/^jwks_stale 1$/m);
+
+    // Past the bound: 503 KEYS_UNAVAILABLE, and /readyz names the keys.
+    expect(await until(async () => (await head(t.app, token)).statusCode === 503, 5000)).toBe(true);
+    const ready = await t.app.inject({ method: 'GET', url: '/readyz' });
+    expect(ready.statusCode).toBe(503);
+    expect(ready.json().missing).toContain('keys');
+    const get = await t.app.inject({ method: 'GET', url: `/d/${token}` });
+    expect(get.json()).toMatchObject({ error: 'KEYS_UNAVAILABLE' });
+  });
+});
