@@ -139,10 +139,31 @@ describe.each(databases)('sign in on A, download once from B (%s database)', (da
     expect(await response.json()).toMatchObject({ error: 'FILE_NOT_FOUND' });
   });
 
-  it('both servers drain and exit 0 on SIGTERM, also when it arrives twice, leaving no temp files', async () => {
-    a.child.kill('SIGTERM');
+  it('B stopped (SIGTERM twice, exit 0): A still serves its pages and API, and mints', async () => {
     b.child.kill('SIGTERM');
-    expect(await Promise.all([a.stop(), b.stop()])).toEqual([0, 0]);
+    expect(await b.stop()).toBe(0);
+    const user = new SessionClient(appOrigin);
+    const credentials = JSON.stringify({ username: 'carol', password: 'correct horse battery' });
+    await user.fetch('/api/auth/register', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: credentials,
+    });
+    const form = new FormData();
+    form.append('file', new Blob(['while B is away']), 'away.txt');
+    const upload = await user.json<{ file: { id: string } }>('/api/files', { method: 'POST', body: form });
+    expect(upload.status).toBe(201);
+    expect((await user.fetch('/api/files')).status).toBe(200);
+    expect(
+      (await user.fetch(`/api/files/${upload.body.file.id}/download-token`, { method: 'POST' })).status,
+    ).toBe(201);
+    expect((await user.fetch('/', { headers: { accept: 'text/html' } })).status).toBe(200);
+    expect((await fetch(`${appOrigin}/readyz`)).status).toBe(200);
+  });
+
+  it('A drains and exits 0 on SIGTERM, also when it arrives twice, leaving no temp files', async () => {
+    a.child.kill('SIGTERM');
+    expect(await a.stop()).toBe(0);
     expect(await readdir(join(dataDir, 'files', '.tmp'))).toEqual([]);
   });
 });
