@@ -28,7 +28,13 @@ export interface BuildOptions {
 /** Server A. Takes its whole configuration as arguments and never reads `process.env`. */
 export async function buildApp(config: AppConfig, options: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: { level: config.LOG_LEVEL },
+    logger: {
+      level: config.LOG_LEVEL,
+      // Paths without query strings: the no-JavaScript upload form carries its CSRF token there.
+      serializers: {
+        req: (req) => ({ method: req.method, url: req.url?.split('?')[0], remoteAddress: req.ip }),
+      },
+    },
     trustProxy: config.TRUST_PROXY,
   });
 
