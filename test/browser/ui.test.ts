@@ -336,7 +336,9 @@ describe.skipIf(!existsSync(CHROMIUM) && !process.env.CI)(
       ]);
       await page.getByRole('button', { name: 'Upload', exact: true }).click();
       await page.locator('#upload-progress .failed').waitFor();
-      expect(await page.locator('#upload-progress').textContent()).toContain('Larger than the 5.0\u00a0MB limit');
+      expect(await page.locator('#upload-progress').textContent()).toContain(
+        'Larger than the 5.0\u00a0MB limit',
+      );
     });
 
     it('after signing out, going back in history shows nothing private', async () => {
