@@ -431,7 +431,14 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
       }
       const second = await mint(owner, a2);
       expect(tokenHeader(second.token).kid).toBe(newKid);
-      expect(tokenHeader((await mint(owner, a1)).token).kid).toBe(newKid);
+      // Each replica polls on its own (every 2 s): A1 follows within one poll interval.
+      const a1Deadline = Date.now() + 3_000;
+      let fromA1 = await mint(owner, a1);
+      while (tokenHeader(fromA1.token).kid !== newKid && Date.now() < a1Deadline) {
+        await sleep(100);
+        fromA1 = await mint(owner, a1);
+      }
+      expect(tokenHeader(fromA1.token).kid).toBe(newKid);
 
       for (const [token, replica] of [
         [fresh, b1],
