@@ -1,0 +1,927 @@
+/**
+ * `npm run bench`: every figure of issue 8 side by side in one run, with its baselines.
+ *
+ * 1. Small files (4 KiB): plain node:http, @fastify/static, raw Ed25519 verifies, B with the
+ *    memory store and with Redis (a fresh single-use token per request). B as a fraction of the
+ *    physical limit 1 / (1/node_http + 1/raw_verify).
+ * 2. Large files (1 GiB): throughput of B, node:http and @fastify/static; B's peak RSS with 8
+ *    concurrent downloads at full speed and with 8 slow readers.
+ * 3. Minting: POST /api/files/:id/download-token on Postgres and on PGlite, against raw signs.
+ * 4. End to end: click on A's /files/:id/download → first byte from B (median, p99).
+ *
+ * Servers run as their own processes pinned to core 0, this process (the load generator) to
+ * core 1. Each figure is measured `runs` times after a warm-up: median and min–max.
+ * `BENCH_QUICK=1`: one short run of everything (a smoke test). Other knobs: BENCH_RUNS,
+ * BENCH_DURATION (seconds), BENCH_CONNECTIONS, BENCH_LARGE_MIB, BENCH_ONLY=small,large,mint,e2e,
+ * TEST_DATABASE_URL, REDIS_URL.
+ */
+import { createPrivateKey, createPublicKey, type KeyObject, sign, verify } from 'node:crypto';
+import { cp, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { Agent, request as httpRequest, type IncomingHttpHeaders } from 'node:http';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Redis } from 'ioredis';
+import { nanoid } from 'nanoid';
+import pg from 'pg';
+import { createTestDatabase } from '../support/database.ts';
+import { APP_SERVER, DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
+import {
+  AppUser,
+  type BProcess,
+  mintMany,
+  mintOne,
+  putLargeFile,
+  putSmallFile,
+  signingKey,
+  startB,
+  startBaseline,
+} from './fixtures.ts';
+import {
+  type CpuShare,
+  download,
+  GIB,
+  KIB,
+  type LoadOptions,
+  type LoadResult,
+  load,
+  MIB,
+  machine,
+  peakRss,
+  percentile,
+  pinLoadGenerator,
+  resultsFolder,
+  rssOf,
+  type Server,
+  type Stat,
+  sleep,
+  startProcess,
+  stat,
+  stopAll,
+  withCpu,
+} from './lib.ts';
+
+const env = process.env;
+const int = (value: string | undefined, fallback: number) => (value ? Number.parseInt(value, 10) : fallback);
+const QUICK = env.BENCH_QUICK === '1';
+const config = {
+  quick: QUICK,
+  runs: int(env.BENCH_RUNS, QUICK ? 1 : 3),
+  durationS: int(env.BENCH_DURATION, QUICK ? 2 : 5),
+  warmupS: QUICK ? 1 : 2,
+  connections: int(env.BENCH_CONNECTIONS, 16),
+  smallBytes: 4 * KIB,
+  largeBytes: int(env.BENCH_LARGE_MIB, QUICK ? 256 : 1024) * MIB,
+  /** Concurrent downloads of the large file in a throughput run. */
+  downloads: 3,
+  /** Concurrent downloads while B's peak RSS is watched. */
+  rssDownloads: 8,
+  slowBytesPerSecond: MIB,
+  slowSeconds: QUICK ? 2 : 10,
+  clicks: QUICK ? 50 : 500,
+  mintProcesses: Math.max(2, Math.min(availableParallelism(), 4)),
+  redisUrl: env.REDIS_URL ?? 'redis://127.0.0.1:6379',
+  databaseUrl: env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test',
+  only: env.BENCH_ONLY ? env.BENCH_ONLY.split(',') : ['small', 'large', 'mint', 'e2e'],
+};
+const TARGETS = { limitFraction: 0.85, redisCost: 0.1, largeFraction: 0.9, rssBytes: 128e6, mintRate: 2000 };
+
+const log = (message: string) =>
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${message}\n`);
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+interface Row {
+  section: string;
+  key: string;
+  figure: string;
+  unit: string;
+  stat: Stat;
+  note?: string;
+  /** Reasons runs were discarded. */
+  invalid?: string[];
+}
+const rows: Row[] = [];
+const results: Record<string, number> = {};
+const r = (key: string) => results[key] ?? Number.NaN;
+
+function record(
+  section: string,
+  key: string,
+  figure: string,
+  unit: string,
+  values: number[],
+  extra: { note?: string; invalid?: string[] } = {},
+): Stat {
+  const s = stat(values);
+  rows.push({
+    section,
+    key,
+    figure,
+    unit,
+    stat: s,
+    ...(extra.note ? { note: extra.note } : {}),
+    ...(extra.invalid?.length ? { invalid: extra.invalid } : {}),
+  });
+  results[key] = s.median;
+  const spread = values.length > 1 ? ` (${fmt(s.min, unit)}–${fmt(s.max, unit)})` : '';
+  log(
+    `${figure}: ${fmt(s.median, unit)} ${unit}${spread}${extra.invalid?.length ? ` [${extra.invalid.join('; ')}]` : ''}`,
+  );
+  return s;
+}
+
+/** A derived figure (ratios): a single value, no runs of its own. */
+const derive = (section: string, key: string, figure: string, unit: string, value: number, note?: string) =>
+  record(section, key, figure, unit, Number.isFinite(value) ? [value] : [], note ? { note } : {});
+
+function fmt(value: number, unit: string): string {
+  if (!Number.isFinite(value)) return 'n/a';
+  if (unit === 'fraction') return value.toFixed(2);
+  if (unit === '%') return `${(value * 100).toFixed(1)}`;
+  if (unit === 'GB/s') return value.toFixed(2);
+  if (unit === 'MB') return (value / 1e6).toFixed(1);
+  if (unit === 'ms') return value < 10 ? value.toFixed(2) : value.toFixed(1);
+  return Math.round(value).toLocaleString('en-US');
+}
+
+/** Measures `once` after `warmups` unrecorded runs, `config.runs` times; discards invalid runs. */
+interface Once {
+  value: number;
+  invalid?: string | undefined;
+  cpu?: CpuShare;
+}
+
+async function repeat(
+  label: string,
+  once: (run: number) => Promise<Once>,
+  warmups = 1,
+): Promise<{ values: number[]; invalid: string[]; note: string | undefined }> {
+  for (let i = 0; i < warmups; i++) {
+    const warm = await once(-1);
+    log(`${label}: warm-up ${warm.value.toFixed(1)}${warm.invalid ? ` (${warm.invalid})` : ''}`);
+  }
+  const values: number[] = [];
+  const invalid: string[] = [];
+  const server: number[] = [];
+  const client: number[] = [];
+  for (let run = 0; run < config.runs; run++) {
+    const result = await once(run);
+    if (result.invalid) invalid.push(`run ${run + 1}: ${result.invalid}`);
+    else values.push(result.value);
+    if (result.cpu?.server !== undefined) server.push(result.cpu.server);
+    if (result.cpu) client.push(result.cpu.client);
+  }
+  // Near 100% for the server: it was the limit. Well below, with the load generator near 100%:
+  // the load generator was.
+  const pct = (xs: number[]) => `${Math.round(stat(xs).median * 100)}%`;
+  const note = client.length
+    ? `CPU: ${server.length ? `server ${pct(server)}, ` : ''}load generator ${pct(client)}`
+    : undefined;
+  return { values, invalid, note };
+}
+
+const loadValue = ({ result, cpu }: { result: LoadResult; cpu: CpuShare }): Once => ({
+  value: result.rate,
+  invalid: result.invalid,
+  cpu,
+});
+
+// ---------------------------------------------------------------------------------------------
+// Setup
+
+// The machine first: once pinned, this process sees a single core.
+const host = machine();
+const pinning = pinLoadGenerator();
+const cpu = pinning.serverCpu;
+const startedAt = new Date();
+const dir = await mkdtemp(join(tmpdir(), 'sfh-bench-'));
+const storageDir = join(dir, 'objects');
+const staticDir = join(dir, 'static');
+await mkdir(storageDir, { recursive: true });
+await mkdir(staticDir, { recursive: true });
+
+let cleaningUp = false;
+async function cleanUp() {
+  if (cleaningUp) return;
+  cleaningUp = true;
+  await stopAll();
+  await rm(dir, { recursive: true, force: true });
+}
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(signal, () => {
+    void cleanUp().finally(() => process.exit(130));
+  });
+}
+
+log(
+  `machine: ${host.cpu}, ${host.cores} cores, ${host.memoryGiB} GiB, Node ${host.node}; load ${host.loadAverage}`,
+);
+log(`pinning: ${pinning.note}`);
+const busy = Number(host.loadAverage.split(' ')[0]) >= 1.5;
+if (busy)
+  log('WARNING: load average ≥ 1.5 at the start: other work is running, the figures are not representative');
+
+const key = await signingKey(dir);
+const smallFile = await putSmallFile(
+  storageDir,
+  staticDir,
+  'small.bin',
+  Buffer.alloc(config.smallBytes, 'x'),
+);
+const notes: string[] = [];
+
+try {
+  const needBaselines = config.only.includes('small') || config.only.includes('large');
+  const baselines = needBaselines
+    ? {
+        http: await startBaseline('http', staticDir, cpu),
+        static: await startBaseline('static', staticDir, cpu),
+      }
+    : undefined;
+
+  if (config.only.includes('small') && baselines) await guarded('small files', () => smallFiles(baselines));
+  if (config.only.includes('large') && baselines) await guarded('large files', () => largeFiles(baselines));
+  await baselines?.http.server.stop();
+  await baselines?.static.server.stop();
+  if (config.only.includes('mint') || config.only.includes('e2e')) await guarded('minting', minting);
+} finally {
+  await cleanUp();
+}
+
+await report();
+
+/** A section that fails is reported (and fails the command) without losing the others. */
+async function guarded(name: string, section: () => Promise<void>) {
+  try {
+    await section();
+  } catch (error) {
+    process.exitCode = 1;
+    notes.push(`${name} failed: ${error instanceof Error ? error.message : error}`);
+    // Its servers, if any are left, stop with the others at the end.
+    log(`${name} FAILED: ${error instanceof Error ? error.stack : error}`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Small files
+
+async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
+  const section = 'small';
+  const small = (server: BProcess, durationS: number) =>
+    withCpu(server.server.pid, () =>
+      load({ url: `${server.origin}/small.bin`, connections: config.connections, durationS }),
+    );
+
+  log('small files: plain node:http');
+  const http = await repeat('node:http', (run) =>
+    small(baselines.http, run < 0 ? config.warmupS : config.durationS).then(loadValue),
+  );
+  record(section, 'small.node_http', 'node:http, 4 KiB', 'r/s', http.values, {
+    invalid: http.invalid,
+    note: http.note,
+  });
+
+  log('small files: @fastify/static');
+  const fstatic = await repeat('@fastify/static', (run) =>
+    small(baselines.static, run < 0 ? config.warmupS : config.durationS).then(loadValue),
+  );
+  record(section, 'small.fastify_static', '@fastify/static, 4 KiB', 'r/s', fstatic.values, {
+    invalid: fstatic.invalid,
+    note: fstatic.note,
+  });
+
+  log('small files: raw Ed25519 verify (node:crypto, this process)');
+  const token = await mintOne(key, 'http://b.bench', smallFile);
+  const [header, payload, signature] = token.split('.') as [string, string, string];
+  const input = Buffer.from(`${header}.${payload}`);
+  const sig = Buffer.from(signature, 'base64url');
+  const publicKey = createPublicKey(createPrivateKey({ key: key.privateJwk as never, format: 'jwk' }));
+  const verifies = await repeat('raw verify', async (run) => ({
+    value: verifyRate(run < 0 ? 0.5 : Math.max(1, config.durationS / 2), input, sig, publicKey),
+  }));
+  record(section, 'small.raw_verify', 'raw Ed25519 verify (crypto.verify)', '/s', verifies.values, {
+    note: `over a real token's signing input (${input.length} bytes)`,
+  });
+
+  const limit = 1 / (1 / r('small.node_http') + 1 / r('small.raw_verify'));
+  derive(section, 'small.limit', 'physical limit 1/(1/node_http + 1/verify)', 'r/s', limit);
+
+  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu });
+  log('small files: B, memory store, a fresh token per request');
+  const memory = await bSmall(b, limit);
+  record(section, 'small.b_memory', 'B, memory store, fresh token per request', 'r/s', memory.values, {
+    invalid: memory.invalid,
+    note: memory.note,
+  });
+  await b.server.stop();
+
+  let redisOk = false;
+  const prefix = `bench:${nanoid(8)}:`;
+  const redis = new Redis(config.redisUrl, {
+    lazyConnect: true,
+    maxRetriesPerRequest: 1,
+    connectTimeout: 2000,
+  });
+  redis.on('error', () => {});
+  try {
+    await redis.connect();
+    await redis.ping();
+    redisOk = true;
+  } catch (error) {
+    notes.push(`Redis at ${config.redisUrl} does not answer (${error}): B with Redis not measured`);
+    log(notes.at(-1) as string);
+  }
+  if (redisOk) {
+    const br = await startB({
+      dir,
+      storageDir,
+      jwksFile: key.jwksFile,
+      cpu,
+      env: { REDIS_URL: config.redisUrl, REDIS_KEY_PREFIX: prefix },
+    });
+    log('small files: B, Redis store, a fresh token per request');
+    const withRedis = await bSmall(br, limit);
+    record(section, 'small.b_redis', 'B, Redis store, fresh token per request', 'r/s', withRedis.values, {
+      invalid: withRedis.invalid,
+      note: `${withRedis.note}; Redis itself is not pinned`,
+    });
+    await br.server.stop();
+    // The claims expire by themselves; a bench leaves nothing behind all the same.
+    let cursor = '0';
+    do {
+      const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
+      cursor = next;
+      if (keys.length > 0) await redis.del(...keys);
+    } while (cursor !== '0');
+  }
+  redis.disconnect();
+
+  derive(
+    section,
+    'small.b_memory_of_limit',
+    'B (memory) / physical limit',
+    'fraction',
+    r('small.b_memory') / limit,
+  );
+  derive(
+    section,
+    'small.b_memory_of_static',
+    'B (memory) / @fastify/static',
+    'fraction',
+    r('small.b_memory') / r('small.fastify_static'),
+  );
+  if (redisOk) {
+    derive(
+      section,
+      'small.b_redis_of_limit',
+      'B (Redis) / physical limit',
+      'fraction',
+      r('small.b_redis') / limit,
+    );
+    // Cost per request: time per request with Redis over time per request in memory, minus one.
+    derive(
+      section,
+      'small.redis_cost',
+      'Redis cost per request vs memory',
+      '%',
+      r('small.b_memory') / r('small.b_redis') - 1,
+    );
+  }
+}
+
+function verifyRate(seconds: number, input: Buffer, sig: Buffer, publicKey: KeyObject): number {
+  const start = performance.now();
+  const end = start + seconds * 1000;
+  let n = 0;
+  do {
+    for (let i = 0; i < 200; i++) {
+      if (!verify(null, input, publicKey, sig)) throw new Error('signature does not verify');
+    }
+    n += 200;
+  } while (performance.now() < end);
+  return n / ((performance.now() - start) / 1000);
+}
+
+/**
+ * B under small-file load, every request with its own fresh token. Tokens are minted before
+ * each run (child processes, B idle), enough for 1.3× the expected rate; a run that still
+ * runs out is repeated once with twice as many.
+ */
+async function bSmall(b: BProcess, limit: number) {
+  let expected = Number.isFinite(limit) ? limit : 10_000;
+  return repeat('B', async (run) => {
+    const durationS = run < 0 ? config.warmupS : config.durationS;
+    let result: LoadResult | undefined;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      const count = Math.ceil(expected * durationS * 1.3 * 2 ** attempt) + 4 * config.connections;
+      const minting = performance.now();
+      const tokens = await mintMany(key, b.origin, smallFile, count, config.mintProcesses, pinning.allCpus);
+      log(`  minted ${count} tokens in ${((performance.now() - minting) / 1000).toFixed(1)} s`);
+      let next = 0;
+      let exhausted = false;
+      const measured = await withCpu(b.server.pid, () =>
+        load({
+          url: b.origin,
+          connections: config.connections,
+          durationS,
+          nextPath: () => {
+            if (next >= tokens.length) {
+              exhausted = true;
+              return `/d/${tokens[tokens.length - 1]}/small.bin`;
+            }
+            return `/d/${tokens[next++]}/small.bin`;
+          },
+        }),
+      );
+      result = measured.result;
+      if (run < 0) expected = Math.max(expected, result.rate);
+      if (!exhausted) return loadValue(measured);
+      log(`  ${count} tokens ran out: again with twice as many`);
+    }
+    return { value: result?.rate ?? Number.NaN, invalid: 'tokens ran out' };
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Large files
+
+async function largeFiles(baselines: Record<'http' | 'static', BProcess>) {
+  const section = 'large';
+  const size = config.largeBytes;
+  const sizeLabel = size >= GIB ? `${size / GIB} GiB` : `${size / MIB} MiB`;
+  log(`large files: writing a ${sizeLabel} file`);
+  const written = performance.now();
+  const largeFile = await putLargeFile(storageDir, staticDir, 'large.bin', size);
+  log(`  written in ${((performance.now() - written) / 1000).toFixed(1)} s`);
+
+  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu });
+  const targets: [string, string, number, () => Promise<string>][] = [
+    [
+      'large.node_http',
+      'node:http + fs.createReadStream',
+      baselines.http.server.pid,
+      async () => `${baselines.http.origin}/large.bin`,
+    ],
+    [
+      'large.node_http_256k',
+      'node:http + fs.createReadStream, 256 KiB reads (as B)',
+      baselines.http.server.pid,
+      async () => `${baselines.http.origin}/large.bin?hwm=${256 * KIB}`,
+    ],
+    [
+      'large.fastify_static',
+      '@fastify/static',
+      baselines.static.server.pid,
+      async () => `${baselines.static.origin}/large.bin`,
+    ],
+    [
+      'large.b',
+      'B (memory store)',
+      b.server.pid,
+      async () => `${b.origin}/d/${await mintOne(key, b.origin, largeFile)}`,
+    ],
+  ];
+  for (const [name, label, pid, url] of targets) {
+    log(`large files: ${label}, ${config.downloads} concurrent downloads`);
+    const measured = await repeat(
+      label,
+      async () => {
+        const urls = await Promise.all(Array.from({ length: config.downloads }, url));
+        const started = performance.now();
+        const { result: done, cpu } = await withCpu(pid, () => Promise.all(urls.map((u) => download(u))));
+        const seconds = (performance.now() - started) / 1000;
+        const bytes = done.reduce((sum, d) => sum + d.bytes, 0);
+        const bad = done.filter((d) => d.status !== 200 || d.bytes !== size).length;
+        return {
+          value: bytes / seconds / 1e9,
+          invalid: bad ? `${bad} downloads incomplete` : undefined,
+          cpu,
+        };
+      },
+      // No warm-up: the file is in the page cache since it was written, and streaming needs no JIT.
+      0,
+    );
+    record(
+      section,
+      name,
+      `${label}, ${sizeLabel} × ${config.downloads} concurrent`,
+      'GB/s',
+      measured.values,
+      {
+        invalid: measured.invalid,
+        note: measured.note,
+      },
+    );
+  }
+  await b.server.stop();
+  derive(
+    section,
+    'large.b_of_node_http',
+    'B / node:http throughput',
+    'fraction',
+    r('large.b') / r('large.node_http'),
+  );
+  derive(
+    section,
+    'large.b_of_node_http_256k',
+    'B / node:http (256 KiB reads) throughput',
+    'fraction',
+    r('large.b') / r('large.node_http_256k'),
+  );
+  derive(
+    section,
+    'large.b_of_static',
+    'B / @fastify/static throughput',
+    'fraction',
+    r('large.b') / r('large.fastify_static'),
+  );
+
+  // Peak RSS: each scenario on a fresh B, so that nothing earlier counts (a process rarely gives
+  // memory back, so an earlier peak would show up as the next one's starting point).
+  const idles: number[] = [];
+  const peaks: number[] = [];
+  const rssScenario = async (
+    rowKey: string,
+    figure: string,
+    options: { bytesPerSecond?: number; abortAfterMs?: number },
+  ) => {
+    const fresh = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu });
+    try {
+      // One small download first: "idle" is then a B that has served (code compiled, modules
+      // loaded), and the peak is what the large downloads add.
+      await download(`${fresh.origin}/d/${await mintOne(key, fresh.origin, smallFile)}`);
+      await sleep(500);
+      idles.push(rssOf(fresh.server.pid));
+      log(`large files: ${figure}`);
+      const measured = await peakRss(fresh.server.pid, async () => {
+        const urls = await Promise.all(
+          Array.from(
+            { length: config.rssDownloads },
+            async () => `${fresh.origin}/d/${await mintOne(key, fresh.origin, largeFile)}`,
+          ),
+        );
+        return Promise.all(urls.map((u) => download(u, options)));
+      });
+      const slow = options.abortAfterMs !== undefined;
+      const bad = measured.result.filter((d) => d.status !== 200 || (!slow && d.bytes !== size)).length;
+      const readMiB = measured.result.reduce((sum, d) => sum + d.bytes, 0) / MIB / measured.result.length;
+      peaks.push(measured.peak);
+      record(section, rowKey, figure, 'MB', bad ? [] : [measured.peak], {
+        invalid: bad ? [`${bad} downloads failed`] : [],
+        note: `${slow ? `each read ${readMiB.toFixed(1)} MiB, then aborted; ` : ''}VmHWM after clear_refs, and VmRSS polled every 50 ms`,
+      });
+      await sleep(300);
+      const healthy = await fetch(`${fresh.origin}/readyz`).then(
+        (response) => response.ok,
+        () => false,
+      );
+      if (!healthy) notes.push(`B did not answer /readyz after: ${figure}`);
+    } finally {
+      await fresh.server.stop();
+    }
+  };
+  await rssScenario(
+    'large.b_rss_fast',
+    `B peak RSS, ${config.rssDownloads} × ${sizeLabel} at full speed`,
+    {},
+  );
+  await rssScenario(
+    'large.b_rss_slow',
+    `B peak RSS, ${config.rssDownloads} slow readers (${config.slowBytesPerSecond / MIB} MiB/s, ${config.slowSeconds} s)`,
+    { bytesPerSecond: config.slowBytesPerSecond, abortAfterMs: config.slowSeconds * 1000 },
+  );
+  const idle = Math.min(...idles);
+  record(section, 'large.b_rss_idle', 'B RSS, idle after one small download', 'MB', [idle], {
+    note: 'of which ~40 MB is tsx, which `npm start` runs B with',
+  });
+  derive(
+    section,
+    'large.b_rss_growth',
+    'B peak RSS over idle, worst of the two',
+    'MB',
+    Math.max(...peaks) - idle,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Minting and 4. end to end
+
+async function minting() {
+  const section = 'mint';
+  if (config.only.includes('mint')) {
+    log('minting: raw Ed25519 sign (node:crypto, this process)');
+    const token = await mintOne(key, 'http://b.bench', smallFile);
+    const input = Buffer.from(token.split('.').slice(0, 2).join('.'));
+    const privateKey = createPrivateKey({ key: key.privateJwk as never, format: 'jwk' });
+    const signs = await repeat('raw sign', async (run) => ({
+      value: signRate(run < 0 ? 0.5 : Math.max(1, config.durationS / 2), input, privateKey),
+    }));
+    record(section, 'mint.raw_sign', 'raw Ed25519 sign (crypto.sign)', '/s', signs.values);
+  }
+
+  // Real Postgres: a fresh schema through the tests' own helper.
+  let postgresOk = false;
+  const check = new pg.Client({ connectionString: config.databaseUrl, connectionTimeoutMillis: 3000 });
+  try {
+    await check.connect();
+    postgresOk = true;
+  } catch (error) {
+    notes.push(
+      `Postgres at ${config.databaseUrl} does not answer (${error}): minting on Postgres not measured`,
+    );
+    log(notes.at(-1) as string);
+  } finally {
+    await check.end().catch(() => {});
+  }
+  if (postgresOk) {
+    env.TEST_DATABASE_URL = config.databaseUrl;
+    const db = await createTestDatabase();
+    try {
+      await appScenario('postgres', { DATABASE_URL: db.url });
+    } finally {
+      await db.close();
+    }
+  }
+
+  // Embedded PGlite, as `npm start` runs it: a copy of a data folder initialised once.
+  const template = join(dir, 'pglite-template');
+  log('minting: initialising a PGlite data folder');
+  const { PGlite } = await import('@electric-sql/pglite');
+  const pglite = await PGlite.create(template);
+  await pglite.close();
+  await appScenario('pglite', {}, template);
+}
+
+function signRate(seconds: number, input: Buffer, privateKey: KeyObject): number {
+  const start = performance.now();
+  const end = start + seconds * 1000;
+  let n = 0;
+  do {
+    for (let i = 0; i < 200; i++) sign(null, input, privateKey);
+    n += 200;
+  } while (performance.now() < end);
+  return n / ((performance.now() - start) / 1000);
+}
+
+async function appScenario(
+  database: 'postgres' | 'pglite',
+  databaseEnv: Record<string, string>,
+  template?: string,
+) {
+  const dataDir = join(dir, `app-${database}`);
+  await mkdir(dataDir, { recursive: true });
+  if (template) await cp(template, join(dataDir, 'pg'), { recursive: true });
+  const [appPort, downloadPort] = [await freePort(), await freePort()];
+  const appOrigin = `http://127.0.0.1:${appPort}`;
+  const downloadOrigin = `http://127.0.0.1:${downloadPort}`;
+  const shared = { DATA_DIR: dataDir, APP_PUBLIC_URL: appOrigin, DOWNLOAD_PUBLIC_URL: downloadOrigin };
+  const servers: Server[] = [];
+  try {
+    log(`minting: starting A on ${database}`);
+    const a = await startProcess({
+      entry: APP_SERVER,
+      env: {
+        ...shared,
+        ...databaseEnv,
+        APP_PORT: String(appPort),
+        ARGON2_MEMORY_KIB: '64',
+        ARGON2_TIME_COST: '1',
+      },
+      readyUrl: `${appOrigin}/readyz`,
+      cpu,
+    });
+    servers.push(a);
+    const b = await startProcess({
+      entry: DOWNLOAD_SERVER,
+      env: {
+        ...shared,
+        DOWNLOAD_PORT: String(downloadPort),
+        DATA_DIR: join(dataDir, 'b'),
+        STORAGE_DIR: join(dataDir, 'files'),
+      },
+      readyUrl: `${downloadOrigin}/readyz`,
+      cpu,
+    });
+    servers.push(b);
+    const user = new AppUser(appOrigin);
+    const fileId = await user.setUp(Buffer.alloc(config.smallBytes, 'y'), 'small.bin');
+
+    if (config.only.includes('mint')) {
+      log(`minting: POST /api/files/:id/download-token on ${database}`);
+      const options = (durationS: number): LoadOptions => ({
+        url: `${appOrigin}/api/files/${fileId}/download-token`,
+        method: 'POST',
+        headers: { cookie: user.cookie, 'x-csrf-token': user.csrf },
+        connections: config.connections,
+        durationS,
+      });
+      const mints = await repeat(`mint (${database})`, async (run) => {
+        const measured = await withCpu(a.pid, () =>
+          load(options(run < 0 ? config.warmupS : config.durationS)),
+        );
+        if (measured.result.invalid) log(`  A's output ends with:\n${a.output().slice(-1500)}`);
+        return loadValue(measured);
+      });
+      record(
+        'mint',
+        `mint.${database}`,
+        `A mints, ${database === 'postgres' ? 'Postgres' : 'PGlite (embedded)'}`,
+        'tokens/s',
+        mints.values,
+        {
+          invalid: mints.invalid,
+          note: `${mints.note}; ${database === 'postgres' ? 'Postgres is not pinned' : 'PGlite runs inside A (core 0)'}`,
+        },
+      );
+    }
+
+    if (config.only.includes('e2e')) {
+      log(`end to end: ${config.clicks} sequential clicks (${database})`);
+      const times = await clicks(appOrigin, `/files/${fileId}/download`, user.cookie);
+      record(
+        'e2e',
+        `e2e.${database}.median`,
+        `click → first byte from B, median (${database})`,
+        'ms',
+        times.failed ? [] : [percentile(times.ms, 50)],
+        {
+          invalid: times.failed ? [`${times.failed} clicks failed`] : [],
+          note: `${times.ms.length} sequential clicks, keep-alive connections`,
+        },
+      );
+      record(
+        'e2e',
+        `e2e.${database}.p99`,
+        `click → first byte from B, p99 (${database})`,
+        'ms',
+        times.failed ? [] : [percentile(times.ms, 99)],
+      );
+    }
+  } finally {
+    for (const server of servers.reverse()) await server.stop();
+  }
+}
+
+interface Answer {
+  status: number;
+  headers: IncomingHttpHeaders;
+  /** When the first byte of the body (or the end of an empty one) arrived. */
+  firstByte: number;
+}
+
+function get(url: string, headers: Record<string, string>, agent: Agent): Promise<Answer> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url, { headers, agent }, (response) => {
+      let firstByte = 0;
+      response.on('data', () => {
+        firstByte ||= performance.now();
+      });
+      response.on('end', () =>
+        resolve({
+          status: response.statusCode ?? 0,
+          headers: response.headers,
+          firstByte: firstByte || performance.now(),
+        }),
+      );
+      response.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+async function clicks(appOrigin: string, path: string, cookie: string) {
+  const agentA = new Agent({ keepAlive: true, maxSockets: 1 });
+  const agentB = new Agent({ keepAlive: true, maxSockets: 1 });
+  const ms: number[] = [];
+  let failed = 0;
+  const total = config.clicks + 20;
+  for (let i = 0; i < total; i++) {
+    const started = performance.now();
+    const redirect = await get(`${appOrigin}${path}`, { cookie, accept: 'text/html' }, agentA);
+    const location = redirect.headers.location;
+    if (redirect.status !== 303 || !location) {
+      failed++;
+      continue;
+    }
+    const file = await get(location, { accept: 'text/html' }, agentB);
+    if (file.status !== 200) failed++;
+    // The first 20 warm up.
+    else if (i >= 20) ms.push(file.firstByte - started);
+  }
+  agentA.destroy();
+  agentB.destroy();
+  return { ms, failed };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+async function report() {
+  const targets = [
+    target(
+      'small: B (memory) ≥ 0.85 of the physical limit',
+      results['small.b_memory_of_limit'],
+      (v) => v >= TARGETS.limitFraction,
+      (v) => v.toFixed(2),
+    ),
+    target(
+      'small: Redis costs ≤ 10% more than memory',
+      results['small.redis_cost'],
+      (v) => v <= TARGETS.redisCost,
+      (v) => `${(v * 100).toFixed(1)}%`,
+    ),
+    target(
+      'large: B ≥ 0.9 of node:http throughput',
+      results['large.b_of_node_http'],
+      (v) => v >= TARGETS.largeFraction,
+      (v) => v.toFixed(2),
+    ),
+    target(
+      'large: B peak RSS ≤ 128 MB, 8 downloads at full speed',
+      results['large.b_rss_fast'],
+      (v) => v <= TARGETS.rssBytes,
+      (v) => `${(v / 1e6).toFixed(1)} MB`,
+    ),
+    target(
+      'large: B peak RSS ≤ 128 MB, 8 slow readers',
+      results['large.b_rss_slow'],
+      (v) => v <= TARGETS.rssBytes,
+      (v) => `${(v / 1e6).toFixed(1)} MB`,
+    ),
+    target(
+      'minting: ≥ 2,000 tokens/s on Postgres',
+      results['mint.postgres'],
+      (v) => v >= TARGETS.mintRate,
+      (v) => `${Math.round(v)}/s`,
+    ),
+  ];
+
+  const lines: string[] = [];
+  lines.push(`## Benchmark${QUICK ? ' (BENCH_QUICK: one short run each, not for comparison)' : ''}`);
+  lines.push('');
+  lines.push(
+    `Machine: ${host.cpu}, ${host.cores} cores, ${host.memoryGiB} GiB, Node ${host.node} (${host.platform}); load average at start ${host.loadAverage}${busy ? ' — BUSY, figures not representative' : ''}.`,
+  );
+  lines.push(
+    `Pinning: ${pinning.note}. Runs: ${config.runs} × ${config.durationS} s after a ${config.warmupS} s warm-up, ${config.connections} connections; median (min–max). Command: \`${QUICK ? 'BENCH_QUICK=1 ' : ''}npm run bench\`.`,
+  );
+  lines.push('');
+  lines.push('| Figure | Median | Min–max | Unit | Note |');
+  lines.push('|---|---:|---:|---|---|');
+  for (const row of rows) {
+    const s = row.stat;
+    const range = s.runs.length > 1 ? `${fmt(s.min, row.unit)}–${fmt(s.max, row.unit)}` : '';
+    const note = [row.note, row.invalid?.length ? `discarded: ${row.invalid.join('; ')}` : undefined]
+      .filter(Boolean)
+      .join('; ');
+    lines.push(`| ${row.figure} | ${fmt(s.median, row.unit)} | ${range} | ${row.unit} | ${note} |`);
+  }
+  lines.push('');
+  lines.push('| Target | Measured | Met |');
+  lines.push('|---|---:|---|');
+  for (const t of targets)
+    lines.push(`| ${t.name} | ${t.measured} | ${t.met === undefined ? 'n/a' : t.met ? 'yes' : 'NO'} |`);
+  for (const note of notes) lines.push(`\nNote: ${note}`);
+  const table = lines.join('\n');
+  process.stdout.write(`\n${table}\n`);
+
+  const resultsDir = await resultsFolder();
+  await writeFile(
+    join(resultsDir, 'latest.json'),
+    `${JSON.stringify(
+      {
+        startedAt: startedAt.toISOString(),
+        finishedAt: new Date().toISOString(),
+        machine: host,
+        busy,
+        pinning,
+        config,
+        results,
+        rows: rows.map((row) => ({ ...row, stat: { ...row.stat } })),
+        targets,
+        notes,
+        table,
+      },
+      null,
+      2,
+    )}\n`,
+  );
+  log(`written to test/bench/results/latest.json`);
+}
+
+function target(
+  name: string,
+  value: number | undefined,
+  ok: (v: number) => boolean,
+  show: (v: number) => string,
+) {
+  const measured = value !== undefined && Number.isFinite(value);
+  return {
+    name,
+    value: measured ? value : null,
+    measured: measured ? show(value) : 'n/a',
+    met: measured ? ok(value) : undefined,
+  };
+}
