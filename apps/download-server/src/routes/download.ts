@@ -78,7 +78,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       reply.header('content-length', info.size);
     }
     if (request.method === 'HEAD' || info.size === 0) return reply.send();
-    return reply.send(storage.createReadStream(claims.obj, range));
+    return reply.send(storage.createReadStream(claims.obj, range ?? { start: 0, end: info.size - 1 }));
   }
 
   async function verify(token: string, log: FastifyBaseLogger): Promise<DownloadClaims> {
