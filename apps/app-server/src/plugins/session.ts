@@ -1,4 +1,4 @@
-import fastifyCookie, { Signer } from '@fastify/cookie';
+import fastifyCookie from '@fastify/cookie';
 import fastifyCsrf from '@fastify/csrf-protection';
 import fastifyFormbody from '@fastify/formbody';
 import fastifySession from '@fastify/session';
@@ -86,11 +86,13 @@ export default fp(
 
     // A cookie signed with a secret that is no longer first: re-sign it now. (@fastify/session
     // would otherwise answer with a cleared cookie, signing the user out after every rotation.)
-    const signer = new Signer(secrets);
+    // The library has already checked the signature and signed the id with the first secret, so
+    // a valid cookie that differs from that was signed with an older one: no second HMAC here.
     app.addHook('onRequest', async (request) => {
       const cookie = request.cookies[cookieName];
-      if (cookie && request.session.userId && signer.unsign(cookie).renew)
+      if (cookie && request.session.userId && cookie !== request.session.encryptedSessionId) {
         request.session.resignedAt = Date.now();
+      }
     });
 
     // Every state-changing request, in every scope, must come from A's own pages (Origin) and
