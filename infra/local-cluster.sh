@@ -74,7 +74,7 @@ live_pid() {
   [[ -s "$file" ]] || return 1
   pid="$(<"$file")"
   [[ "$pid" =~ ^[0-9]+$ ]] && running "$pid" || return 1
-  grep -qaE 'server\.ts|nginx' "/proc/$pid/cmdline" 2>/dev/null || return 1
+  grep -qaE 'server\.(ts|mjs)|nginx' "/proc/$pid/cmdline" 2>/dev/null || return 1
   printf '%s' "$pid"
 }
 
@@ -130,7 +130,9 @@ nginx_cmd() {
 start_server() {
   local name=$1 entry=$2
   shift 2
-  env "$@" SFH_CLUSTER_DIR="$CLUSTER_DIR" setsid node --import tsx "$entry" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  local args=("$entry")
+  [[ $entry == *.ts ]] && args=(--import tsx "$entry")
+  env "$@" SFH_CLUSTER_DIR="$CLUSTER_DIR" setsid node "${args[@]}" </dev/null >>"$LOGS/$name.log" 2>&1 &
   printf '%s\n' "$!" >"$RUN/$name.pid"
 }
 
@@ -190,6 +192,7 @@ stop_all() {
 cmd_up() {
   command -v node >/dev/null || die "node is not installed"
   [[ -d "$ROOT/node_modules/tsx" ]] || die "dependencies are missing: run npm ci in $ROOT first"
+  (cd "$ROOT" && npm run --silent build) || die "npm run build (B's bundle) failed"
   mkdir -p "$RUN" "$LOGS" "$NGINX_DIR/tmp" "$STORAGE_DIR"
   local file
   for file in "$RUN"/*.pid "$NGINX_PID"; do
@@ -241,7 +244,7 @@ cmd_up() {
   nginx_cmd || die "nginx did not start; see $LOGS/nginx-error.log"
 
   for port in "${B_PORT_LIST[@]}"; do
-    start_server "b-$port" apps/download-server/src/server.ts "${download[@]}" \
+    start_server "b-$port" apps/download-server/dist/server.mjs "${download[@]}" \
       DOWNLOAD_PORT="$port" DATA_DIR="$CLUSTER_DIR/b-$port"
   done
 

@@ -333,11 +333,11 @@ describe('infra/ files', () => {
   });
 
   it.each([
-    ['app-server', 'apps/app-server/src/server.ts', 'APP_PORT'],
-    ['download-server', 'apps/download-server/src/server.ts', 'DOWNLOAD_PORT'],
+    ['app-server', ['node', '--import', 'tsx', 'apps/app-server/src/server.ts'], 'APP_PORT'],
+    ['download-server', ['node', 'server.mjs'], 'DOWNLOAD_PORT'],
   ])(
-    '%s.Dockerfile: node:20-bookworm-slim, npm ci, non-root, SIGTERM, healthcheck, runs the server with tsx',
-    async (name, entry, portVariable) => {
+    '%s.Dockerfile: node:20-bookworm-slim, npm ci, non-root, SIGTERM, healthcheck, runs the server',
+    async (name, command, portVariable) => {
       const text = await readFile(join(INFRA, 'docker', `${name}.Dockerfile`), 'utf8');
       const froms = [...text.matchAll(/^FROM (\S+)/gm)].map((m) => m[1]);
       expect(froms.length).toBeGreaterThan(0);
@@ -350,18 +350,32 @@ describe('infra/ files', () => {
       expect(text).toMatch(/^HEALTHCHECK [\s\S]*\/healthz/m);
       expect(text).toContain(portVariable);
       const cmd = /^CMD (\[.*\])$/m.exec(text);
-      expect(JSON.parse(cmd?.[1] ?? '[]')).toEqual(['node', '--import', 'tsx', entry]);
-      expect(existsSync(join(ROOT, entry))).toBe(true);
+      expect(JSON.parse(cmd?.[1] ?? '[]')).toEqual(command);
       const ignore = await readFile(join(INFRA, 'docker', `${name}.Dockerfile.dockerignore`), 'utf8');
       expect(ignore).toMatch(/node_modules/);
     },
   );
 
+  it('app-server.Dockerfile runs a source file that exists', async () => {
+    expect(existsSync(join(ROOT, 'apps/app-server/src/server.ts'))).toBe(true);
+  });
+
+  it("download-server.Dockerfile's last stage holds only the bundle `npm run build` writes", async () => {
+    const text = await readFile(join(INFRA, 'docker', 'download-server.Dockerfile'), 'utf8');
+    const lastStage = text.slice(text.lastIndexOf('\nFROM '));
+    expect(lastStage).not.toMatch(/npm ci/);
+    expect(lastStage).toMatch(/^COPY --from=build \/app\/apps\/download-server\/dist\/server\.mjs \.\/$/m);
+    expect(text).toMatch(/^RUN npm run build$/m);
+    const manifest = JSON.parse(await readFile(join(ROOT, 'apps/download-server/package.json'), 'utf8'));
+    expect(manifest.scripts.build).toContain('--outfile=dist/server.mjs');
+    expect(manifest.scripts.build).toContain('--bundle');
+  });
+
   it.each([
-    ['sfh-app-server@.service', 'apps/app-server/src/server.ts', 'APP_PORT', '/etc/sfh/app.env'],
+    ['sfh-app-server@.service', '--import tsx apps/app-server/src/server.ts', 'APP_PORT', '/etc/sfh/app.env'],
     [
       'sfh-download-server@.service',
-      'apps/download-server/src/server.ts',
+      'apps/download-server/dist/server.mjs',
       'DOWNLOAD_PORT',
       '/etc/sfh/download.env',
     ],
@@ -369,7 +383,7 @@ describe('infra/ files', () => {
     const keys = unitKeys(await readFile(join(INFRA, 'systemd', unit), 'utf8'));
     expect(keys.get('EnvironmentFile')).toEqual([envFile]);
     expect(keys.get('Environment')).toContain(`${portVariable}=%i`);
-    expect(keys.get('ExecStart')?.[0]).toMatch(new RegExp(`^(/usr/bin/)?node --import tsx ${entry}$`));
+    expect(keys.get('ExecStart')?.[0]).toMatch(new RegExp(`^(/usr/bin/)?node ${entry}$`));
     expect(keys.get('KillSignal')).toEqual(['SIGTERM']);
     // Longer than SHUTDOWN_GRACE_SECONDS (default 30) so a drain is never cut short.
     expect(Number(keys.get('TimeoutStopSec')?.[0])).toBeGreaterThan(30);

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Server B (download server), run from source with tsx exactly as `npm run start:download` does.
+# Server B (download server): the self-contained bundle `npm run start:download` runs
+# (`npm run build`), alone on node:20-bookworm-slim. No node_modules, no sources in the image.
 # Build from the repository root:
 #   docker build -f infra/docker/download-server.Dockerfile -t sfh-download-server .
 # Configuration is the environment of README.md's table; B needs APP_PUBLIC_URL,
@@ -13,12 +14,17 @@ COPY . .
 RUN find . -type f ! -name package.json ! -name package-lock.json -delete \
  && find . -depth -type d -empty -delete
 
-FROM node:20-bookworm-slim
+FROM node:20-bookworm-slim AS build
 WORKDIR /app
 COPY --from=manifests /app ./
-# Every workspace, dev dependencies included: tsx (a root dev dependency) runs the server.
-RUN npm ci --no-audit --no-fund && npm cache clean --force
+# Every workspace, dev dependencies included: esbuild (a root dev dependency) bundles B.
+RUN npm ci --no-audit --no-fund
 COPY . .
+RUN npm run build
+
+FROM node:20-bookworm-slim
+WORKDIR /app
+COPY --from=build /app/apps/download-server/dist/server.mjs ./
 RUN mkdir -p /data/files && chown -R node:node /data
 
 ENV NODE_ENV=production \
@@ -36,4 +42,4 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:' + (process.env.DOWNLOAD_PORT || 3001) + '/healthz').then((r) => process.exit(r.ok ? 0 : 1), () => process.exit(1))"]
 # node itself is PID 1 (no npm, no shell), so SIGTERM and SIGHUP reach the server.
-CMD ["node", "--import", "tsx", "apps/download-server/src/server.ts"]
+CMD ["node", "server.mjs"]

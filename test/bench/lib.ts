@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { Redis } from 'ioredis';
+import { nodeArgsFor } from '../support/processes.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const KIB = 1024;
@@ -162,7 +163,7 @@ export async function stopAll(): Promise<void> {
 }
 
 /**
- * Starts `node [nodeArgs] --import tsx entry` (pinned to `cpu` with taskset when given) and waits
+ * Starts `node [nodeArgs] entry` (TypeScript through tsx; pinned to `cpu` with taskset when given) and waits
  * until `readyUrl` answers 200. taskset execs node, so the pid is node's own.
  */
 export async function startProcess(options: {
@@ -172,7 +173,7 @@ export async function startProcess(options: {
   cpu: string | undefined;
   nodeArgs?: string[];
 }): Promise<Server> {
-  const nodeArgs = [...(options.nodeArgs ?? []), '--import', 'tsx', options.entry];
+  const nodeArgs = [...(options.nodeArgs ?? []), ...nodeArgsFor(options.entry)];
   const [command, args] = options.cpu
     ? ['taskset', ['-c', options.cpu, process.execPath, ...nodeArgs]]
     : [process.execPath, nodeArgs];

@@ -9,7 +9,7 @@ import { mkdir, mkdtemp, readdir, readFile, rename, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { nanoid } from 'nanoid';
-import { freePort } from '../support/processes.ts';
+import { buildDownloadServer, freePort } from '../support/processes.ts';
 import { mintMany, putSmallFile, signingKey, startB } from './fixtures.ts';
 import { deleteKeys, KIB, load, pinLoadGenerator, ROOT, resultsFolder, stopAll } from './lib.ts';
 
@@ -17,6 +17,7 @@ const seconds = Number(process.env.PROFILE_SECONDS ?? 10);
 const redis = process.env.PROFILE_REDIS === '1';
 /** Expected rate, for the number of tokens to mint (1.3× this × PROFILE_SECONDS). */
 const rate = Number(process.env.PROFILE_RATE ?? 6000);
+buildDownloadServer();
 const port = await freePort();
 const redisUrl = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const prefix = `prof:${nanoid(8)}:`;

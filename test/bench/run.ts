@@ -24,7 +24,7 @@ import { Redis } from 'ioredis';
 import { nanoid } from 'nanoid';
 import pg from 'pg';
 import { createTestDatabase } from '../support/database.ts';
-import { APP_SERVER, DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
+import { APP_SERVER, buildDownloadServer, DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
 import {
   AppUser,
   type BProcess,
@@ -194,6 +194,7 @@ const loadValue = ({ result, cpu }: { result: LoadResult; cpu: CpuShare }): Once
 const host = machine();
 const pinning = pinLoadGenerator();
 const cpu = pinning.serverCpu;
+buildDownloadServer();
 const startedAt = new Date();
 const dir = await mkdtemp(join(tmpdir(), 'sfh-bench-'));
 const storageDir = join(dir, 'objects');
@@ -593,7 +594,7 @@ async function largeFiles(baselines: Record<'http' | 'static', BProcess>) {
   );
   const idle = Math.min(...idles);
   record(section, 'large.b_rss_idle', 'B RSS, idle after one small download', 'MB', [idle], {
-    note: 'of which ~40 MB is tsx, which `npm start` runs B with',
+    note: 'the bundle `npm start` runs (`npm run build`)',
   });
   derive(
     section,

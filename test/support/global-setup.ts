@@ -4,9 +4,10 @@ import { join } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import pg from 'pg';
 import type { TestProject } from 'vitest/node';
+import { buildDownloadServer } from './processes.ts';
 
 /**
- * Once per run: an initialised PGlite data folder that test files copy (initdb takes seconds,
+ * Once per run: B's bundle built from the current source, and an initialised PGlite data folder that test files copy (initdb takes seconds,
  * opening a copy well under one). In CI, the real Postgres must answer: a missing service fails
  * the run instead of quietly testing less.
  */
@@ -21,6 +22,7 @@ export default async function setup(project: TestProject) {
   } else if (process.env.CI) {
     throw new Error('CI runs against real Postgres: set TEST_DATABASE_URL');
   }
+  buildDownloadServer();
   const root = await mkdtemp(join(tmpdir(), 'sfh-pglite-template-'));
   const template = join(root, 'pg');
   const db = await PGlite.create(template);

@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
@@ -6,7 +6,18 @@ import { fileURLToPath } from 'node:url';
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 export const APP_SERVER = 'apps/app-server/src/server.ts';
-export const DOWNLOAD_SERVER = 'apps/download-server/src/server.ts';
+/** B as `npm start`, the images and the systemd units run it: bundled by `npm run build`. */
+export const DOWNLOAD_SERVER = 'apps/download-server/dist/server.mjs';
+
+/** Bundles B from its current source (`npm run build`), so tests run what operators deploy. */
+export function buildDownloadServer(): void {
+  execFileSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, stdio: 'inherit' });
+}
+
+/** Node's arguments for an entry point: TypeScript through tsx, a bundle as it is. */
+export function nodeArgsFor(entry: string): string[] {
+  return entry.endsWith('.ts') ? ['--import', 'tsx', entry] : [entry];
+}
 
 /** A port that was free a moment ago (the OS picks it). */
 export async function freePort(): Promise<number> {
@@ -36,7 +47,7 @@ export async function startServer(
   env: Record<string, string>,
   readyUrl: string,
 ): Promise<ServerProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', entry], {
+  const child = spawn(process.execPath, nodeArgsFor(entry), {
     cwd: ROOT,
     env: { PATH: process.env.PATH, HOME: process.env.HOME, LOG_LEVEL: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
