@@ -4,6 +4,7 @@
  * used token is never accepted again, also after B restarts"), rotation bounds disk use, and the
  * files are private. Time moves with `vi.setSystemTime` (only `Date` is faked; fs stays real).
  */
+import { readFileSync } from 'node:fs';
 import { appendFile, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { nanoid } from 'nanoid';
@@ -134,6 +135,28 @@ describe('MemoryReplayStore journal', () => {
     } finally {
       await reopened.close();
     }
+  });
+
+  it('200 concurrent claims (written in batches): each resolves only once its line is on disk', async () => {
+    const dir = await tempDir('replay-store-');
+    const store = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    const jtis = Array.from({ length: 200 }, () => nanoid());
+    const onDiskWhenResolved = new Map<string, boolean>();
+    try {
+      await Promise.all(
+        jtis.map(async (jti) => {
+          expect(await store.claim(jti, Date.now() + 60_000)).toBe(true);
+          // Read at once, synchronously: nothing else gets to run between the claim and the check.
+          onDiskWhenResolved.set(jti, readFileSync(join(dir, 'claims.log'), 'utf8').includes(`${jti} `));
+        }),
+      );
+    } finally {
+      await store.close();
+    }
+    expect([...onDiskWhenResolved.values()].every(Boolean)).toBe(true);
+    expect(onDiskWhenResolved.size).toBe(jtis.length);
+    const lines = (await journal(dir, 'claims.log')).split('\n').filter(Boolean);
+    expect(lines.map((line) => line.split(' ')[0]).sort()).toEqual([...jtis].sort());
   });
 
   it('expired claims are not reloaded', async () => {
