@@ -10,7 +10,9 @@ declare module 'fastify' {
 /** Decorates `app.storage` with the local-disk store on `dir` (the volume A and B share). */
 export const storagePlugin = fp(
   async (app, options: { dir: string }) => {
-    app.decorate('storage', new LocalDiskStore(options.dir));
+    const storage = new LocalDiskStore(options.dir);
+    app.decorate('storage', storage);
+    app.addHook('onClose', () => storage.close());
   },
   { name: 'storage' },
 );

@@ -1,8 +1,8 @@
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream, type WriteStream } from 'node:fs';
-import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { createReadStream, createWriteStream, read, type WriteStream } from 'node:fs';
+import { type FileHandle, mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Readable } from 'node:stream';
+import { finished, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { nanoid } from 'nanoid';
 
@@ -15,9 +15,16 @@ export interface StoredObject {
   sha256: string;
 }
 
-export interface ObjectInfo {
+/**
+ * An object held open for reading. Whoever opens it calls `release()` once, when done with it;
+ * streams made meanwhile keep it open until they close.
+ */
+export interface OpenObject {
   size: number;
   mtime: Date;
+  /** The object's bytes, or the inclusive `range` of them. */
+  createReadStream(range?: ByteRange): Readable;
+  release(): void;
 }
 
 /** Inclusive byte range, as in HTTP. */
@@ -37,16 +44,38 @@ export interface ObjectStore {
    * behind: no object, no temporary file.
    */
   put(source: Readable): Promise<StoredObject>;
-  /** Size and modification time, or `undefined` if there is no such object (or the id is malformed). */
-  stat(id: string): Promise<ObjectInfo | undefined>;
   /**
-   * The object's bytes, or the inclusive `range` of them (faster when the caller knows the size).
-   * Errors on the stream if the object is gone.
+   * The object, open for reading, or `undefined` if there is no such object (or the id is
+   * malformed). After `delete`, `undefined`; streams made before still finish.
    */
-  createReadStream(id: string, range?: ByteRange): Readable;
+  open(id: string): Promise<OpenObject | undefined>;
   /** Removes the object. Idempotent: deleting a missing object succeeds. */
   delete(id: string): Promise<void>;
+  /** Closes the descriptors it keeps open (call once no stream is left). */
+  close(): Promise<void>;
 }
+
+/** A descriptor the store keeps open, and how many readers hold it. */
+interface OpenFile {
+  handle: Promise<FileHandle>;
+  users: number;
+  idleSince: number;
+  /** Out of the cache: closed as soon as no reader holds it. */
+  evicted: boolean;
+}
+
+/**
+ * How long an unused descriptor stays open, and how many the cache keeps (unused ones beyond that
+ * are closed at once, least recently used first, well within the default limit of 1024 files).
+ */
+const OPEN_FILE_IDLE_MS = 10_000;
+const MAX_OPEN_FILES = 256;
+
+/**
+ * For a read stream on a cached descriptor: it reads as usual but never closes the descriptor
+ * (a destroyed stream otherwise does, whatever `autoClose` says). The store closes it.
+ */
+const SHARED_DESCRIPTOR = { read, close: (_fd: number, done: (error: null) => void) => done(null) };
 
 // Ids are what `nanoid()` makes. Checking the shape keeps a path such as `../../etc/passwd` (which a
 // verified token can never carry, but a bug elsewhere might) from ever reaching the file system.
@@ -62,6 +91,14 @@ export const isObjectId = (id: string): boolean => OBJECT_ID.test(id);
 export class LocalDiskStore implements ObjectStore {
   readonly #root: string;
   readonly #tmp: string;
+  /**
+   * Descriptors of recently read objects, as nginx's `open_file_cache` keeps them: reading a file
+   * read a moment ago costs one `fstat` (for the size, and a link count of 0 once it is deleted)
+   * and its reads, not also an `open` and a `close`. Objects never change, so an open descriptor
+   * always reads the bytes its id stands for.
+   */
+  readonly #openFiles = new Map<string, OpenFile>();
+  #sweeper: NodeJS.Timeout | undefined;
 
   constructor(root: string) {
     this.#root = root;
@@ -114,30 +151,104 @@ export class LocalDiskStore implements ObjectStore {
     return { id, size, sha256: hash.digest('hex') };
   }
 
-  async stat(id: string): Promise<ObjectInfo | undefined> {
+  async open(id: string): Promise<OpenObject | undefined> {
     if (!isObjectId(id)) return undefined;
+    const file = this.#openFiles.get(id) ?? this.#cache(id);
+    // Most recently used last: the least recently used unused descriptors go first.
+    this.#openFiles.delete(id);
+    this.#openFiles.set(id, file);
+    file.users++;
     try {
-      const info = await stat(this.#path(id));
-      return { size: info.size, mtime: info.mtime };
+      const handle = await file.handle;
+      const info = await handle.stat();
+      // Deleted since it was opened: as if it was never there.
+      if (info.nlink === 0) throw Object.assign(new Error('Object deleted'), { code: 'ENOENT' });
+      let released = false;
+      return {
+        size: info.size,
+        mtime: info.mtime,
+        createReadStream: (range) => {
+          const { start, end } = range ?? { start: 0, end: Math.max(0, info.size - 1) };
+          file.users++;
+          // Reads of up to 256 KiB: large files stream at disk speed with few syscalls, and memory
+          // stays bounded because the HTTP response applies backpressure. A buffer no larger than
+          // the range spares small files a 256 KiB allocation. Reads are positional (`start`), so
+          // streams share the descriptor.
+          const stream = createReadStream('', {
+            fd: handle.fd,
+            fs: SHARED_DESCRIPTOR,
+            start,
+            end,
+            highWaterMark: Math.min(256 * 1024, end - start + 1),
+          });
+          // Read to the end, failed or destroyed (a client gone): the descriptor is free again.
+          finished(stream, () => this.#release(file));
+          return stream;
+        },
+        release: () => {
+          if (!released) this.#release(file);
+          released = true;
+        },
+      };
     } catch (error) {
+      this.#evict(id, file);
+      this.#release(file);
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw error;
     }
   }
 
-  createReadStream(id: string, range?: ByteRange): Readable {
-    // Reads of up to 256 KiB: large files stream at disk speed with few syscalls, and memory stays
-    // bounded because the HTTP response applies backpressure. A buffer no larger than the range,
-    // and a known end, spare small files a 256 KiB allocation and a read that only finds the end.
-    const length = range ? range.end - range.start + 1 : Number.POSITIVE_INFINITY;
-    const highWaterMark = Math.min(256 * 1024, Math.max(1, length));
-    return createReadStream(this.#path(id), { ...range, highWaterMark });
+  #cache(id: string): OpenFile {
+    const file: OpenFile = { handle: open(this.#path(id), 'r'), users: 0, idleSince: 0, evicted: false };
+    // Settled here too, so that a failed open is never an unhandled rejection.
+    file.handle.catch(() => {});
+    this.#openFiles.set(id, file);
+    for (const [otherId, other] of this.#openFiles) {
+      if (this.#openFiles.size <= MAX_OPEN_FILES) break;
+      if (other.users === 0 && other !== file) this.#evict(otherId, other);
+    }
+    this.#sweeper ??= setInterval(() => this.#sweep(), OPEN_FILE_IDLE_MS).unref();
+    return file;
+  }
+
+  #release(file: OpenFile): void {
+    file.users--;
+    file.idleSince = Date.now();
+    if (file.evicted && file.users === 0) closeQuietly(file);
+  }
+
+  #evict(id: string, file: OpenFile): void {
+    if (this.#openFiles.get(id) === file) this.#openFiles.delete(id);
+    file.evicted = true;
+    if (file.users === 0) closeQuietly(file);
+  }
+
+  // Closes the descriptors unused for OPEN_FILE_IDLE_MS (a deleted file's space is freed then).
+  #sweep(): void {
+    const idleBefore = Date.now() - OPEN_FILE_IDLE_MS;
+    for (const [id, file] of this.#openFiles) {
+      if (file.users === 0 && file.idleSince < idleBefore) this.#evict(id, file);
+    }
+    if (this.#openFiles.size === 0) {
+      clearInterval(this.#sweeper);
+      this.#sweeper = undefined;
+    }
   }
 
   async delete(id: string): Promise<void> {
     if (!isObjectId(id)) return;
     await rm(this.#path(id), { force: true });
   }
+
+  async close(): Promise<void> {
+    clearInterval(this.#sweeper);
+    this.#sweeper = undefined;
+    for (const [id, file] of this.#openFiles) this.#evict(id, file);
+  }
+}
+
+function closeQuietly(file: OpenFile): void {
+  file.handle.then((handle) => handle.close()).catch(() => {});
 }
 
 // A rename is durable only once its directory entry is; without this a crash can lose a file

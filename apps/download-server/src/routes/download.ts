@@ -1,6 +1,6 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/download-token';
-import type { ByteRange, ObjectInfo } from '@sfh/storage';
+import type { ByteRange, OpenObject } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import {
@@ -41,10 +41,24 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
 
   async function download(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
     const claims = await verify(request.params.token, request.log);
-    const info = await storage.stat(claims.obj);
+    const file = await storage.open(claims.obj);
+    if (!file) throw new FileNotFound();
+    try {
+      return await send(request, reply, claims, file);
+    } finally {
+      file.release();
+    }
+  }
+
+  async function send(
+    request: FastifyRequest<{ Params: Params }>,
+    reply: FastifyReply,
+    claims: DownloadClaims,
+    file: OpenObject,
+  ) {
     // A size that disagrees with the token means these are not the bytes A vouched for.
-    if (!info || info.size !== claims.size) throw new FileNotFound();
-    const range = selectRange(request, claims, info);
+    if (file.size !== claims.size) throw new FileNotFound();
+    const range = selectRange(request, claims, file);
 
     if (request.method === 'HEAD') {
       if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
@@ -67,18 +81,18 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
         }),
       )
       .header('etag', `"${claims.sha256}"`)
-      .header('last-modified', info.mtime.toUTCString())
+      .header('last-modified', file.mtime.toUTCString())
       .header('accept-ranges', 'bytes');
     if (range) {
       reply
         .code(206)
-        .header('content-range', `bytes ${range.start}-${range.end}/${info.size}`)
+        .header('content-range', `bytes ${range.start}-${range.end}/${file.size}`)
         .header('content-length', range.end - range.start + 1);
     } else {
-      reply.header('content-length', info.size);
+      reply.header('content-length', file.size);
     }
-    if (request.method === 'HEAD' || info.size === 0) return reply.send();
-    return reply.send(storage.createReadStream(claims.obj, range ?? { start: 0, end: info.size - 1 }));
+    if (request.method === 'HEAD' || file.size === 0) return reply.send();
+    return reply.send(file.createReadStream(range));
   }
 
   async function verify(token: string, log: FastifyBaseLogger): Promise<DownloadClaims> {
@@ -148,16 +162,16 @@ async function replay<T>(answer: Promise<T>): Promise<T> {
 }
 
 /** The single range to send, `undefined` for the whole file, or 416 (RFC 9110 §14). */
-function selectRange(request: FastifyRequest, claims: DownloadClaims, info: ObjectInfo) {
+function selectRange(request: FastifyRequest, claims: DownloadClaims, file: OpenObject) {
   const header = request.headers.range;
   if (!header) return undefined;
   const ifRange = request.headers['if-range'];
   // If-Range with anything but our current validator: the client's partial copy is stale, so it
   // gets the whole file (200), never a range that would splice two different contents.
-  if (ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== info.mtime.toUTCString())
+  if (ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== file.mtime.toUTCString())
     return undefined;
-  const range = parseRange(header.trim(), info.size);
-  if (range === 'unsatisfiable') throw Object.assign(new RangeNotSatisfiable(), { size: info.size });
+  const range = parseRange(header.trim(), file.size);
+  if (range === 'unsatisfiable') throw Object.assign(new RangeNotSatisfiable(), { size: file.size });
   return range;
 }
 
