@@ -2,7 +2,8 @@
  * The download token: the one claim A makes to B. "The holder may download this one file, once,
  * within the next minute." Pure functions over jose; no I/O, no clocks but the one passed in.
  */
-import { type CryptoKey, errors, type JWTPayload, jwtVerify, type KeyObject, SignJWT } from 'jose';
+import { KeyObject, sign, type webcrypto } from 'node:crypto';
+import { type CryptoKey, errors, type JWTPayload, jwtVerify } from 'jose';
 import { nanoid } from 'nanoid';
 
 /** `typ` header of every download token (RFC 8725 §3.11: explicit typing, so no other JWT fits). */
@@ -62,8 +63,8 @@ export class DownloadTokenError extends Error {
 }
 
 export interface SignOptions {
-  /** Private key (a `CryptoKey` or `KeyObject` from `jose.importJWK`/`generateKeyPair`). */
-  key: CryptoKey | KeyObject;
+  /** Ed25519 private key: a `KeyObject` (what A holds), or a `CryptoKey` from jose. */
+  key: KeyObject | CryptoKey;
   kid: string;
   issuer: string;
   audience: string;
@@ -79,23 +80,37 @@ export interface SignedToken {
   expiresAt: Date;
 }
 
-/** Mints a single-use download token for `file`. */
+/**
+ * Mints a single-use download token for `file`: a compact JWS, signed with node:crypto's Ed25519
+ * directly (A's hot path; jose's WebCrypto signing costs about 1.5× as much). Producing the bytes
+ * needs no judgement; every check of a token happens in `verifyDownloadToken`, with jose.
+ */
 export async function signDownloadToken(file: FileClaims, options: SignOptions): Promise<SignedToken> {
+  const key =
+    options.key instanceof KeyObject ? options.key : KeyObject.from(options.key as webcrypto.CryptoKey);
+  if (key.type !== 'private' || key.asymmetricKeyType !== 'ed25519') {
+    throw new TypeError('Download tokens are signed with an Ed25519 private key');
+  }
   const iat = Math.floor((options.now ?? new Date()).getTime() / 1000);
   const exp = iat + options.ttlSeconds;
   const jti = nanoid();
-  const token = await new SignJWT({ ...file })
-    .setProtectedHeader({ alg: TOKEN_ALGORITHM, kid: options.kid, typ: TOKEN_TYPE })
-    .setIssuer(options.issuer)
-    .setAudience(options.audience)
-    .setSubject(options.subject)
-    .setJti(jti)
-    .setIssuedAt(iat)
-    .setNotBefore(iat - NOT_BEFORE_SKEW_SECONDS)
-    .setExpirationTime(exp)
-    .sign(options.key);
-  return { token, jti, expiresAt: new Date(exp * 1000) };
+  const header = { alg: TOKEN_ALGORITHM, kid: options.kid, typ: TOKEN_TYPE };
+  const payload = {
+    ...file,
+    iss: options.issuer,
+    aud: options.audience,
+    sub: options.subject,
+    jti,
+    iat,
+    nbf: iat - NOT_BEFORE_SKEW_SECONDS,
+    exp,
+  };
+  const input = `${base64url(header)}.${base64url(payload)}`;
+  const signature = sign(null, Buffer.from(input), key).toString('base64url');
+  return { token: `${input}.${signature}`, jti, expiresAt: new Date(exp * 1000) };
 }
+
+const base64url = (value: object) => Buffer.from(JSON.stringify(value)).toString('base64url');
 
 /**
  * Returns the public key for a `kid`, or `undefined` if there is none. May refresh a key set;

@@ -274,6 +274,27 @@ describe('signDownloadToken / verifyDownloadToken round trip', () => {
     expect(ca.jti).not.toBe(cb.jti);
   });
 
+  it('signs with a KeyObject as A holds it, and refuses any key but an Ed25519 private key', async () => {
+    const options = { kid: KID, issuer: ISSUER, audience: AUDIENCE, subject: 'u', ttlSeconds: TTL, now: NOW };
+    const fromKeyObject = await signDownloadToken(FILE, {
+      ...options,
+      key: KeyObject.from(aPrivate as unknown as webcrypto.CryptoKey),
+    });
+    expect((await verify(fromKeyObject.token)).jti).toBe(fromKeyObject.jti);
+
+    const ec = await generateKeyPair('ES256', { extractable: true });
+    const wrongKeys = [
+      ec.privateKey,
+      KeyObject.from(ec.privateKey as unknown as webcrypto.CryptoKey),
+      KeyObject.from(
+        (await generateKeyPair('EdDSA', { extractable: true })).publicKey as unknown as webcrypto.CryptoKey,
+      ),
+    ];
+    for (const key of wrongKeys) {
+      await expect(signDownloadToken(FILE, { ...options, key })).rejects.toThrow(/Ed25519 private key/);
+    }
+  });
+
   it('exports the documented constants', () => {
     expect(TOKEN_TYPE).toBe('dl+jwt');
     expect(TOKEN_ALGORITHM).toBe('EdDSA');

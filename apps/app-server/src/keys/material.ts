@@ -1,13 +1,6 @@
-import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createPrivateKey, type KeyObject, randomBytes } from 'node:crypto';
 import { TOKEN_ALGORITHM } from '@sfh/download-token';
-import {
-  type CryptoKey,
-  calculateJwkThumbprint,
-  exportJWK,
-  generateKeyPair,
-  importJWK,
-  type JWK,
-} from 'jose';
+import { calculateJwkThumbprint, exportJWK, generateKeyPair, type JWK } from 'jose';
 
 /** A new signing key: its public JWK to publish and its private half, sealed for the database. */
 export interface NewSigningKey {
@@ -38,13 +31,17 @@ export async function createSigningKey(kek: Buffer | undefined): Promise<NewSign
 }
 
 /** Imports a stored private key (sealed or, in development without a KEK, plain). */
-export async function openSigningKey(stored: string, alg: string, kid: string, kek: Buffer | undefined) {
+export function openSigningKey(stored: string, alg: string, kid: string, kek: Buffer | undefined): KeyObject {
   let json = stored;
   if (stored.startsWith(SEALED_PREFIX)) {
     if (!kek) throw new Error(`Signing key ${kid} is encrypted; set KEY_ENCRYPTION_KEY`);
     json = unseal(stored, kek, kid);
   }
-  return (await importJWK(JSON.parse(json) as JWK, alg)) as CryptoKey;
+  const key = createPrivateKey({ key: JSON.parse(json), format: 'jwk' });
+  if (alg !== TOKEN_ALGORITHM || key.asymmetricKeyType !== 'ed25519') {
+    throw new Error(`Signing key ${kid} is not an Ed25519 (${TOKEN_ALGORITHM}) key`);
+  }
+  return key;
 }
 
 // The kid is authenticated data: a sealed key copied onto another row does not open.

@@ -1,0 +1,215 @@
+/**
+ * `npx tsx test/bench/profile.ts`: one server under a load of `npm run bench` with
+ * `node --cpu-prof`, then the functions with the most self time and the same grouped by package.
+ * The profile stays in `test/bench/results/` for a closer look (Chrome DevTools → Performance →
+ * Load profile).
+ * - PROFILE=b (default): B under the small-file load (4 KiB, a fresh token per request);
+ *   PROFILE_REDIS=1 for the Redis store instead of memory.
+ * - PROFILE=mint: A minting (`POST /api/files/:id/download-token`) on the Postgres of
+ *   TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test), in a schema of its own.
+ * PROFILE_SECONDS (default 10).
+ */
+import { mkdir, mkdtemp, readdir, readFile, rename, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { nanoid } from 'nanoid';
+import pg from 'pg';
+import { APP_SERVER, buildDownloadServer, freePort } from '../support/processes.ts';
+import { AppUser, mintMany, putSmallFile, signingKey, startB } from './fixtures.ts';
+import {
+  deleteKeys,
+  KIB,
+  type LoadResult,
+  load,
+  pinLoadGenerator,
+  ROOT,
+  resultsFolder,
+  type Server,
+  startProcess,
+  stopAll,
+} from './lib.ts';
+
+const target = process.env.PROFILE ?? 'b';
+const seconds = Number(process.env.PROFILE_SECONDS ?? 10);
+const redis = process.env.PROFILE_REDIS === '1';
+/** Expected rate, for the number of tokens to mint (1.3× this × PROFILE_SECONDS). */
+const rate = Number(process.env.PROFILE_RATE ?? 6000);
+const redisUrl = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+const databaseUrl = process.env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
+const prefix = `prof:${nanoid(8)}:`;
+const schema = `prof_${nanoid(8)
+  .replace(/[^A-Za-z0-9]/g, '_')
+  .toLowerCase()}`;
+const pinning = pinLoadGenerator();
+const dir = await mkdtemp(join(tmpdir(), 'sfh-profile-'));
+const profileDir = join(dir, 'profile');
+const nodeArgs = ['--cpu-prof', '--cpu-prof-dir', profileDir];
+
+/** A server under --cpu-prof, the load it took, and when (µs into the profile) that load ran. */
+interface Profiled {
+  server: Server;
+  result: LoadResult;
+  name: string;
+  window: { fromUs: number; toUs: number };
+}
+
+/** `work` measured from `spawned` (the server's start, which is when its profile starts). */
+async function timed(spawned: number, work: () => Promise<LoadResult>) {
+  const from = performance.now();
+  const result = await work();
+  return { result, window: { fromUs: (from - spawned) * 1000, toUs: (performance.now() - spawned) * 1000 } };
+}
+
+async function profileB(): Promise<Profiled> {
+  buildDownloadServer();
+  const port = await freePort();
+  const storageDir = join(dir, 'objects');
+  const staticDir = join(dir, 'static');
+  await mkdir(storageDir, { recursive: true });
+  await mkdir(staticDir, { recursive: true });
+  const key = await signingKey(dir);
+  const file = await putSmallFile(storageDir, staticDir, 'small.bin', Buffer.alloc(4 * KIB, 'x'));
+  // Tokens first, so that the profile holds B's start and the load, not a wait for tokens.
+  const audience = `http://127.0.0.1:${port}`;
+  const tokens = await mintMany(key, audience, file, Math.ceil(rate * seconds * 1.3), 2, pinning.allCpus);
+  const spawned = performance.now();
+  const b = await startB({
+    dir,
+    storageDir,
+    jwksFile: key.jwksFile,
+    cpu: pinning.serverCpu,
+    port,
+    nodeArgs,
+    ...(redis ? { env: { REDIS_URL: redisUrl, REDIS_KEY_PREFIX: prefix } } : {}),
+  });
+  let next = 0;
+  const { result, window } = await timed(spawned, () =>
+    load({
+      url: b.origin,
+      connections: 16,
+      durationS: seconds,
+      nextPath: () => `/d/${tokens[Math.min(next++, tokens.length - 1)]}/small.bin`,
+    }),
+  );
+  if (next > tokens.length) process.stderr.write('tokens ran out: raise PROFILE_RATE\n');
+  return { server: b.server, result, name: `b-${redis ? 'redis' : 'memory'}`, window };
+}
+
+async function profileMint(): Promise<Profiled> {
+  await withClient((client) => client.query(`CREATE SCHEMA ${schema}`));
+  const url = new URL(databaseUrl);
+  url.searchParams.set('options', `-c search_path=${schema}`);
+  const port = await freePort();
+  const origin = `http://127.0.0.1:${port}`;
+  const spawned = performance.now();
+  const server = await startProcess({
+    entry: APP_SERVER,
+    env: {
+      DATA_DIR: dir,
+      DATABASE_URL: url.toString(),
+      APP_PORT: String(port),
+      APP_PUBLIC_URL: origin,
+      DOWNLOAD_PUBLIC_URL: 'http://127.0.0.1:1',
+      ARGON2_MEMORY_KIB: '64',
+      ARGON2_TIME_COST: '1',
+    },
+    readyUrl: `${origin}/readyz`,
+    cpu: pinning.serverCpu,
+    nodeArgs,
+  });
+  const user = new AppUser(origin);
+  const fileId = await user.setUp(Buffer.alloc(4 * KIB, 'y'), 'small.bin');
+  const { result, window } = await timed(spawned, () =>
+    load({
+      url: `${origin}/api/files/${fileId}/download-token`,
+      method: 'POST',
+      headers: { cookie: user.cookie, 'x-csrf-token': user.csrf },
+      connections: 16,
+      durationS: seconds,
+    }),
+  );
+  return { server, result, name: 'a-mint', window };
+}
+
+async function withClient(run: (client: pg.Client) => Promise<unknown>): Promise<void> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  try {
+    await run(client);
+  } finally {
+    await client.end();
+  }
+}
+
+try {
+  const { server, result, name, window } = await (target === 'mint' ? profileMint() : profileB());
+  process.stderr.write(
+    `${name}: ${Math.round(result.rate)} r/s${result.invalid ? ` [${result.invalid}]` : ''}; ${pinning.note}\n`,
+  );
+  await server.stop();
+
+  const [file] = (await readdir(profileDir)).filter((f) => f.endsWith('.cpuprofile'));
+  if (!file) throw new Error('no profile written');
+  const kept = join(await resultsFolder(), `${name}.cpuprofile`);
+  await rename(join(profileDir, file), kept);
+  // Only the samples taken under load: the start (module loading) and the exit are left out.
+  summarise(JSON.parse(await readFile(kept, 'utf8')) as Profile, window);
+  process.stderr.write(`profile: ${kept}\n`);
+} finally {
+  await stopAll();
+  await rm(dir, { recursive: true, force: true });
+  if (redis) await deleteKeys(redisUrl, prefix);
+  if (target === 'mint')
+    await withClient((client) => client.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`));
+}
+
+interface Profile {
+  nodes: {
+    id: number;
+    callFrame: { functionName: string; url: string; lineNumber: number };
+  }[];
+  samples: number[];
+  timeDeltas: number[];
+}
+
+function summarise(profile: Profile, window: { fromUs: number; toUs: number }) {
+  const byId = new Map(profile.nodes.map((node) => [node.id, node]));
+  const self = new Map<string, number>();
+  const byPackage = new Map<string, number>();
+  let total = 0;
+  let idle = 0;
+  let at = 0;
+  profile.samples.forEach((id, i) => {
+    const delta = profile.timeDeltas[i] ?? 0;
+    at += delta;
+    const node = byId.get(id);
+    if (!node || at < window.fromUs || at > window.toUs) return;
+    total += delta;
+    if (node.callFrame.functionName === '(idle)') idle += delta;
+    const { functionName, url, lineNumber } = node.callFrame;
+    const where = url.replace(/^file:\/\//, '').replace(ROOT, '');
+    const label = `${functionName || '(anonymous)'} ${where ? `${where}:${lineNumber + 1}` : ''}`.trim();
+    self.set(label, (self.get(label) ?? 0) + delta);
+    byPackage.set(group(where, functionName), (byPackage.get(group(where, functionName)) ?? 0) + delta);
+  });
+  const top = (map: Map<string, number>, n: number) =>
+    [...map.entries()]
+      .sort((a, b) => b[1] - a[1])
+      .slice(0, n)
+      .map(([label, us]) => {
+        const ofBusy = label === '(idle)' ? '' : `${((us / (total - idle)) * 100).toFixed(1)}%`;
+        return `| ${((us / total) * 100).toFixed(1)}% | ${ofBusy} | ${(us / 1000).toFixed(0)} ms | ${label} |`;
+      })
+      .join('\n');
+  process.stdout.write(
+    `\nMain thread under load: ${(total / 1e6).toFixed(1)} s sampled, ${((idle / total) * 100).toFixed(0)}% idle (waiting: the thread pool runs WebCrypto and fs work, which this profile does not see)\n\n| self | of busy | time | function |\n|---:|---:|---:|---|\n${top(self, 15)}\n\n| self | of busy | time | group |\n|---:|---:|---:|---|\n${top(byPackage, 15)}\n`,
+  );
+}
+
+function group(where: string, functionName: string): string {
+  if (!where) return functionName.startsWith('(') ? functionName : '(native)';
+  const pkg = /node_modules\/((?:@[^/]+\/)?[^/]+)/.exec(where);
+  if (pkg) return pkg[1] as string;
+  if (where.startsWith('node:')) return where.split('/').slice(0, 2).join('/');
+  return where.split('/').slice(0, 4).join('/');
+}
