@@ -112,6 +112,8 @@ async function profileMint(): Promise<Profiled> {
       DOWNLOAD_PUBLIC_URL: 'http://127.0.0.1:1',
       ARGON2_MEMORY_KIB: '64',
       ARGON2_TIME_COST: '1',
+      // The limit stays on (its count is part of every mint) but never refuses the one user.
+      MINT_RATE_PER_MINUTE: String(2 ** 31 - 1),
     },
     readyUrl: `${origin}/readyz`,
     cpu: pinning.serverCpu,

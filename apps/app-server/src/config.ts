@@ -11,6 +11,8 @@ export const AppEnv = Type.Object({
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://' })),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 100, default: 10 }),
   TOKEN_TTL_SECONDS: Type.Integer({ minimum: 5, maximum: 600, default: 60 }),
+  /** Download tokens a user may mint per minute, counted across replicas; 0: no limit. */
+  MINT_RATE_PER_MINUTE: Type.Integer({ minimum: 0, default: 600 }),
   /** Comma-separated; the first signs cookies, all verify them (rotation). */
   SESSION_SECRET: Type.Optional(Type.String({ pattern: '^[^,]{32,}(,[^,]{32,})*$' })),
   /** 32 random bytes, base64url: encrypts the private signing keys at rest. */

@@ -269,3 +269,67 @@ describe('unknown user and wrong password', () => {
     expect(ratio, `unknown user ${median(unknown)} ms, wrong password ${median(wrong)} ms`).toBeLessThan(2);
   });
 });
+
+describe('minting download tokens (MINT_RATE_PER_MINUTE, counted across replicas)', () => {
+  /** A signed-in user with one uploaded file, on `app`. */
+  async function owner(app: FastifyInstance) {
+    const client = new TestClient(app);
+    const user = await client.register(username(), PASSWORD);
+    const upload = await client.upload('a.txt', 'hello');
+    return { client, user, fileId: upload.json<{ file: { id: string } }>().file.id };
+  }
+  const mint = (client: TestClient, fileId: string) =>
+    client.request({ method: 'POST', url: `/api/files/${fileId}/download-token` });
+
+  it('refuses mints over the limit with 429 and Retry-After up to the next minute, on every replica, for that user only', async () => {
+    const env = { MINT_RATE_PER_MINUTE: '3' };
+    const { app } = await freshApp(env);
+    // A second replica on the same database.
+    const { app: replica } = await buildTestApp(db(), env);
+    const alice = await owner(app);
+    const bob = await owner(app);
+    // Not in the last second of a minute, so that all of this happens within one window.
+    const msIntoMinute = Date.now() % 60_000;
+    if (msIntoMinute > 55_000) await new Promise((resolve) => setTimeout(resolve, 60_500 - msIntoMinute));
+
+    for (let i = 0; i < 3; i++) expect((await mint(alice.client, alice.fileId)).statusCode).toBe(201);
+    const refused = await mint(alice.client, alice.fileId);
+    expect(expectThrottled(refused, 60)).toBeLessThanOrEqual(60);
+    // The same session through another replica: the count is shared.
+    const elsewhere = new TestClient(replica);
+    elsewhere.cookies = alice.client.cookies;
+    elsewhere.csrf = alice.client.csrf;
+    expectThrottled(await mint(elsewhere, alice.fileId), 60);
+    // The page link counts too.
+    expectThrottled(
+      await alice.client.request({ method: 'GET', url: `/files/${alice.fileId}/download` }),
+      60,
+    );
+    // Someone else is not affected.
+    expect((await mint(bob.client, bob.fileId)).statusCode).toBe(201);
+
+    // Next minute (the window moved back by hand rather than waiting): allowed again.
+    await app.db.query("UPDATE mint_counts SET window_start = window_start - interval '1 minute'");
+    expect((await mint(alice.client, alice.fileId)).statusCode).toBe(201);
+  });
+
+  it('a file that is not yours (404) is not counted', async () => {
+    const { app } = await freshApp({ MINT_RATE_PER_MINUTE: '1' });
+    const alice = await owner(app);
+    const bob = await owner(app);
+    for (let i = 0; i < 5; i++) expectError(await mint(bob.client, alice.fileId), 404, 'NOT_FOUND');
+    expect((await mint(bob.client, bob.fileId)).statusCode).toBe(201);
+  });
+
+  it('0 turns the limit off: nothing is counted', async () => {
+    const { app } = await freshApp({ MINT_RATE_PER_MINUTE: '0' });
+    const alice = await owner(app);
+    for (let i = 0; i < 20; i++) expect((await mint(alice.client, alice.fileId)).statusCode).toBe(201);
+    expect(await count(app, 'mint_counts WHERE user_id = $1', [alice.user.id])).toBe(0);
+  });
+
+  it('the default is 600 a minute', async () => {
+    const { config } = await freshApp();
+    expect(config.MINT_RATE_PER_MINUTE).toBe(600);
+  });
+});

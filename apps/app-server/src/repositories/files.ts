@@ -81,6 +81,42 @@ export function filesRepository(db: Pool) {
       return rows[0];
     },
 
+    /**
+     * The user's file for a download token, and in the same statement (one round trip), the
+     * mint counted against the user's limit for the current minute: how many this minute so far,
+     * this one included, and the seconds until the next minute. With `perMinute` 0 nothing is
+     * counted (`minted` 0). No file, no count.
+     */
+    async findForMint(
+      userId: string,
+      id: string,
+      perMinute: number,
+    ): Promise<{ file: FileRecord; minted: number; retryAfterSeconds: number } | undefined> {
+      const { rows } = await db.query<
+        FileRecord & { minted: number | null; retryAfterSeconds: number | null }
+      >(
+        `WITH file AS (
+           SELECT ${COLUMNS} FROM files WHERE id = $1 AND user_id = $2
+         ), counted AS (
+           INSERT INTO mint_counts AS c (user_id, window_start, count)
+           SELECT $2, date_trunc('minute', now()), 1 FROM file WHERE $3::integer > 0
+           ON CONFLICT (user_id) DO UPDATE SET
+             count = CASE WHEN c.window_start = EXCLUDED.window_start THEN c.count + 1 ELSE 1 END,
+             window_start = EXCLUDED.window_start
+           RETURNING c.count, c.window_start
+         )
+         SELECT file.*, counted.count AS minted,
+                ceil(extract(epoch FROM counted.window_start + interval '1 minute' - now()))::integer
+                  AS "retryAfterSeconds"
+           FROM file LEFT JOIN counted ON true`,
+        [id, userId, perMinute],
+      );
+      const row = rows[0];
+      if (!row) return undefined;
+      const { minted, retryAfterSeconds, ...file } = row;
+      return { file, minted: minted ?? 0, retryAfterSeconds: retryAfterSeconds ?? 0 };
+    },
+
     /** Deletes the row and returns it, so the caller can remove the bytes. */
     async deleteForUser(userId: string, id: string): Promise<FileRecord | undefined> {
       const { rows } = await db.query<FileRecord>(

@@ -3,7 +3,7 @@ import type { StoredObject } from '@sfh/storage';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
-import { FileTooLarge, NotFound, QuotaExceeded, ValidationFailed } from '../errors.ts';
+import { FileTooLarge, NotFound, QuotaExceeded, RateLimited, ValidationFailed } from '../errors.ts';
 import type { FileRecord } from '../repositories/files.ts';
 
 export interface FilesOptions {
@@ -11,6 +11,8 @@ export interface FilesOptions {
   /** Bytes a user may store in all; 0: no quota. */
   quotaBytes: number;
   downloadOrigin: string;
+  /** Download tokens a user may mint per minute, across all replicas; 0: no limit. */
+  mintRatePerMinute: number;
 }
 
 export const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
@@ -159,8 +161,14 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
   );
 
   async function mint(userId: string, fileId: string) {
-    const file = await app.repos.files.findForUser(userId, fileId);
-    if (!file) throw new NotFound();
+    const limit = options.mintRatePerMinute;
+    const found = await app.repos.files.findForMint(userId, fileId, limit);
+    if (!found) throw new NotFound();
+    if (limit > 0 && found.minted > limit) {
+      const seconds = Math.max(1, found.retryAfterSeconds);
+      throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
+    }
+    const { file } = found;
     const { token, expiresAt } = await app.tokens.mint(
       {
         fid: file.id,
