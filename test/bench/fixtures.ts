@@ -245,3 +245,30 @@ export class AppUser {
     return ((await upload.json()) as { file: { id: string } }).file.id;
   }
 }
+
+/** How many users share a minting run. */
+export const MINTING_USERS = 32;
+
+/**
+ * `count` users on A, each signed in with one small file uploaded, and their mint requests
+ * taking turns: the load of a minting run, as many users (not one) make it.
+ */
+export async function mintingUsers(origin: string, count: number, bytes: Buffer) {
+  const users = await Promise.all(
+    Array.from({ length: count }, async () => {
+      const user = new AppUser(origin);
+      return { user, fileId: await user.setUp(bytes, 'small.bin') };
+    }),
+  );
+  let turn = 0;
+  return {
+    first: users[0] as { user: AppUser; fileId: string },
+    next() {
+      const { user, fileId } = users[turn++ % users.length] as { user: AppUser; fileId: string };
+      return {
+        path: `/api/files/${fileId}/download-token`,
+        headers: { cookie: user.cookie, 'x-csrf-token': user.csrf },
+      };
+    },
+  };
+}

@@ -247,25 +247,30 @@ export interface LoadOptions {
   durationS: number;
   method?: 'GET' | 'POST';
   headers?: Record<string, string>;
-  /** Path of each request (called once per request): fresh tokens come from here. */
-  nextPath?: () => string;
+  /**
+   * Path (and extra headers) of each request, called once per request: fresh tokens, or the
+   * next of several users, come from here.
+   */
+  next?: () => { path: string; headers?: Record<string, string> };
 }
 
 /** One autocannon run from this process; any non-2xx answer, error or timeout makes it invalid. */
 export async function load(options: LoadOptions): Promise<LoadResult> {
-  const { nextPath } = options;
+  const { next } = options;
   const result = await autocannon({
     url: options.url,
     connections: options.connections,
     duration: options.durationS,
     method: options.method ?? 'GET',
     ...(options.headers ? { headers: options.headers } : {}),
-    ...(nextPath
+    ...(next
       ? {
           requests: [
             {
               setupRequest: (request) => {
-                request.path = nextPath();
+                const { path, headers } = next();
+                request.path = path;
+                if (headers) request.headers = { ...request.headers, ...headers };
                 return request;
               },
             },

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { nanoid } from 'nanoid';
 import pg from 'pg';
 import { APP_SERVER, buildDownloadServer, freePort } from '../support/processes.ts';
-import { AppUser, mintMany, putSmallFile, signingKey, startB } from './fixtures.ts';
+import { MINTING_USERS, mintingUsers, mintMany, putSmallFile, signingKey, startB } from './fixtures.ts';
 import {
   deleteKeys,
   KIB,
@@ -88,7 +88,7 @@ async function profileB(): Promise<Profiled> {
       url: b.origin,
       connections: 16,
       durationS: seconds,
-      nextPath: () => `/d/${tokens[Math.min(next++, tokens.length - 1)]}/small.bin`,
+      next: () => ({ path: `/d/${tokens[Math.min(next++, tokens.length - 1)]}/small.bin` }),
     }),
   );
   if (next > tokens.length) process.stderr.write('tokens ran out: raise PROFILE_RATE\n');
@@ -112,23 +112,16 @@ async function profileMint(): Promise<Profiled> {
       DOWNLOAD_PUBLIC_URL: 'http://127.0.0.1:1',
       ARGON2_MEMORY_KIB: '64',
       ARGON2_TIME_COST: '1',
-      // The limit stays on (its count is part of every mint) but never refuses the one user.
+      // The limit stays on (its count is part of every mint) but never refuses the bench's users.
       MINT_RATE_PER_MINUTE: String(2 ** 31 - 1),
     },
     readyUrl: `${origin}/readyz`,
     cpu: pinning.serverCpu,
     nodeArgs,
   });
-  const user = new AppUser(origin);
-  const fileId = await user.setUp(Buffer.alloc(4 * KIB, 'y'), 'small.bin');
+  const users = await mintingUsers(origin, MINTING_USERS, Buffer.alloc(4 * KIB, 'y'));
   const { result, window } = await timed(spawned, () =>
-    load({
-      url: `${origin}/api/files/${fileId}/download-token`,
-      method: 'POST',
-      headers: { cookie: user.cookie, 'x-csrf-token': user.csrf },
-      connections: 16,
-      durationS: seconds,
-    }),
+    load({ url: origin, method: 'POST', connections: 16, durationS: seconds, next: users.next }),
   );
   return { server, result, name: 'a-mint', window };
 }

@@ -26,8 +26,9 @@ import pg from 'pg';
 import { createTestDatabase } from '../support/database.ts';
 import { APP_SERVER, buildDownloadServer, DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
 import {
-  AppUser,
   type BProcess,
+  MINTING_USERS,
+  mintingUsers,
   mintMany,
   mintOne,
   putLargeFile,
@@ -426,12 +427,12 @@ async function bSmall(b: BProcess, limit: number) {
           url: b.origin,
           connections: config.connections,
           durationS,
-          nextPath: () => {
+          next: () => {
             if (next >= tokens.length) {
               exhausted = true;
-              return `/d/${tokens[tokens.length - 1]}/small.bin`;
+              return { path: `/d/${tokens[tokens.length - 1]}/small.bin` };
             }
-            return `/d/${tokens[next++]}/small.bin`;
+            return { path: `/d/${tokens[next++]}/small.bin` };
           },
         }),
       );
@@ -688,7 +689,7 @@ async function appScenario(
         APP_PORT: String(appPort),
         ARGON2_MEMORY_KIB: '64',
         ARGON2_TIME_COST: '1',
-        // The limit stays on (its count is part of every mint) but never refuses the one user.
+        // The limit stays on (its count is part of every mint) but never refuses the bench's users.
         MINT_RATE_PER_MINUTE: String(2 ** 31 - 1),
       },
       readyUrl: `${appOrigin}/readyz`,
@@ -707,15 +708,14 @@ async function appScenario(
       cpu,
     });
     servers.push(b);
-    const user = new AppUser(appOrigin);
-    const fileId = await user.setUp(Buffer.alloc(config.smallBytes, 'y'), 'small.bin');
+    const users = await mintingUsers(appOrigin, MINTING_USERS, Buffer.alloc(config.smallBytes, 'y'));
 
     if (config.only.includes('mint')) {
       log(`minting: POST /api/files/:id/download-token on ${database}`);
       const options = (durationS: number): LoadOptions => ({
-        url: `${appOrigin}/api/files/${fileId}/download-token`,
+        url: appOrigin,
         method: 'POST',
-        headers: { cookie: user.cookie, 'x-csrf-token': user.csrf },
+        next: users.next,
         connections: config.connections,
         durationS,
       });
@@ -741,6 +741,7 @@ async function appScenario(
 
     if (config.only.includes('e2e')) {
       log(`end to end: ${config.clicks} sequential clicks (${database})`);
+      const { user, fileId } = users.first;
       const times = await clicks(appOrigin, `/files/${fileId}/download`, user.cookie);
       record(
         'e2e',
