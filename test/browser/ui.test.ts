@@ -1,18 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { copyFile, cp, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { copyFile, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { type Browser, type BrowserContext, chromium, type Download, type Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import {
-  APP_SERVER,
-  DOWNLOAD_SERVER,
-  freePort,
-  type ServerProcess,
-  startServer,
-} from '../support/processes.ts';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type Stack, startStack } from '../support/stack.ts';
 
 // Debian's Chromium (`apt-get install -y chromium`); playwright's own browser builds cannot be
 // downloaded here. Without it the suite is skipped on a developer machine, and fails in CI.
@@ -49,9 +42,7 @@ describe.skipIf(!existsSync(CHROMIUM) && !process.env.CI)(
   'the web UI in Chromium',
   { timeout: 90_000 },
   () => {
-    let dataDir: string;
-    let a: ServerProcess;
-    let b: ServerProcess;
+    let stack: Stack;
     let app: string;
     let downloadOrigin: string;
     let browser: Browser;
@@ -103,42 +94,20 @@ describe.skipIf(!existsSync(CHROMIUM) && !process.env.CI)(
 
     beforeAll(async () => {
       await mkdir(ARTIFACTS, { recursive: true });
-      dataDir = await mkdtemp(join(tmpdir(), 'sfh-ui-'));
-      await cp(inject('pgliteTemplate'), join(dataDir, 'pg'), { recursive: true });
-      const [appPort, downloadPort] = [await freePort(), await freePort()];
-      app = `http://127.0.0.1:${appPort}`;
-      downloadOrigin = `http://127.0.0.1:${downloadPort}`;
-      const shared = { DATA_DIR: dataDir, APP_PUBLIC_URL: app, DOWNLOAD_PUBLIC_URL: downloadOrigin };
-      [a, b, browser] = await Promise.all([
-        startServer(
-          APP_SERVER,
-          {
-            ...shared,
-            APP_PORT: String(appPort),
-            ARGON2_MEMORY_KIB: '64',
-            ARGON2_TIME_COST: '1',
-            MAX_UPLOAD_BYTES: String(MAX_UPLOAD_BYTES),
-            LOG_LEVEL: 'info',
-          },
-          `${app}/readyz`,
-        ),
-        startServer(
-          DOWNLOAD_SERVER,
-          { ...shared, DOWNLOAD_PORT: String(downloadPort) },
-          `${downloadOrigin}/readyz`,
-        ),
+      [stack, browser] = await Promise.all([
+        startStack({ appEnv: { MAX_UPLOAD_BYTES: String(MAX_UPLOAD_BYTES), LOG_LEVEL: 'info' } }),
         chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS }),
       ]);
+      ({ appOrigin: app, downloadOrigin } = stack);
       main = await newContext();
       page = await main.newPage();
     }, 120_000);
 
     afterAll(async () => {
       await browser?.close();
-      await Promise.all([a?.stop(), b?.stop()]);
+      await stack?.stop();
       // For a failed run: what A logged (one line per request and every refusal).
-      if (a) await writeFile(join(ARTIFACTS, 'ui-app-server.log'), a.output());
-      await rm(dataDir, { recursive: true, force: true });
+      if (stack) await writeFile(join(ARTIFACTS, 'ui-app-server.log'), stack.a.output());
     });
 
     it('registers, signs in, uploads two files through the page and lists them', async () => {

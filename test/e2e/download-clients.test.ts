@@ -8,18 +8,13 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionClient } from '../support/http-client.ts';
-import {
-  APP_SERVER,
-  DOWNLOAD_SERVER,
-  freePort,
-  type ServerProcess,
-  startServer,
-} from '../support/processes.ts';
+import type { ServerProcess } from '../support/processes.ts';
+import { type Stack, startStack } from '../support/stack.ts';
 
 const CURL = '/usr/bin/curl';
 const WGET = '/usr/bin/wget';
@@ -53,9 +48,8 @@ const clientsInstalled = existsSync(CURL) && existsSync(WGET);
 describe.skipIf(!clientsInstalled && !process.env.CI)(
   'real clients resume downloads across single-use tokens',
   () => {
-    let dataDir: string;
+    let stack: Stack;
     let work: string;
-    let a: ServerProcess;
     let b: ServerProcess;
     let appOrigin: string;
     let downloadOrigin: string;
@@ -64,32 +58,9 @@ describe.skipIf(!clientsInstalled && !process.env.CI)(
     const original = randomBytes(5 * MIB);
 
     beforeAll(async () => {
-      dataDir = await mkdtemp(join(tmpdir(), 'sfh-e2e-clients-'));
       work = await mkdtemp(join(tmpdir(), 'sfh-e2e-clients-work-'));
-      const [appPort, downloadPort] = [await freePort(), await freePort()];
-      appOrigin = `http://127.0.0.1:${appPort}`;
-      downloadOrigin = `http://127.0.0.1:${downloadPort}`;
-      const shared = { DATA_DIR: dataDir, APP_PUBLIC_URL: appOrigin, DOWNLOAD_PUBLIC_URL: downloadOrigin };
-      // An initialised data folder, so the test does not wait for initdb.
-      await cp(inject('pgliteTemplate'), join(dataDir, 'pg'), { recursive: true });
-      [a, b] = await Promise.all([
-        startServer(
-          APP_SERVER,
-          { ...shared, APP_PORT: String(appPort), ARGON2_MEMORY_KIB: '64', ARGON2_TIME_COST: '1' },
-          `${appOrigin}/readyz`,
-        ),
-        startServer(
-          DOWNLOAD_SERVER,
-          { ...shared, DOWNLOAD_PORT: String(downloadPort) },
-          `${downloadOrigin}/healthz`,
-        ),
-      ]);
-      // B may start before A's JWKS answers; it is ready once it has read the keys.
-      const deadline = Date.now() + 30_000;
-      while ((await fetch(`${downloadOrigin}/readyz`)).status !== 200) {
-        if (Date.now() > deadline) throw new Error(`B never became ready:\n${b.output()}`);
-        await new Promise((resolve) => setTimeout(resolve, 200));
-      }
+      stack = await startStack();
+      ({ b, appOrigin, downloadOrigin } = stack);
 
       user = new SessionClient(appOrigin);
       const credentials = JSON.stringify({ username: USERNAME, password: PASSWORD });
@@ -139,8 +110,7 @@ describe.skipIf(!clientsInstalled && !process.env.CI)(
     }, 120_000);
 
     afterAll(async () => {
-      await Promise.all([a?.stop(), b?.stop()]);
-      await rm(dataDir, { recursive: true, force: true });
+      await stack?.stop();
       await rm(work, { recursive: true, force: true });
     });
 

@@ -6,108 +6,22 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { mkdtemp, open, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { open, truncate } from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
-import { type FileClaims, signDownloadToken } from '@sfh/download-token';
-import { LocalDiskStore } from '@sfh/storage';
-import { type CryptoKey, exportJWK, generateKeyPair } from 'jose';
-import { nanoid } from 'nanoid';
+import type { FileClaims } from '@sfh/download-token';
+import { generateKeyPair } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+import { type B, startB } from '../support/download-server-alone.ts';
+import { openFds } from '../support/process-stats.ts';
 
-const APP_PUBLIC_URL = 'http://a.test';
 const KIB = 1024;
 const MIB = 1024 * KIB;
 const GIB = 1024 * MIB;
 
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** One B process with its own data dir, key, store, and a record of every token it was shown. */
-interface B {
-  server: ServerProcess;
-  origin: string;
-  dir: string;
-  store: LocalDiskStore;
-  storageDir: string;
-  /** Every token minted or sent to this B, so the log check covers them all. */
-  tokens: string[];
-  put(bytes: Buffer, name?: string): Promise<FileClaims>;
-  mint(file: FileClaims, options?: { now?: Date; key?: CryptoKey }): Promise<string>;
-  url(token: string): string;
-  stop(): Promise<void>;
-}
-
-async function startB(env: Record<string, string> = {}): Promise<B> {
-  const dir = await mkdtemp(join(tmpdir(), 'sfh-e2e-b-'));
-  const storageDir = join(dir, 'objects');
-  const { privateKey, publicKey } = await generateKeyPair('EdDSA', { extractable: true });
-  const kid = `k-${nanoid(8)}`;
-  const jwksFile = join(dir, 'jwks.json');
-  await writeFile(
-    jwksFile,
-    JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid, alg: 'EdDSA', use: 'sig' }] }),
-  );
-  const port = await freePort();
-  const origin = `http://127.0.0.1:${port}`;
-  const server = await startServer(
-    DOWNLOAD_SERVER,
-    {
-      DATA_DIR: join(dir, 'data'),
-      STORAGE_DIR: storageDir,
-      JWKS_FILE: jwksFile,
-      APP_PUBLIC_URL,
-      DOWNLOAD_PUBLIC_URL: origin,
-      DOWNLOAD_PORT: String(port),
-      LOG_LEVEL: 'info',
-      ...env,
-    },
-    `${origin}/readyz`,
-  );
-  const store = new LocalDiskStore(storageDir);
-  const tokens: string[] = [];
-  return {
-    server,
-    origin,
-    dir,
-    store,
-    storageDir,
-    tokens,
-    async put(bytes, name = 'file.bin') {
-      const stored = await store.put(Readable.from(bytes.length > 0 ? [bytes] : []));
-      return {
-        fid: nanoid(),
-        obj: stored.id,
-        name,
-        ctype: 'application/octet-stream',
-        size: stored.size,
-        sha256: stored.sha256,
-      };
-    },
-    async mint(file, options = {}) {
-      const { token } = await signDownloadToken(file, {
-        key: options.key ?? privateKey,
-        kid,
-        issuer: APP_PUBLIC_URL,
-        audience: origin,
-        subject: 'user-1',
-        ttlSeconds: 60,
-        ...(options.now ? { now: options.now } : {}),
-      });
-      tokens.push(token);
-      return token;
-    },
-    url: (token) => `${origin}/d/${token}`,
-    async stop() {
-      await server.stop();
-      await rm(dir, { recursive: true, force: true });
-    },
-  };
-}
 
 /** Waits until B has written `count` more request log lines than `before` (logs follow responses). */
 async function logLines(b: B, before: number, count: number): Promise<void> {
@@ -129,8 +43,6 @@ function metric(text: string, series: string): number | undefined {
   }
   return undefined;
 }
-
-const openFds = (pid: number) => readdir(`/proc/${pid}/fd`).then((fds) => fds.length);
 
 /** GETs `url` with node:http, reads the first chunk of the body, then tears the connection down. */
 function abortAfterFirstChunk(url: string): Promise<void> {

@@ -16,33 +16,24 @@
  */
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { cp, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, rm, stat } from 'node:fs/promises';
 import { get, type IncomingHttpHeaders, type IncomingMessage, request } from 'node:http';
 import { createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
-import { type FileClaims, signDownloadToken } from '@sfh/download-token';
-import { LocalDiskStore } from '@sfh/storage';
-import { exportJWK, generateKeyPair } from 'jose';
-import { nanoid } from 'nanoid';
+import type { FileClaims } from '@sfh/download-token';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import {
-  APP_SERVER,
-  DOWNLOAD_SERVER,
-  freePort,
-  type ServerProcess,
-  startServer,
-} from '../support/processes.ts';
+import { type B, startB } from '../support/download-server-alone.ts';
+import { openFds, rss } from '../support/process-stats.ts';
+import { APP_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+import { CHEAP_PASSWORDS, type Stack, startStack } from '../support/stack.ts';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
 const CI = Boolean(process.env.CI);
 const PASSWORD = 'correct horse battery';
-/** A's argon2 cost lowered, as in the other end-to-end tests. */
-const CHEAP_PASSWORDS = { ARGON2_MEMORY_KIB: '64', ARGON2_TIME_COST: '1' };
 
 const run = promisify(execFile);
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -235,14 +226,6 @@ const tempFiles = (storageDir: string) => readdir(join(storageDir, '.tmp')).catc
 async function allFiles(dir: string): Promise<string[]> {
   const entries = await readdir(dir, { recursive: true, withFileTypes: true });
   return entries.filter((entry) => entry.isFile()).map((entry) => join(entry.parentPath, entry.name));
-}
-
-const openFds = (pid: number) => readdir(`/proc/${pid}/fd`).then((fds) => fds.length);
-
-/** Resident set size of a process, in bytes. */
-async function rss(pid: number): Promise<number> {
-  const status = await readFile(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1] ?? Number.NaN) * KIB;
 }
 
 /** Milliseconds `task` took, with its result. */
@@ -542,9 +525,8 @@ function slowDownload(url: string) {
 }
 
 describe('SIGTERM to A and B while an upload and a download are in flight', () => {
-  let dataDir: string;
+  let stack: Stack;
   let storageDir: string;
-  let appPort: number;
   let appOrigin: string;
   let downloadOrigin: string;
   let a: ServerProcess;
@@ -552,38 +534,22 @@ describe('SIGTERM to A and B while an upload and a download are in flight', () =
   let restarted: ServerProcess | undefined;
   const grace = 10;
 
-  const startA = () =>
-    startEmbeddedA(dataDir, appPort, {
-      DOWNLOAD_PUBLIC_URL: downloadOrigin,
-      SHUTDOWN_GRACE_SECONDS: String(grace),
-    });
+  /** A again, on the same port and data. */
+  const startA = () => startServer(APP_SERVER, stack.appEnv, `${appOrigin}/readyz`);
 
   beforeAll(async () => {
-    dataDir = await mkdtemp(join(tmpdir(), 'sfh-fault-term-'));
-    storageDir = join(dataDir, 'files');
-    appPort = await freePort();
-    const downloadPort = await freePort();
-    appOrigin = origin(appPort);
-    downloadOrigin = origin(downloadPort);
-    a = await startA();
-    b = await startServer(
-      DOWNLOAD_SERVER,
-      {
-        DATA_DIR: dataDir,
-        DOWNLOAD_PORT: String(downloadPort),
-        APP_PUBLIC_URL: appOrigin,
-        DOWNLOAD_PUBLIC_URL: downloadOrigin,
-        SHUTDOWN_GRACE_SECONDS: String(grace),
-        // Request lines (with their response times) show the download was still being sent.
-        LOG_LEVEL: 'info',
-      },
-      `${downloadOrigin}/readyz`,
-    );
+    stack = await startStack({
+      env: { SHUTDOWN_GRACE_SECONDS: String(grace) },
+      // Request lines (with their response times) show the download was still being sent.
+      downloadEnv: { LOG_LEVEL: 'info' },
+    });
+    ({ a, b, appOrigin, downloadOrigin } = stack);
+    storageDir = join(stack.dataDir, 'files');
   }, 120_000);
 
   afterAll(async () => {
-    await Promise.all([a?.stop(), b?.stop(), restarted?.stop()]);
-    await rm(dataDir, { recursive: true, force: true });
+    await restarted?.stop();
+    await stack?.stop();
   });
 
   it('both stop accepting, finish the transfers, exit 0 and leave no temp files', async () => {
@@ -855,65 +821,22 @@ describe('1,000 clients that abort mid-upload', () => {
 // ---------------------------------------------------------------------------------------------
 
 describe('clocks of A and B apart (CLOCK_TOLERANCE_SECONDS=5)', () => {
-  const issuer = 'http://a.test';
-  let dir: string;
+  let lone: B;
   let b: ServerProcess;
   let downloadOrigin: string;
   let file: FileClaims;
   let mint: (aheadSeconds: number) => Promise<string>;
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), 'sfh-fault-skew-'));
-    const storageDir = join(dir, 'objects');
-    const { privateKey, publicKey } = await generateKeyPair('EdDSA', { extractable: true });
-    const kid = `k-${nanoid(8)}`;
-    const jwksFile = join(dir, 'jwks.json');
-    await writeFile(
-      jwksFile,
-      JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid, alg: 'EdDSA', use: 'sig' }] }),
-    );
-    const port = await freePort();
-    downloadOrigin = origin(port);
-    b = await startServer(
-      DOWNLOAD_SERVER,
-      {
-        DATA_DIR: join(dir, 'data'),
-        STORAGE_DIR: storageDir,
-        JWKS_FILE: jwksFile,
-        APP_PUBLIC_URL: issuer,
-        DOWNLOAD_PUBLIC_URL: downloadOrigin,
-        DOWNLOAD_PORT: String(port),
-        CLOCK_TOLERANCE_SECONDS: '5',
-      },
-      `${downloadOrigin}/readyz`,
-    );
-    const stored = await new LocalDiskStore(storageDir).put(Readable.from([randomBytes(4 * KIB)]));
-    file = {
-      fid: nanoid(),
-      obj: stored.id,
-      name: 'skew.bin',
-      ctype: 'application/octet-stream',
-      size: stored.size,
-      sha256: stored.sha256,
-    };
+    lone = await startB({ CLOCK_TOLERANCE_SECONDS: '5' });
+    ({ server: b, origin: downloadOrigin } = lone);
+    file = await lone.put(randomBytes(4 * KIB), 'skew.bin');
     // A's clock is B's plus `aheadSeconds` (negative: behind).
-    mint = async (aheadSeconds) => {
-      const { token } = await signDownloadToken(file, {
-        key: privateKey,
-        kid,
-        issuer,
-        audience: downloadOrigin,
-        subject: 'user-1',
-        ttlSeconds: 60,
-        now: new Date(Date.now() + aheadSeconds * 1000),
-      });
-      return token;
-    };
+    mint = (aheadSeconds) => lone.mint(file, { now: new Date(Date.now() + aheadSeconds * 1000) });
   }, 60_000);
 
   afterAll(async () => {
-    await b?.stop();
-    await rm(dir, { recursive: true, force: true });
+    await lone?.stop();
   });
 
   const skewLines = () =>

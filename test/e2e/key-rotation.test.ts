@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { cp, mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,15 +13,10 @@ import {
   type JWK,
   SignJWT,
 } from 'jose';
-import { afterAll, beforeAll, beforeEach, describe, expect, inject, it } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { SessionClient } from '../support/http-client.ts';
-import {
-  APP_SERVER,
-  DOWNLOAD_SERVER,
-  freePort,
-  type ServerProcess,
-  startServer,
-} from '../support/processes.ts';
+import { DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+import { type Stack, startStack } from '../support/stack.ts';
 
 // Issue 5's proof: A and B as real processes on embedded PGlite, keys rotated and revoked through
 // the ops CLI (which reaches A's database through A's socket) while downloads run.
@@ -55,6 +50,7 @@ interface Minted {
 }
 
 describe('signing keys rotate and revoke while downloads run (A and B as processes)', () => {
+  let stack: Stack;
   let dataDir: string;
   let b2DataDir: string | undefined;
   let a: ServerProcess | undefined;
@@ -139,32 +135,15 @@ describe('signing keys rotate and revoke while downloads run (A and B as process
   }
 
   beforeAll(async () => {
-    dataDir = await mkdtemp(join(tmpdir(), 'sfh-keys-'));
-    const [appPort, downloadPort] = [await freePort(), await freePort()];
-    appOrigin = `http://127.0.0.1:${appPort}`;
-    downloadOrigin = `http://127.0.0.1:${downloadPort}`;
-    const shared = {
-      DATA_DIR: dataDir,
-      APP_PUBLIC_URL: appOrigin,
-      DOWNLOAD_PUBLIC_URL: downloadOrigin,
-      JWKS_REFRESH_SECONDS: String(REFRESH_SECONDS),
-    };
-    await cp(inject('pgliteTemplate'), join(dataDir, 'pg'), { recursive: true });
-    appEnv = {
-      ...shared,
-      APP_PORT: String(appPort),
-      TOKEN_TTL_SECONDS: '30',
-      ARGON2_MEMORY_KIB: '64',
-      ARGON2_TIME_COST: '1',
-      // This test mints far more than a person would; the per-user mint limit is not its subject.
-      MINT_RATE_PER_MINUTE: '0',
-    };
-    a = await startServer(APP_SERVER, appEnv, `${appOrigin}/readyz`);
-    b = await startServer(
-      DOWNLOAD_SERVER,
-      { ...shared, DOWNLOAD_PORT: String(downloadPort) },
-      `${downloadOrigin}/readyz`,
-    );
+    stack = await startStack({
+      env: { JWKS_REFRESH_SECONDS: String(REFRESH_SECONDS) },
+      appEnv: {
+        TOKEN_TTL_SECONDS: '30',
+        // This test mints far more than a person would; the per-user mint limit is not its subject.
+        MINT_RATE_PER_MINUTE: '0',
+      },
+    });
+    ({ dataDir, a, b, appOrigin, downloadOrigin, appEnv } = stack);
 
     user = new SessionClient(appOrigin);
     const register = await user.fetch('/api/auth/register', {
@@ -199,8 +178,9 @@ describe('signing keys rotate and revoke while downloads run (A and B as process
   });
 
   afterAll(async () => {
-    await Promise.all([a?.stop(), b?.stop(), b2?.stop()]);
-    await rm(dataDir, { recursive: true, force: true });
+    // b2 reads from the stack's data folder: stopped before that goes.
+    await b2?.stop();
+    await stack?.stop();
     if (b2DataDir) await rm(b2DataDir, { recursive: true, force: true });
   });
 

@@ -8,11 +8,9 @@
  * Runs when TEST_DATABASE_URL is set (CI sets it); Redis from TEST_REDIS_URL, else the local one.
  * The Redis outage case runs its own throwaway redis-server on a free port and kills it.
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
-import { once } from 'node:events';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -27,6 +25,8 @@ import {
   type ServerProcess,
   startServer,
 } from '../support/processes.ts';
+import { killRedis, startRedis } from '../support/redis.ts';
+import { CHEAP_PASSWORDS } from '../support/stack.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -91,40 +91,6 @@ async function pool<T>(count: number, limit: number, task: (i: number) => Promis
   return results;
 }
 
-function portAnswers(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(port, '127.0.0.1');
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once('error', () => resolve(false));
-  });
-}
-
-/** A throwaway redis-server on `port`: no persistence, so a restart starts empty. */
-async function startRedis(port: number): Promise<ChildProcess> {
-  const child = spawn(
-    'redis-server',
-    ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'],
-    { stdio: 'ignore' },
-  );
-  const deadline = Date.now() + 10_000;
-  while (!(await portAnswers(port))) {
-    if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
-    if (Date.now() > deadline) throw new Error(`redis-server did not listen on ${port}`);
-    await sleep(25);
-  }
-  return child;
-}
-
-async function killHard(child: ChildProcess | undefined): Promise<void> {
-  if (!child || child.exitCode !== null || child.signalCode !== null) return;
-  const exited = once(child, 'exit');
-  child.kill('SIGKILL');
-  await exited;
-}
-
 describe.skipIf(!process.env.TEST_DATABASE_URL)(
   'scale-out: two A on one Postgres, two B on one Redis',
   () => {
@@ -132,7 +98,6 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
     let storageDir: string;
     let db: TestDatabase;
     const processes: ServerProcess[] = [];
-    const redisChildren: ChildProcess[] = [];
     let a1: string;
     let a2: string;
     let b1: string;
@@ -164,8 +129,7 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
           DATABASE_URL: databaseUrl,
           SESSION_SECRET: sessionSecret,
           APP_PORT: String(port),
-          ARGON2_MEMORY_KIB: '64',
-          ARGON2_TIME_COST: '1',
+          ...CHEAP_PASSWORDS,
         },
         `${origin(port)}/readyz`,
       );
@@ -238,7 +202,6 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
 
     afterAll(async () => {
       await Promise.all(processes.map((server) => server.stop()));
-      await Promise.all(redisChildren.map((child) => killHard(child)));
       await db?.close();
       // The replay keys would expire on their own; remove them now.
       const redis = new Redis(REDIS_URL, { lazyConnect: true, retryStrategy: () => null });
@@ -455,7 +418,6 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
       const redisPort = await freePort();
       const redisUrl = `redis://127.0.0.1:${redisPort}`;
       let redis = await startRedis(redisPort);
-      redisChildren.push(redis);
       const [pb3, pb4] = [await freePort(), await freePort()];
       const [b3, b4] = [origin(pb3), origin(pb4)];
       const [server3, server4] = await Promise.all([startB(pb3, redisUrl), startB(pb4, redisUrl)]);
@@ -466,7 +428,7 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
         expect(sha256(download.bytes)).toBe(sha256(fileBytes));
       }
 
-      await killHard(redis);
+      await killRedis(redis);
       for (const replica of [b3, b4]) {
         const response = await fetch(onReplica(await mint(owner, a2), replica));
         const body = Buffer.from(await response.arrayBuffer());
@@ -482,7 +444,6 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
       }
 
       redis = await startRedis(redisPort);
-      redisChildren.push(redis);
       const restarted = performance.now();
       const deadline = Date.now() + 10_000;
       const recovered = new Set<string>();

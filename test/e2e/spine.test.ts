@@ -1,69 +1,31 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { cp, mkdtemp, readdir, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import { createTestDatabase, type TestDatabase } from '../support/database.ts';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionClient } from '../support/http-client.ts';
-import {
-  APP_SERVER,
-  DOWNLOAD_SERVER,
-  freePort,
-  type ServerProcess,
-  startServer,
-} from '../support/processes.ts';
+import type { ServerProcess } from '../support/processes.ts';
+import { type Stack, startStack } from '../support/stack.ts';
 
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
 // The whole path with both servers as real processes: embedded PGlite always (what `npm start`
 // runs), and the real Postgres as well when TEST_DATABASE_URL is set (CI).
-const databases = ['embedded', ...(process.env.TEST_DATABASE_URL ? ['postgres'] : [])] as const;
+const databases = ['embedded', ...(process.env.TEST_DATABASE_URL ? (['postgres'] as const) : [])] as const;
 
 describe.each(databases)('sign in on A, download once from B (%s database)', (database) => {
+  let stack: Stack;
   let dataDir: string;
-  let db: TestDatabase | undefined;
   let a: ServerProcess;
   let b: ServerProcess;
   let appOrigin: string;
   let downloadOrigin: string;
 
   beforeAll(async () => {
-    dataDir = await mkdtemp(join(tmpdir(), 'sfh-e2e-'));
-    const [appPort, downloadPort] = [await freePort(), await freePort()];
-    appOrigin = `http://127.0.0.1:${appPort}`;
-    downloadOrigin = `http://127.0.0.1:${downloadPort}`;
-    const shared = { DATA_DIR: dataDir, APP_PUBLIC_URL: appOrigin, DOWNLOAD_PUBLIC_URL: downloadOrigin };
-    const databaseEnv: Record<string, string> = {};
-    if (database === 'postgres') {
-      db = await createTestDatabase();
-      databaseEnv.DATABASE_URL = db.url;
-    } else {
-      // An initialised data folder, so the test does not wait for initdb.
-      await cp(inject('pgliteTemplate'), join(dataDir, 'pg'), { recursive: true });
-    }
-    a = await startServer(
-      APP_SERVER,
-      {
-        ...shared,
-        ...databaseEnv,
-        APP_PORT: String(appPort),
-        ARGON2_MEMORY_KIB: '64',
-        ARGON2_TIME_COST: '1',
-      },
-      `${appOrigin}/readyz`,
-    );
-    b = await startServer(
-      DOWNLOAD_SERVER,
-      { ...shared, DOWNLOAD_PORT: String(downloadPort) },
-      `${downloadOrigin}/readyz`,
-    );
+    stack = await startStack({ database });
+    ({ dataDir, a, b, appOrigin, downloadOrigin } = stack);
   }, 120_000);
 
-  afterAll(async () => {
-    await Promise.all([a?.stop(), b?.stop()]);
-    await db?.close();
-    await rm(dataDir, { recursive: true, force: true });
-  });
+  afterAll(() => stack?.stop());
 
   it('register → login → upload → mint → download → compare bytes → reuse is refused', async () => {
     const user = new SessionClient(appOrigin);

@@ -10,18 +10,12 @@
  * RSS after start-up plus the same margin.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { cp, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
-import { createTestDatabase, type TestDatabase } from '../support/database.ts';
-import {
-  APP_SERVER,
-  DOWNLOAD_SERVER,
-  freePort,
-  type ServerProcess,
-  startServer,
-} from '../support/processes.ts';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { rss } from '../support/process-stats.ts';
+import type { ServerProcess } from '../support/processes.ts';
+import { type Stack, startStack } from '../support/stack.ts';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
@@ -38,13 +32,7 @@ const PASSWORD = 'correct horse battery';
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
-const origin = (port: number) => `http://127.0.0.1:${port}`;
 const mib = (bytes: number) => `${(bytes / MIB).toFixed(0)} MiB`;
-
-async function rss(pid: number): Promise<number> {
-  const status = await readFile(`/proc/${pid}/status`, 'utf8');
-  return Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1] ?? Number.NaN) * KIB;
-}
 
 function percentile(sorted: number[], p: number): number {
   if (sorted.length === 0) return Number.NaN;
@@ -97,59 +85,25 @@ class Client {
 describe.skipIf(!process.env.SFH_SOAK)(
   `soak: ${DOWNLOADERS} downloads and ${UPLOADERS} uploads at once`,
   () => {
-    const database = process.env.TEST_DATABASE_URL ? 'Postgres' : 'embedded PGlite';
-    let dataDir: string;
+    const onPostgres = Boolean(process.env.TEST_DATABASE_URL);
+    const database = onPostgres ? 'Postgres' : 'embedded PGlite';
+    let stack: Stack;
     let storageDir: string;
-    let db: TestDatabase | undefined;
     let a: ServerProcess;
     let b: ServerProcess;
     let appOrigin: string;
-    let downloadOrigin: string;
 
     beforeAll(async () => {
-      dataDir = await mkdtemp(join(tmpdir(), 'sfh-soak-'));
-      storageDir = join(dataDir, 'files');
-      const [appPort, downloadPort] = [await freePort(), await freePort()];
-      appOrigin = origin(appPort);
-      downloadOrigin = origin(downloadPort);
-      const shared = {
-        STORAGE_DIR: storageDir,
-        APP_PUBLIC_URL: appOrigin,
-        DOWNLOAD_PUBLIC_URL: downloadOrigin,
-      };
-      const databaseEnv: Record<string, string> = {};
-      if (process.env.TEST_DATABASE_URL) {
-        db = await createTestDatabase();
-        databaseEnv.DATABASE_URL = db.url;
-      } else {
-        await cp(inject('pgliteTemplate'), join(dataDir, 'a', 'pg'), { recursive: true });
-      }
-      a = await startServer(
-        APP_SERVER,
-        {
-          ...shared,
-          ...databaseEnv,
-          DATA_DIR: join(dataDir, 'a'),
-          APP_PORT: String(appPort),
-          // Thousands of tokens a minute for one user: the per-user mint limit would be the test.
-          MINT_RATE_PER_MINUTE: '0',
-          ARGON2_MEMORY_KIB: '64',
-          ARGON2_TIME_COST: '1',
-        },
-        `${appOrigin}/readyz`,
-      );
-      b = await startServer(
-        DOWNLOAD_SERVER,
-        { ...shared, DATA_DIR: join(dataDir, 'b'), DOWNLOAD_PORT: String(downloadPort) },
-        `${downloadOrigin}/readyz`,
-      );
+      stack = await startStack({
+        database: onPostgres ? 'postgres' : 'embedded',
+        // Thousands of tokens a minute for one user: the per-user mint limit would be the test.
+        appEnv: { MINT_RATE_PER_MINUTE: '0' },
+      });
+      ({ a, b, appOrigin } = stack);
+      storageDir = join(stack.dataDir, 'files');
     }, 120_000);
 
-    afterAll(async () => {
-      await Promise.all([a?.stop(), b?.stop()]);
-      await db?.close();
-      if (dataDir) await rm(dataDir, { recursive: true, force: true });
-    });
+    afterAll(() => stack?.stop());
 
     it(`no errors and bounded memory for ${SOAK_SECONDS} s`, async () => {
       const owner = await Client.signUp(appOrigin, 'soak-owner');
@@ -164,7 +118,7 @@ describe.skipIf(!process.env.SFH_SOAK)(
 
       const pids = { a: a.child.pid as number, b: b.child.pid as number };
       const startRss = { a: await rss(pids.a), b: await rss(pids.b) };
-      const limit = { a: db ? RSS_LIMIT : startRss.a + RSS_LIMIT, b: RSS_LIMIT };
+      const limit = { a: onPostgres ? RSS_LIMIT : startRss.a + RSS_LIMIT, b: RSS_LIMIT };
       const peak = { ...startRss };
       const sampler = setInterval(async () => {
         for (const server of ['a', 'b'] as const) {

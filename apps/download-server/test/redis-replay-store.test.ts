@@ -8,13 +8,13 @@
  * A developer machine without Redis skips the suite; with CI or TEST_REDIS_URL set, a missing
  * Redis fails it.
  */
-import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { once } from 'node:events';
-import { connect, createServer } from 'node:net';
+import { spawnSync } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Redis } from 'ioredis';
 import { nanoid } from 'nanoid';
 import { beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
+import { freePort } from '../../../test/support/processes.ts';
+import { killRedis, startRedis } from '../../../test/support/redis.ts';
 import { RedisReplayStore, type RedisReplayStoreOptions } from '../src/redis-replay-store.ts';
 import { replayStoreContract } from './replay-store.contract.ts';
 
@@ -68,51 +68,6 @@ function adminClient(url: string): Redis {
     client.disconnect();
   });
   return client;
-}
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const address = server.address();
-  if (!address || typeof address === 'string') throw new Error('no port');
-  await new Promise((resolve) => server.close(resolve));
-  return address.port;
-}
-
-function portAnswers(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = connect(port, '127.0.0.1');
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once('error', () => resolve(false));
-  });
-}
-
-/** A throwaway redis-server on `port` (no persistence), killed when the test ends. */
-async function startRedis(port: number, extraArgs: string[] = []): Promise<ChildProcess> {
-  const child = spawn(
-    'redis-server',
-    ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', ...extraArgs],
-    { stdio: 'ignore' },
-  );
-  onTestFinished(() => kill(child));
-  const deadline = Date.now() + 5_000;
-  while (!(await portAnswers(port))) {
-    if (child.exitCode !== null) throw new Error(`redis-server exited with ${child.exitCode}`);
-    if (Date.now() > deadline) throw new Error(`redis-server did not listen on ${port}`);
-    await sleep(25);
-  }
-  return child;
-}
-
-async function kill(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = once(child, 'exit');
-  child.kill('SIGKILL');
-  await exited;
 }
 
 /** Resolves with how long `promise` took to reject; fails the test if it resolves. */
@@ -181,7 +136,7 @@ describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore when Red
     const store = await openStore({ url, log });
     expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
 
-    await kill(server);
+    await killRedis(server);
     const jti = nanoid();
     expect(await rejectsWithin(store.claim(jti, Date.now() + MINUTE))).toBeLessThan(2_000);
     expect(await rejectsWithin(store.isClaimed(jti))).toBeLessThan(2_000);
@@ -237,7 +192,7 @@ describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore when Red
     const port = await freePort();
     const server = await startRedis(port);
     const store = await openStore({ url: `redis://127.0.0.1:${port}` });
-    await kill(server);
+    await killRedis(server);
     await expect(store.close()).resolves.toBeUndefined();
     await expect(store.claim(nanoid(), Date.now() + MINUTE)).rejects.toThrow();
   });
