@@ -73,7 +73,7 @@ async function isServing(socketPath: string): Promise<boolean> {
 
 async function closeServer(server: Server, wire: WireServer): Promise<void> {
   const closed = new Promise<void>((done) => server.close(() => done()));
-  wire.closeAll();
+  await wire.closeAll();
   await closed;
 }
 
@@ -82,15 +82,49 @@ const GSSENC_REQUEST = 80877104;
 const CANCEL_REQUEST = 80877102;
 const READY_FOR_QUERY = 0x5a; // 'Z'
 const TERMINATE = 0x58; // 'X'
+const PARSE = 0x50; // 'P'
+const BIND = 0x42; // 'B'
+const DESCRIBE = 0x44; // 'D'
+const CLOSE = 0x43; // 'C'
+const STATEMENT = 0x53; // 'S', in Describe and Close
 const IDLE = 0x49; // 'I'
 const SYNC = Uint8Array.from([0x53, 0, 0, 0, 4]); // 'S', length 4
+
+let connections = 0;
 
 class Connection {
   buffer = Buffer.alloc(0);
   started = false;
   closed = false;
   readonly pending: Buffer[] = [];
+  /** This connection's prepared statements, by the name the backend knows them under. */
+  readonly statements = new Set<string>();
+  /** Prefix of this connection's statement names in the shared backend. */
+  readonly prefix = `c${++connections}_`;
   constructor(readonly socket: Socket) {}
+}
+
+/**
+ * The message with its statement name (if it names one) in the connection's own namespace: the
+ * backend is shared, but to each `pg` connection its prepared statements are its own, as with
+ * a real server. Portals are left alone; they live only until the transaction ends.
+ */
+function scoped(conn: Connection, message: Buffer): Buffer {
+  const type = message[0];
+  let at: number;
+  if (type === PARSE) at = 5;
+  else if (type === BIND)
+    at = message.indexOf(0, 5) + 1; // after the portal name
+  else if ((type === DESCRIBE || type === CLOSE) && message[5] === STATEMENT) at = 6;
+  else return message;
+  const end = message.indexOf(0, at);
+  if (end <= at) return message; // the unnamed statement
+  const name = `${conn.prefix}${message.toString('utf8', at, end)}`;
+  if (type === PARSE) conn.statements.add(name);
+  if (type === CLOSE) conn.statements.delete(name);
+  const renamed = Buffer.concat([message.subarray(0, at), Buffer.from(name), message.subarray(end)]);
+  renamed.writeInt32BE(renamed.length - 1, 1);
+  return renamed;
 }
 
 /**
@@ -105,7 +139,9 @@ class WireServer {
   readonly #connections = new Set<Connection>();
   readonly #waiting: Connection[] = [];
   #owner: Connection | undefined;
-  #running = false;
+  /** The loop feeding the backend, while it runs. */
+  #running: Promise<void> | undefined;
+  #closing = false;
 
   constructor(db: PGlite) {
     this.#db = db;
@@ -125,12 +161,17 @@ class WireServer {
       this.#connections.delete(conn);
       const index = this.#waiting.indexOf(conn);
       if (index >= 0) this.#waiting.splice(index, 1);
-      if (this.#owner === conn) void this.#run();
+      // Its prepared statements go with it, in turn like everything sent to the backend.
+      if (conn.statements.size > 0 && this.#owner !== conn) this.#waiting.push(conn);
+      this.#run();
     });
   }
 
-  closeAll(): void {
+  /** Closes every connection and resolves once the backend is no longer in use. */
+  async closeAll(): Promise<void> {
+    this.#closing = true;
     for (const conn of this.#connections) conn.socket.destroy();
+    await this.#running;
   }
 
   #split(conn: Connection): void {
@@ -167,49 +208,52 @@ class WireServer {
 
   #schedule(conn: Connection): void {
     if (conn !== this.#owner && !this.#waiting.includes(conn)) this.#waiting.push(conn);
-    void this.#run();
+    this.#run();
   }
 
-  async #run(): Promise<void> {
-    if (this.#running) return;
-    this.#running = true;
-    try {
-      for (;;) {
-        this.#owner ??= this.#waiting.shift();
-        const conn = this.#owner;
-        if (!conn) return;
-        if (conn.closed) {
-          await this.#abandon();
-          continue;
-        }
-        const message = conn.pending.shift();
-        // The owner is mid-statement or mid-transaction: everyone else waits for its next message.
-        if (!message) return;
-        let reply: Uint8Array;
-        try {
-          reply = await this.#db.execProtocolRaw(message);
-        } catch {
-          conn.socket.destroy();
-          conn.closed = true;
-          continue;
-        }
-        if (!conn.closed) conn.socket.write(reply);
-        if (readyStatus(reply) === IDLE) {
-          this.#owner = undefined;
-          if (conn.pending.length > 0) this.#waiting.push(conn);
-        }
+  #run(): void {
+    if (this.#running || this.#closing) return;
+    this.#running = this.#feed().finally(() => {
+      this.#running = undefined;
+    });
+  }
+
+  async #feed(): Promise<void> {
+    while (!this.#closing) {
+      this.#owner ??= this.#waiting.shift();
+      const conn = this.#owner;
+      if (!conn) return;
+      if (conn.closed) {
+        await this.#abandon(conn);
+        continue;
       }
-    } finally {
-      this.#running = false;
+      const message = conn.pending.shift();
+      // The owner is mid-statement or mid-transaction: everyone else waits for its next message.
+      if (!message) return;
+      let reply: Uint8Array;
+      try {
+        reply = await this.#db.execProtocolRaw(scoped(conn, message));
+      } catch {
+        conn.socket.destroy();
+        conn.closed = true;
+        continue;
+      }
+      if (!conn.closed) conn.socket.write(reply);
+      if (readyStatus(reply) === IDLE) {
+        this.#owner = undefined;
+        if (conn.pending.length > 0) this.#waiting.push(conn);
+      }
     }
   }
 
-  // The owner went away mid-statement or mid-transaction: end both, so the next connection
-  // starts from a clean backend.
-  async #abandon(): Promise<void> {
+  // A connection went away, maybe mid-statement or mid-transaction: end both and drop its
+  // prepared statements, so the next connection starts from a clean backend.
+  async #abandon(conn: Connection): Promise<void> {
     try {
       await this.#db.execProtocolRaw(SYNC);
       if (this.#db.isInTransaction()) await this.#db.exec('ROLLBACK');
+      for (const name of conn.statements) await this.#db.exec(`DEALLOCATE "${name.replaceAll('"', '""')}"`);
+      conn.statements.clear();
     } finally {
       this.#owner = undefined;
     }

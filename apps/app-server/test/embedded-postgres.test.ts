@@ -73,6 +73,39 @@ it('a connection that drops mid-transaction leaves the backend clean for the nex
   expect((await pool.query('SELECT v FROM t')).rows).toEqual([{ v: 'committed' }]);
 });
 
+it('prepared statements are per connection, as on a real server, and go when it closes', async () => {
+  const { db, pool } = await embedded();
+  // One backend: its pg_prepared_statements lists every connection's statements.
+  const observer = new pg.Client({ connectionString: db.url });
+  await observer.connect();
+  onTestFinished(() => observer.end());
+  const prepared = async () =>
+    (await observer.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_prepared_statements')).rows[0]?.n;
+  const before = await prepared();
+  // Eight connections give the same name to different statements, concurrently and repeatedly.
+  const clients = await Promise.all(Array.from({ length: 8 }, () => pool.connect()));
+  const wrong: string[] = [];
+  await Promise.all(
+    clients.map(async (client, i) => {
+      for (let round = 0; round < 20; round++) {
+        const { rows } = await client.query<{ v: number }>({
+          name: 'same-name',
+          text: `SELECT $1::int + ${i * 1000} AS v`,
+          values: [round],
+        });
+        if (rows[0]?.v !== round + i * 1000)
+          wrong.push(`client ${i}, round ${round}: ${JSON.stringify(rows)}`);
+      }
+    }),
+  );
+  expect(wrong).toEqual([]);
+  expect(await prepared()).toBe((before ?? 0) + 8);
+  for (const client of clients) client.release(true); // closes the connection
+  await expect.poll(prepared).toBe(before);
+  // A new connection starts with none of them.
+  expect((await pool.query({ name: 'same-name', text: 'SELECT 7 AS v' })).rows).toEqual([{ v: 7 }]);
+});
+
 it('refuses a second server on the same data folder', async () => {
   const { dir } = await embedded();
   await expect(startEmbeddedPostgres(dir)).rejects.toThrow(/already in use/);

@@ -92,10 +92,12 @@ export function filesRepository(db: Pool) {
       id: string,
       perMinute: number,
     ): Promise<{ file: FileRecord; minted: number; retryAfterSeconds: number } | undefined> {
+      // A named statement: on every mint, so Postgres plans it once per connection.
       const { rows } = await db.query<
         FileRecord & { minted: number | null; retryAfterSeconds: number | null }
-      >(
-        `WITH file AS (
+      >({
+        name: 'files.findForMint',
+        text: `WITH file AS (
            SELECT ${COLUMNS} FROM files WHERE id = $1 AND user_id = $2
          ), counted AS (
            INSERT INTO mint_counts AS c (user_id, window_start, count)
@@ -109,8 +111,8 @@ export function filesRepository(db: Pool) {
                 ceil(extract(epoch FROM counted.window_start + interval '1 minute' - now()))::integer
                   AS "retryAfterSeconds"
            FROM file LEFT JOIN counted ON true`,
-        [id, userId, perMinute],
-      );
+        values: [id, userId, perMinute],
+      });
       const row = rows[0];
       if (!row) return undefined;
       const { minted, retryAfterSeconds, ...file } = row;

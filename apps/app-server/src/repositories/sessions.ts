@@ -24,11 +24,13 @@ const ALIVE = (idle: string) =>
 export function sessionsRepository(db: Pool) {
   return {
     async get(idHash: string, idleSeconds: number): Promise<SessionRow | undefined> {
-      const { rows } = await db.query<SessionRow>(
-        `SELECT user_id AS "userId", data, last_seen_at AS "lastSeenAt"
-           FROM sessions WHERE id_hash = $1 AND ${ALIVE('$2')}`,
-        [idHash, idleSeconds],
-      );
+      // A named statement: on every signed-in request, so Postgres plans it once per connection.
+      const { rows } = await db.query<SessionRow>({
+        name: 'sessions.get',
+        text: `SELECT user_id AS "userId", data, last_seen_at AS "lastSeenAt"
+                 FROM sessions WHERE id_hash = $1 AND ${ALIVE('$2')}`,
+        values: [idHash, idleSeconds],
+      });
       return rows[0];
     },
 
