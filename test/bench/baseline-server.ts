@@ -1,8 +1,10 @@
 /**
  * The baselines B is compared with, as a process of their own (like B), serving the files of
  * `DIR` at `/<name>`:
- * - `MODE=http`: plain `node:http`, `fs.createReadStream(file).pipe(res)`, no checks at all
- *   (`?hwm=262144` for B's 256 KiB reads instead of the default 64 KiB);
+ * - `MODE=http`: plain `node:http`, `fs.createReadStream(file).pipe(res)`, no checks at all;
+ *   `?hwm=262144` for B's 256 KiB reads instead of the default 64 KiB, `?end` to pass the end
+ *   it knows (as B does), so that the stream reads only the file's bytes, into a buffer no
+ *   larger than them, and no further to find the end;
  * - `MODE=static`: fastify (no logger) with `@fastify/static`.
  */
 import { createReadStream, existsSync, statSync } from 'node:fs';
@@ -29,9 +31,9 @@ if (mode === 'http') {
     return file;
   };
   const server = createServer((request, response) => {
-    // `?hwm=N`: read in N-byte chunks instead of createReadStream's default 64 KiB.
     const [path = '', query] = (request.url ?? '').split('?');
-    const hwm = query?.startsWith('hwm=') ? Number(query.slice(4)) : undefined;
+    const params = new URLSearchParams(query);
+    const hwm = params.has('hwm') ? Number(params.get('hwm')) : undefined;
     const file = lookUp(path);
     if (!file) {
       response.writeHead(404).end();
@@ -42,7 +44,10 @@ if (mode === 'http') {
       response.end();
       return;
     }
-    const stream = createReadStream(file.path, hwm ? { highWaterMark: hwm } : {});
+    const stream = createReadStream(file.path, {
+      ...(hwm ? { highWaterMark: hwm } : {}),
+      ...(params.has('end') ? { end: file.size - 1 } : {}),
+    });
     stream.on('error', () => response.destroy());
     response.on('close', () => stream.destroy());
     stream.pipe(response);

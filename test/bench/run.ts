@@ -270,9 +270,9 @@ async function guarded(name: string, section: () => Promise<void>) {
 
 async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
   const section = 'small';
-  const small = (server: BProcess, durationS: number) =>
+  const small = (server: BProcess, durationS: number, query = '') =>
     withCpu(server.server.pid, () =>
-      load({ url: `${server.origin}/small.bin`, connections: config.connections, durationS }),
+      load({ url: `${server.origin}/small.bin${query}`, connections: config.connections, durationS }),
     );
 
   log('small files: plain node:http');
@@ -281,7 +281,16 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
   );
   record(section, 'small.node_http', 'node:http, 4 KiB', 'r/s', http.values, {
     invalid: http.invalid,
-    note: http.note,
+    note: `createReadStream(file).pipe(res); ${http.note}`,
+  });
+
+  log('small files: node:http passing the end it knows');
+  const httpEnd = await repeat('node:http (end known)', (run) =>
+    small(baselines.http, run < 0 ? config.warmupS : config.durationS, '?end').then(loadValue),
+  );
+  record(section, 'small.node_http_end', 'node:http, 4 KiB, end known', 'r/s', httpEnd.values, {
+    invalid: httpEnd.invalid,
+    note: `createReadStream(file, { end }): a 4 KiB buffer, no read to find the end (as B reads); ${httpEnd.note}`,
   });
 
   log('small files: @fastify/static');
@@ -308,6 +317,8 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
 
   const limit = 1 / (1 / r('small.node_http') + 1 / r('small.raw_verify'));
   derive(section, 'small.limit', 'physical limit 1/(1/node_http + 1/verify)', 'r/s', limit);
+  const tightLimit = 1 / (1 / r('small.node_http_end') + 1 / r('small.raw_verify'));
+  derive(section, 'small.limit_end', 'tight limit, with node:http (end known)', 'r/s', tightLimit);
 
   const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu });
   log('small files: B, memory store, a fresh token per request');
@@ -365,6 +376,13 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
     'B (memory) / physical limit',
     'fraction',
     r('small.b_memory') / limit,
+  );
+  derive(
+    section,
+    'small.b_memory_of_tight_limit',
+    'B (memory) / tight limit',
+    'fraction',
+    r('small.b_memory') / tightLimit,
   );
   derive(
     section,
