@@ -1,9 +1,9 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, createPublicKey, type JsonWebKey, randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { verifyDownloadToken } from '@sfh/download-token';
 import type { FastifyInstance } from 'fastify';
-import { type CryptoKey, decodeProtectedHeader, importJWK, type JWK } from 'jose';
+import { decodeProtectedHeader, type JWK } from 'jose';
 import { describe, expect, it } from 'vitest';
 import type { AppConfig } from '../src/config.ts';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
@@ -315,7 +315,7 @@ describe('download tokens', () => {
       body.token,
       async (kid) => {
         const jwk = keys.find((key) => key.kid === kid);
-        return jwk ? ((await importJWK(jwk, 'EdDSA')) as CryptoKey) : undefined;
+        return jwk ? createPublicKey({ key: jwk as JsonWebKey, format: 'jwk' }) : undefined;
       },
       {
         issuer: 'http://a.test',

@@ -14,6 +14,7 @@ import {
   generateKeyPair,
   importJWK,
   type JWK,
+  jwtVerify,
 } from 'jose';
 import { describe, expect, it } from 'vitest';
 import {
@@ -93,13 +94,52 @@ function resolver(keys: ReadonlyMap<string, CryptoKey> = new Map([[KID, bPublic]
   const calls: string[] = [];
   const getKey: KeyResolver = async (kid) => {
     calls.push(kid);
-    return keys.get(kid);
+    const key = keys.get(kid);
+    return key && KeyObject.from(key as unknown as webcrypto.CryptoKey);
   };
-  return { calls, getKey };
+  return { calls, getKey, keys };
 }
 
-function verify(token: string, options: Partial<VerifyOptions> = {}, keys = resolver()) {
-  return verifyDownloadToken(token, keys.getKey, { ...VERIFY, ...options });
+/**
+ * `verifyDownloadToken`, with jose's `jwtVerify` as the reference on the same token and keys:
+ * whatever it accepts, jose accepts with the same claims, and whatever it calls expired, jose
+ * does too (design.md's own rules may refuse more; never less).
+ */
+async function verify(token: string, options: Partial<VerifyOptions> = {}, keys = resolver()) {
+  const merged = { ...VERIFY, ...options };
+  const ours = await verifyDownloadToken(token, keys.getKey, merged).then(
+    (claims) => ({ claims }),
+    (error: unknown) => ({ error }),
+  );
+  const reference = await jwtVerify(
+    token,
+    async (header) => {
+      const key = typeof header.kid === 'string' ? keys.keys.get(header.kid) : undefined;
+      if (!key) throw new errors.JWKSNoMatchingKey();
+      return key;
+    },
+    {
+      algorithms: [TOKEN_ALGORITHM],
+      typ: TOKEN_TYPE,
+      issuer: merged.issuer,
+      audience: merged.audience,
+      requiredClaims: ['exp', 'iat', 'jti', 'sub'],
+      maxTokenAge: merged.maxTokenAgeSeconds,
+      clockTolerance: merged.clockToleranceSeconds,
+      ...(merged.currentDate ? { currentDate: merged.currentDate } : {}),
+    },
+  ).then(
+    ({ payload }) => ({ claims: payload }),
+    (error: unknown) => ({ error }),
+  );
+  if ('claims' in ours) expect(reference, 'jose refuses a token this accepted').toEqual(ours);
+  if ('error' in ours && (ours.error as DownloadTokenError).code === 'TOKEN_EXPIRED') {
+    expect((reference as { error?: unknown }).error, 'jose does not call it expired').toBeInstanceOf(
+      errors.JWTExpired,
+    );
+  }
+  if ('error' in ours) throw ours.error;
+  return ours.claims;
 }
 
 /** Asserts the promise rejects with a DownloadTokenError of exactly `code`, and returns it. */
@@ -827,6 +867,26 @@ describe('TOKEN_INVALID', () => {
       await expectCode(verify(await token(), options, keys), 'TOKEN_INVALID');
       if (calls) expect(keys.calls).toEqual(calls);
     });
+  });
+
+  it('names the time claim of a genuine token from the future (clock skew), and only then', async () => {
+    const early = await expectCode(
+      verify(await craft(claims({ nbf: NOW_S + TOLERANCE + 1 }))),
+      'TOKEN_INVALID',
+    );
+    expect(early.claim).toBe('nbf');
+    const issuedLater = await expectCode(
+      verify(await craft(claims({ iat: NOW_S + TOLERANCE + 1, nbf: NOW_S }))),
+      'TOKEN_INVALID',
+    );
+    expect(issuedLater.claim).toBe('iat');
+    // The same from an unknown key says nothing about clocks.
+    const forged = await craft(
+      claims({ nbf: NOW_S + TOLERANCE + 1 }),
+      header({ kid: 'x' }),
+      attackerKeys.privateKey,
+    );
+    expect((await expectCode(verify(forged), 'TOKEN_INVALID')).claim).toBeUndefined();
   });
 
   it('an expired token with a forged signature is TOKEN_INVALID, never TOKEN_EXPIRED with claims', async () => {

@@ -1,9 +1,9 @@
+import { createPublicKey, type JsonWebKey, type KeyObject } from 'node:crypto';
 import { watch } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import { type KeyResolver, TOKEN_ALGORITHM } from '@sfh/download-token';
 import fp from 'fastify-plugin';
-import { type CryptoKey, importJWK, type JWK } from 'jose';
 import { KeysUnavailable } from '../errors.ts';
 
 export interface KeyStatus {
@@ -53,7 +53,7 @@ const UNKNOWN_KID_COOLDOWN_MS = 10_000;
  */
 export default fp(
   async (app, options: KeysOptions) => {
-    let keys = new Map<string, CryptoKey>();
+    let keys = new Map<string, KeyObject>();
     let fetchedAt: Date | undefined;
     let lastError: string | undefined;
     let timer: NodeJS.Timeout | undefined;
@@ -73,7 +73,7 @@ export default fp(
 
     async function read(): Promise<void> {
       try {
-        keys = await importKeySet(await readKeySet(options.source));
+        keys = importKeySet(await readKeySet(options.source));
         fetchedAt = new Date();
         if (lastError) app.log.info({ keys: keys.size }, 'key set read again');
         lastError = undefined;
@@ -162,11 +162,11 @@ async function readKeySet(source: KeysOptions['source']): Promise<unknown> {
  * algorithm are taken: a private member, another algorithm or a key type B does not use is
  * ignored, never trusted.
  */
-async function importKeySet(set: unknown): Promise<Map<string, CryptoKey>> {
+function importKeySet(set: unknown): Map<string, KeyObject> {
   const list = (set as { keys?: unknown })?.keys;
   if (!Array.isArray(list)) throw new Error('key set has no "keys" array');
-  const keys = new Map<string, CryptoKey>();
-  for (const jwk of list as JWK[]) {
+  const keys = new Map<string, KeyObject>();
+  for (const jwk of list as (JsonWebKey & { kid?: unknown })[]) {
     if (
       typeof jwk?.kid !== 'string' ||
       jwk.kty !== 'OKP' ||
@@ -175,8 +175,7 @@ async function importKeySet(set: unknown): Promise<Map<string, CryptoKey>> {
     )
       continue;
     if ((jwk.alg ?? TOKEN_ALGORITHM) !== TOKEN_ALGORITHM || (jwk.use ?? 'sig') !== 'sig') continue;
-    const key = await importJWK({ kty: 'OKP', crv: 'Ed25519', x: jwk.x }, TOKEN_ALGORITHM);
-    keys.set(jwk.kid, key as CryptoKey);
+    keys.set(jwk.kid, createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: jwk.x }, format: 'jwk' }));
   }
   return keys;
 }
