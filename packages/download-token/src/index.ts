@@ -88,7 +88,7 @@ export interface SignedToken {
 /**
  * Mints a single-use download token for `file`: a compact JWS, signed with node:crypto's Ed25519
  * directly (A's hot path; jose's WebCrypto signing costs about 1.5× as much). Producing the bytes
- * needs no judgement; every check of a token happens in `verifyDownloadToken`, with jose.
+ * needs no judgement; every check of a token happens in `verifyDownloadToken`.
  */
 export async function signDownloadToken(file: FileClaims, options: SignOptions): Promise<SignedToken> {
   const key = options.key instanceof KeyObject ? options.key : KeyObject.from(options.key);
