@@ -313,6 +313,35 @@ describe('minting download tokens (MINT_RATE_PER_MINUTE, counted across replicas
     expect((await mint(alice.client, alice.fileId)).statusCode).toBe(201);
   });
 
+  it("a browser's Download link, refused, goes back to the file list, which says why", async () => {
+    const { app } = await freshApp({ MINT_RATE_PER_MINUTE: '1' });
+    const alice = await owner(app);
+    const bob = await owner(app);
+    const navigate = (client: TestClient, url: string) =>
+      client.request({
+        method: 'GET',
+        url,
+        headers: { accept: 'text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8' },
+      });
+    const msIntoMinute = Date.now() % 60_000;
+    if (msIntoMinute > 55_000) await new Promise((resolve) => setTimeout(resolve, 60_500 - msIntoMinute));
+
+    const first = await navigate(alice.client, `/files/${alice.fileId}/download`);
+    expect(first.statusCode).toBe(303);
+    expect(first.headers.location).toMatch(/^http:\/\/b\.test\/d\//);
+    const refused = await navigate(alice.client, `/files/${alice.fileId}/download`);
+    expect(refused.statusCode).toBe(303);
+    expect(refused.headers.location).toBe('/');
+    expect((await navigate(alice.client, '/')).body).toMatch(
+      /You started too many downloads in the last minute\. Try again in \d+ seconds?\./,
+    );
+
+    const notYours = await navigate(bob.client, `/files/${alice.fileId}/download`);
+    expect(notYours.statusCode).toBe(303);
+    expect(notYours.headers.location).toBe('/');
+    expect((await navigate(bob.client, '/')).body).toContain('That file does not exist (any more).');
+  });
+
   it('a file that is not yours (404) is not counted', async () => {
     const { app } = await freshApp({ MINT_RATE_PER_MINUTE: '1' });
     const alice = await owner(app);

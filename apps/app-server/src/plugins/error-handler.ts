@@ -10,7 +10,7 @@ import {
   NotFound,
   ValidationFailed,
 } from '../errors.ts';
-import { redirectToSignIn } from '../routes/pages.ts';
+import { backToFileList, redirectToSignIn } from '../routes/pages.ts';
 
 // Connection-level failures of pg (and of the embedded database's socket): the database is
 // down or unreachable, which the client should hear as 503, not 500.
@@ -57,12 +57,15 @@ export default fp(
       const status = mapped.statusCode ?? 500;
       // A signed-out navigation (the download link, a bookmarked page) goes to the sign-in page
       // and comes back afterwards; API clients keep getting the 401.
+      const navigation = request.method === 'GET' && prefersHtml(request.headers.accept);
+      if (navigation && mapped.code === 'UNAUTHENTICATED') return redirectToSignIn(request, reply);
+      // The Download link of a signed-in browser, refused: back to the list, which says why.
       if (
-        mapped.code === 'UNAUTHENTICATED' &&
-        request.method === 'GET' &&
-        prefersHtml(request.headers.accept)
+        navigation &&
+        request.routeOptions.config.fileListOnError &&
+        (mapped.code === 'NOT_FOUND' || mapped.code === 'RATE_LIMITED')
       )
-        return redirectToSignIn(request, reply);
+        return backToFileList(request, reply, mapped);
       if (status >= 500) request.log.error({ err: error }, 'request failed');
       else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
       if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);

@@ -15,6 +15,13 @@ export interface FilesOptions {
   mintRatePerMinute: number;
 }
 
+declare module 'fastify' {
+  interface FastifyContextConfig {
+    /** A browser refused here (404, 429) goes back to its file list, with the reason. */
+    fileListOnError?: boolean;
+  }
+}
+
 export const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
 export type IdParams = { id: string };
 
@@ -196,7 +203,7 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
   // and the token goes only to the signed-in browser that followed the link.
   app.get<{ Params: IdParams }>(
     '/files/:id/download',
-    { schema: { params: IdParams } },
+    { schema: { params: IdParams }, config: { fileListOnError: true } },
     async (request, reply) => {
       const { url } = await mint(request.userId, request.params.id);
       return reply.header('cache-control', 'no-store').redirect(url, 303);

@@ -75,6 +75,22 @@ export function redirectToSignIn(request: FastifyRequest, reply: FastifyReply, n
     .redirect(`/login?next=${encodeURIComponent(safeNext(next))}`, 303);
 }
 
+/**
+ * A browser whose Download link could not get a token (the file is gone, or too many downloads
+ * this minute) goes back to its file list, which says why. Used by the error handler.
+ */
+export function backToFileList(request: FastifyRequest, reply: FastifyReply, error: FastifyError) {
+  const { retryAfter } = error as FastifyError & { retryAfter?: number };
+  request.session.flash = {
+    kind: 'error',
+    text:
+      error.code === 'RATE_LIMITED'
+        ? `You started too many downloads in the last minute. Try again in ${humanWait(retryAfter ?? 60)}.`
+        : 'That file does not exist (any more).',
+  };
+  return reply.header('cache-control', 'no-store').redirect('/', 303);
+}
+
 /** "1.4 MB" (a no-break space before the unit): decimal units, as file managers show them. */
 export function humanBytes(bytes: number): string {
   if (bytes < 1000) return `${bytes}\u00a0B`;
