@@ -6,36 +6,18 @@
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { link, mkdir, open, writeFile } from 'node:fs/promises';
+import { link, mkdir, open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { type FileClaims, signDownloadToken } from '@sfh/download-token';
 import { LocalDiskStore } from '@sfh/storage';
-import { type CryptoKey, exportJWK, generateKeyPair, type JWK } from 'jose';
 import { nanoid } from 'nanoid';
 import { DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
+import type { SigningKey } from '../support/signing-key.ts';
+
 import { MIB, ROOT, type Server, startProcess } from './lib.ts';
 
 export const APP_PUBLIC_URL = 'http://a.bench';
-
-export interface SigningKey {
-  kid: string;
-  privateKey: CryptoKey;
-  privateJwk: JWK;
-  jwksFile: string;
-}
-
-/** A fresh Ed25519 key, its public half published in `dir/jwks.json` for B's JWKS_FILE. */
-export async function signingKey(dir: string): Promise<SigningKey> {
-  const { privateKey, publicKey } = await generateKeyPair('EdDSA', { extractable: true });
-  const kid = `bench-${nanoid(8)}`;
-  const jwksFile = join(dir, 'jwks.json');
-  await writeFile(
-    jwksFile,
-    JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid, alg: 'EdDSA', use: 'sig' }] }),
-  );
-  return { kid, privateKey, privateJwk: await exportJWK(privateKey), jwksFile };
-}
 
 /** Puts `bytes` into B's store and hard-links it as `staticDir/name` for the baselines. */
 export async function putSmallFile(

@@ -15,7 +15,8 @@ import { join } from 'node:path';
 import { nanoid } from 'nanoid';
 import pg from 'pg';
 import { APP_SERVER, buildDownloadServer, freePort } from '../support/processes.ts';
-import { MINTING_USERS, mintingUsers, mintMany, putSmallFile, signingKey, startB } from './fixtures.ts';
+import { signingKey } from '../support/signing-key.ts';
+import { MINTING_USERS, mintingUsers, mintMany, putSmallFile, startB } from './fixtures.ts';
 import {
   deleteKeys,
   KIB,

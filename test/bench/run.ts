@@ -25,6 +25,7 @@ import { nanoid } from 'nanoid';
 import pg from 'pg';
 import { createTestDatabase } from '../support/database.ts';
 import { APP_SERVER, buildDownloadServer, DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
+import { signingKey } from '../support/signing-key.ts';
 import {
   type BProcess,
   MINTING_USERS,
@@ -33,7 +34,6 @@ import {
   mintOne,
   putLargeFile,
   putSmallFile,
-  signingKey,
   startB,
   startBaseline,
 } from './fixtures.ts';

@@ -1,12 +1,13 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { type FileClaims, signDownloadToken } from '@sfh/download-token';
 import { LocalDiskStore } from '@sfh/storage';
-import { type CryptoKey, exportJWK, generateKeyPair } from 'jose';
+import type { CryptoKey } from 'jose';
 import { nanoid } from 'nanoid';
 import { DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from './processes.ts';
+import { signingKey } from './signing-key.ts';
 
 // B alone, as a real process with no A behind it: keys from a JWKS file, files in a local store
 // the test writes, tokens minted here exactly as A mints them.
@@ -32,13 +33,7 @@ export interface B {
 export async function startB(env: Record<string, string> = {}): Promise<B> {
   const dir = await mkdtemp(join(tmpdir(), 'sfh-e2e-b-'));
   const storageDir = join(dir, 'objects');
-  const { privateKey, publicKey } = await generateKeyPair('EdDSA', { extractable: true });
-  const kid = `k-${nanoid(8)}`;
-  const jwksFile = join(dir, 'jwks.json');
-  await writeFile(
-    jwksFile,
-    JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid, alg: 'EdDSA', use: 'sig' }] }),
-  );
+  const { kid, privateKey, jwksFile } = await signingKey(dir);
   const port = await freePort();
   const origin = `http://127.0.0.1:${port}`;
   const server = await startServer(
