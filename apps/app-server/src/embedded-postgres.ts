@@ -213,9 +213,13 @@ class WireServer {
 
   #run(): void {
     if (this.#running || this.#closing) return;
-    this.#running = this.#feed().finally(() => {
-      this.#running = undefined;
-    });
+    this.#running = this.#feed()
+      // Only cleaning up after a closed connection can fail here (statements get their errors
+      // in their replies); the next message starts the loop again.
+      .catch(() => {})
+      .finally(() => {
+        this.#running = undefined;
+      });
   }
 
   async #feed(): Promise<void> {
