@@ -409,6 +409,29 @@ describe('missing bytes', () => {
   });
 });
 
+describe('a browser refused without a way to renew', () => {
+  it('gets a small HTML page with the status, the reason and a link back to A; other clients keep the JSON', async () => {
+    const { app, storage, file, token } = await withFile();
+    await storage.delete(file.obj);
+    const gone = await download(app, token, { headers: { accept: BROWSER_ACCEPT } });
+    expect(gone.statusCode).toBe(404);
+    expect(gone.headers['content-type']).toBe('text/html; charset=utf-8');
+    expect(gone.body).toContain('The file no longer exists.');
+    expect(gone.body).toContain('<a href="http://a.test/">Back to your files</a>');
+    const forged = await download(app, `${token.slice(0, -4)}AAAA`, { headers: { accept: BROWSER_ACCEPT } });
+    expect(forged.statusCode).toBe(403);
+    expect(forged.body).toContain('Download token is not valid.');
+    expectError(await download(app, token), 404, 'FILE_NOT_FOUND');
+  });
+
+  it('a malformed token in the page is shown escaped', async () => {
+    const t = await buildTestApp();
+    const res = await download(t.app, '<script>x</script>', { headers: { accept: BROWSER_ACCEPT } });
+    expect(res.statusCode).toBe(400);
+    expect(res.body).not.toContain('<script>');
+  });
+});
+
 describe('token errors', () => {
   it.each([
     ['abc', 'abc'],

@@ -34,8 +34,13 @@ export default fp(
         error.fileId && FILE_ID.test(error.fileId)
           ? `${options.appOrigin}/files/${error.fileId}/download`
           : undefined;
-      if (renewUrl && prefersHtml(request.headers.accept)) {
-        return reply.redirect(renewUrl, 303);
+      if (prefersHtml(request.headers.accept)) {
+        if (renewUrl) return reply.redirect(renewUrl, 303);
+        // A browser (a link copied wrong, a file deleted since) gets a page, not JSON.
+        return reply
+          .code(status)
+          .type('text/html; charset=utf-8')
+          .send(errorPage(known.message, options.appOrigin));
       }
       return reply
         .code(status)
@@ -48,6 +53,21 @@ export default fp(
   },
   { name: 'error-handler' },
 );
+
+/** B's whole error page: the catalogue's message and the way back to A. */
+function errorPage(message: string, appOrigin: string): string {
+  const html = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+  return `<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Download not possible</title>
+<h1>This download is not possible</h1>
+<p>${html(message)}.</p>
+<p><a href="${html(appOrigin)}/">Back to your files</a>, where each Download button makes a fresh link.</p>
+</html>
+`;
+}
 
 /** A navigation: the client ranks text/html above application/json (ties go to JSON). */
 function prefersHtml(accept: string | undefined): boolean {
