@@ -389,6 +389,11 @@ describe.skipIf(noCluster !== undefined && !CI)(
       expect(list.value.headers.get('retry-after')).toMatch(/^\d+$/);
       expect(await list.value.json()).toMatchObject({ error: 'DATABASE_UNAVAILABLE' });
       expect(list.ms).toBeLessThan(8_000);
+      // The file list page, in a browser: a page that says so, not JSON.
+      const page = await user.fetch('/', { headers: { accept: 'text/html,*/*;q=0.8' } });
+      expect(page.status).toBe(503);
+      expect(page.headers.get('content-type')).toBe('text/html; charset=utf-8');
+      expect(await page.text()).toContain('The database is unavailable; try again shortly.');
 
       // A new upload during the outage: refused, nothing stored.
       const during = await timed(() => upload(user, randomBytes(200 * KIB), 'during.bin'));

@@ -417,7 +417,7 @@ describe('a browser refused without a way to renew', () => {
     expect(gone.statusCode).toBe(404);
     expect(gone.headers['content-type']).toBe('text/html; charset=utf-8');
     expect(gone.body).toContain('The file no longer exists.');
-    expect(gone.body).toContain('<a href="http://a.test/">Back to your files</a>');
+    expect(gone.body).toContain('<a href="http://a.test/">Back to your files, for a fresh link</a>');
     const forged = await download(app, `${token.slice(0, -4)}AAAA`, { headers: { accept: BROWSER_ACCEPT } });
     expect(forged.statusCode).toBe(403);
     expect(forged.body).toContain('Download token is not valid.');

@@ -1,3 +1,4 @@
+import { errorPage } from '@sfh/error-page';
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
 import Negotiator from 'negotiator';
@@ -70,6 +71,19 @@ export default fp(
       else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
       if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);
       if (mapped.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
+      // A page that cannot be shown because A itself is failing (the database is down): words, not JSON.
+      if (navigation && status >= 500) {
+        return reply
+          .code(status)
+          .type('text/html; charset=utf-8')
+          .send(
+            errorPage({
+              title: 'Something went wrong',
+              message: mapped.message,
+              link: { href: request.url, text: 'Try again' },
+            }),
+          );
+      }
       return reply.code(status).send({ error: mapped.code, message: mapped.message });
     });
     app.setNotFoundHandler((request, reply) => {

@@ -1,3 +1,4 @@
+import { errorPage } from '@sfh/error-page';
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
 import Negotiator from 'negotiator';
@@ -40,7 +41,13 @@ export default fp(
         return reply
           .code(status)
           .type('text/html; charset=utf-8')
-          .send(errorPage(known.message, options.appOrigin));
+          .send(
+            errorPage({
+              title: 'This download is not possible',
+              message: known.message,
+              link: { href: `${options.appOrigin}/`, text: 'Back to your files, for a fresh link' },
+            }),
+          );
       }
       return reply
         .code(status)
@@ -53,21 +60,6 @@ export default fp(
   },
   { name: 'error-handler' },
 );
-
-/** B's whole error page: the catalogue's message and the way back to A. */
-function errorPage(message: string, appOrigin: string): string {
-  const html = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-  return `<!doctype html>
-<html lang="en">
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Download not possible</title>
-<h1>This download is not possible</h1>
-<p>${html(message)}.</p>
-<p><a href="${html(appOrigin)}/">Back to your files</a>, where each Download button makes a fresh link.</p>
-</html>
-`;
-}
 
 /** A navigation: the client ranks text/html above application/json (ties go to JSON). */
 function prefersHtml(accept: string | undefined): boolean {
