@@ -494,7 +494,9 @@ describe.skipIf(!process.env.TEST_DATABASE_URL || (!nginxAvailable && !IN_CI))(
         expect(response.status, `nginx on ${port}`).toBe(200);
       }
       const status = await run('bash', [CLUSTER_SCRIPT, 'status'], { env });
-      expect(status.code, status.stdout).toBe(0);
+      // A server that stopped says why in its log.
+      const logs = status.code === 0 ? '' : (await run('bash', [CLUSTER_SCRIPT, 'logs'], { env })).stdout;
+      expect(status.code, `${status.stdout}\n${logs}`).toBe(0);
       expect(status.stdout.match(/running/g)).toHaveLength(5);
 
       const pids = await clusterPids();
