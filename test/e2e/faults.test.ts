@@ -26,6 +26,7 @@ import type { FileClaims } from '@sfh/download-token';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
+import { SignedInClient } from '../support/http-client.ts';
 import { openFds, rss } from '../support/process-stats.ts';
 import { APP_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
 import { CHEAP_PASSWORDS, type Stack, startStack } from '../support/stack.ts';
@@ -44,53 +45,6 @@ const alive = (server: ServerProcess) => server.child.exitCode === null && serve
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/**
- * A signed-in user of A over real HTTP. Unlike SessionClient it fetches the CSRF token once and
- * reuses it, so it can still send a state-changing request while A's database is down.
- */
-class Client {
-  cookie = '';
-  csrf = '';
-
-  constructor(readonly origin: string) {}
-
-  static async signUp(appOrigin: string, username: string): Promise<Client> {
-    const client = new Client(appOrigin);
-    await client.refreshCsrf();
-    const response = await client.fetch('/api/auth/register', {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ username, password: PASSWORD }),
-    });
-    expect(response.status, await response.text()).toBe(201);
-    // Signing in starts a new session, which has a CSRF secret of its own.
-    await client.refreshCsrf();
-    return client;
-  }
-
-  async refreshCsrf(): Promise<void> {
-    const response = await this.fetch('/api/csrf');
-    expect(response.status).toBe(200);
-    this.csrf = ((await response.json()) as { token: string }).token;
-  }
-
-  async fetch(path: string, init: RequestInit = {}): Promise<Response> {
-    const headers = new Headers(init.headers);
-    if (!['GET', 'HEAD'].includes((init.method ?? 'GET').toUpperCase()) && this.csrf)
-      headers.set('x-csrf-token', this.csrf);
-    if (this.cookie) headers.set('cookie', this.cookie);
-    const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
-    return response;
-  }
-
-  async json<T>(path: string, init: RequestInit = {}): Promise<{ status: number; body: T }> {
-    const response = await this.fetch(path, init);
-    return { status: response.status, body: (await response.json()) as T };
-  }
-}
 
 interface FileView {
   id: string;
@@ -130,7 +84,7 @@ interface UploadInFlight {
   readonly answer: Promise<Answer>;
 }
 
-function openUpload(client: Client, content: Uint8Array, name = 'file.bin'): UploadInFlight {
+function openUpload(client: SignedInClient, content: Uint8Array, name = 'file.bin'): UploadInFlight {
   const { body, contentType } = multipart(content, name);
   let sent = 0;
   let answered = false;
@@ -190,7 +144,7 @@ function openUpload(client: Client, content: Uint8Array, name = 'file.bin'): Upl
 }
 
 /** Uploads `content` in one go and parses A's JSON answer. */
-async function upload(client: Client, content: Uint8Array, name = 'file.bin') {
+async function upload(client: SignedInClient, content: Uint8Array, name = 'file.bin') {
   const inFlight = openUpload(client, content, name);
   await inFlight.send();
   const answer = await inFlight.answer;
@@ -358,7 +312,7 @@ describe.skipIf(noCluster !== undefined && !CI)(
     it('answers 503 DATABASE_UNAVAILABLE at once, stays up, recovers by itself, records no half upload', async (context) => {
       if (setupFailure) context.skip(setupFailure);
       const server = a as ServerProcess;
-      const user = await Client.signUp(appOrigin, 'outage');
+      const user = await SignedInClient.signUp(appOrigin, 'outage', PASSWORD);
       const first = await upload(user, randomBytes(100 * KIB), 'before.bin');
       expect(first.status, first.text).toBe(201);
       const objectsBefore = await objectIds(storageDir);
@@ -558,7 +512,7 @@ describe('SIGTERM to A and B while an upload and a download are in flight', () =
   });
 
   it('both stop accepting, finish the transfers, exit 0 and leave no temp files', async () => {
-    const user = await Client.signUp(appOrigin, 'terminator');
+    const user = await SignedInClient.signUp(appOrigin, 'terminator', PASSWORD);
     const served = randomBytes(8 * MIB);
     const stored = await upload(user, served, 'served.bin');
     expect(stored.status, stored.text).toBe(201);
@@ -707,7 +661,7 @@ describe.skipIf(noTmpfs !== undefined && !CI)(
     });
 
     it('answers 507 INSUFFICIENT_STORAGE, removes the partial file and keeps serving', async () => {
-      const user = await Client.signUp(appOrigin, 'hoarder');
+      const user = await SignedInClient.signUp(appOrigin, 'hoarder', PASSWORD);
       const tooBig = await upload(user, randomBytes(4 * MIB), 'too-big.bin');
       expect(tooBig.status, tooBig.text).toBe(507);
       expect(tooBig.json).toMatchObject({ error: 'INSUFFICIENT_STORAGE' });
@@ -754,7 +708,7 @@ describe('1,000 clients that abort mid-upload', () => {
 
   it('leave no temp files, descriptors, rows or memory behind', async () => {
     const pid = a.child.pid as number;
-    const user = await Client.signUp(appOrigin, 'quitter');
+    const user = await SignedInClient.signUp(appOrigin, 'quitter', PASSWORD);
     const content = randomBytes(256 * KIB - 256);
     /** One client: sends part of the body, waits a moment, goes away. */
     const abortOne = async () => {

@@ -13,6 +13,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { SignedInClient } from '../support/http-client.ts';
 import { rss } from '../support/process-stats.ts';
 import type { ServerProcess } from '../support/processes.ts';
 import { type Stack, startStack } from '../support/stack.ts';
@@ -39,47 +40,11 @@ function percentile(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] as number;
 }
 
-/** A signed-in user of A: session cookie, and the session's CSRF token fetched once. */
-class Client {
-  cookie = '';
-  csrf = '';
-
-  constructor(readonly origin: string) {}
-
-  static async signUp(appOrigin: string, username: string): Promise<Client> {
-    const client = new Client(appOrigin);
-    await client.refreshCsrf();
-    const response = await client.fetch('/api/auth/register', {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ username, password: PASSWORD }),
-    });
-    expect(response.status, await response.text()).toBe(201);
-    await client.refreshCsrf();
-    return client;
-  }
-
-  async refreshCsrf(): Promise<void> {
-    const response = await this.fetch('/api/csrf');
-    this.csrf = ((await response.json()) as { token: string }).token;
-  }
-
-  async fetch(path: string, init: RequestInit = {}): Promise<Response> {
-    const headers = new Headers(init.headers);
-    if (!['GET', 'HEAD'].includes((init.method ?? 'GET').toUpperCase()) && this.csrf)
-      headers.set('x-csrf-token', this.csrf);
-    if (this.cookie) headers.set('cookie', this.cookie);
-    const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
-    return response;
-  }
-
-  async upload(content: Uint8Array, name: string): Promise<Response> {
-    const form = new FormData();
-    form.append('file', new Blob([content]), name);
-    return this.fetch('/api/files', { method: 'POST', body: form });
-  }
+/** Uploads `content` as `name` in one multipart request. */
+function upload(client: SignedInClient, content: Uint8Array, name: string): Promise<Response> {
+  const form = new FormData();
+  form.append('file', new Blob([content]), name);
+  return client.fetch('/api/files', { method: 'POST', body: form });
 }
 
 describe.skipIf(!process.env.SFH_SOAK)(
@@ -106,13 +71,15 @@ describe.skipIf(!process.env.SFH_SOAK)(
     afterAll(() => stack?.stop());
 
     it(`no errors and bounded memory for ${SOAK_SECONDS} s`, async () => {
-      const owner = await Client.signUp(appOrigin, 'soak-owner');
+      const owner = await SignedInClient.signUp(appOrigin, 'soak-owner', PASSWORD);
       const uploaders = await Promise.all(
-        Array.from({ length: UPLOAD_USERS }, (_, i) => Client.signUp(appOrigin, `soak-uploader-${i}`)),
+        Array.from({ length: UPLOAD_USERS }, (_, i) =>
+          SignedInClient.signUp(appOrigin, `soak-uploader-${i}`, PASSWORD),
+        ),
       );
       const served = randomBytes(DOWNLOAD_SIZE);
       const servedHash = sha256(served);
-      const stored = await owner.upload(served, 'soak.bin');
+      const stored = await upload(owner, served, 'soak.bin');
       expect(stored.status).toBe(201);
       const fileId = ((await stored.json()) as { file: { id: string } }).file.id;
 
@@ -161,14 +128,14 @@ describe.skipIf(!process.env.SFH_SOAK)(
         }
       };
       const uploader = async (i: number) => {
-        const client = uploaders[i % UPLOAD_USERS] as Client;
+        const client = uploaders[i % UPLOAD_USERS] as SignedInClient;
         const content = randomBytes(UPLOAD_SIZE);
         const hash = sha256(content);
         let n = 0;
         while (Date.now() < deadline) {
           const t0 = performance.now();
           try {
-            const response = await client.upload(content, `soak-${i}-${n++}.bin`);
+            const response = await upload(client, content, `soak-${i}-${n++}.bin`);
             const text = await response.text();
             if (response.status !== 201) fail(`upload: ${response.status} ${text}`);
             else if ((JSON.parse(text) as { file: { sha256: string } }).file.sha256 !== hash)
