@@ -119,11 +119,7 @@ describe('register', () => {
     const password = `${'p'.repeat(1023)}A`;
     const { user } = await registered(app, password);
 
-    const right = await new TestClient(app).request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password },
-    });
+    const right = await new TestClient(app).login(user.username, password);
     expect(right.statusCode).toBe(200);
     const wrong = await new TestClient(app).request({
       method: 'POST',
@@ -147,11 +143,7 @@ describe('login', () => {
     const oldCsrf = before.json().token as string;
     const rowsBefore = await count(app, 'sessions WHERE revoked_at IS NULL');
 
-    const login = await client.request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password: PASSWORD },
-    });
+    const login = await client.login(user.username, PASSWORD);
     expect(login.statusCode).toBe(200);
     expect(login.json()).toEqual({ user });
     const newCookie = client.cookies.get('sid');
@@ -175,11 +167,7 @@ describe('login', () => {
   it('accepts the username in another case', async () => {
     const { app } = await buildTestApp(db());
     const { user } = await registered(app);
-    const response = await new TestClient(app).request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username.toUpperCase(), password: PASSWORD },
-    });
+    const response = await new TestClient(app).login(user.username.toUpperCase(), PASSWORD);
     expect(response.statusCode).toBe(200);
     expect(response.json().user.id).toBe(user.id);
   });
@@ -195,11 +183,7 @@ describe('login', () => {
       payload: { username: user.username, password: `${PASSWORD}!` },
     });
     expectError(wrong, 401, 'INVALID_CREDENTIALS');
-    const unknown = await client.request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: username('nobody'), password: PASSWORD },
-    });
+    const unknown = await client.login(username('nobody'), PASSWORD);
     expectError(unknown, 401, 'INVALID_CREDENTIALS');
     expect(unknown.json()).toEqual(wrong.json());
     expect(unknown.body).toBe(wrong.body);
@@ -215,11 +199,7 @@ describe('logout', () => {
     const { client, user } = await registered(app);
     // A second session of the same user survives the first one's logout.
     const other = new TestClient(app);
-    const login = await other.request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password: PASSWORD },
-    });
+    const login = await other.login(user.username, PASSWORD);
     expect(login.statusCode).toBe(200);
     expect(await count(app, 'sessions WHERE revoked_at IS NULL AND user_id = $1', [user.id])).toBe(2);
 

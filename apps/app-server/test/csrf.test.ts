@@ -167,11 +167,7 @@ describe('HTML forms: the token as the hidden _csrf field', () => {
   it('signs out with a form whose only field is _csrf', async () => {
     const { app, user } = await setup();
     const client = new TestClient(app);
-    const login = await client.request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password: PASSWORD },
-    });
+    const login = await client.login(user.username, PASSWORD);
     expect(login.statusCode).toBe(200);
     const token = await client.csrfToken();
     const form = (fields: Record<string, string>) =>
@@ -220,11 +216,7 @@ describe('session control needs the token too', () => {
     const { app } = await buildTestApp(db());
     const { client, user } = await signedIn(app);
     const other = new TestClient(app);
-    const login = await other.request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password: PASSWORD },
-    });
+    const login = await other.login(user.username, PASSWORD);
     expect(login.statusCode).toBe(200);
     const list = await client.request({ method: 'GET', url: '/api/sessions' });
     expect(list.statusCode).toBe(200);
@@ -252,11 +244,7 @@ describe('session control needs the token too', () => {
     // Nothing changed: both sessions alive, the password unchanged.
     await expectSignedIn(client, user.id);
     await expectSignedIn(other, user.id);
-    const again = await new TestClient(app).request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password: PASSWORD },
-    });
+    const again = await new TestClient(app).login(user.username, PASSWORD);
     expect(again.statusCode).toBe(200);
   });
 });

@@ -105,6 +105,11 @@ export class TestClient {
     return response.json<{ user: { id: string; username: string } }>().user;
   }
 
+  /** `POST /api/auth/login` with JSON credentials; the response, for the caller to check. */
+  login(username: string, password: string): Promise<LightMyRequestResponse> {
+    return this.request({ method: 'POST', url: '/api/auth/login', payload: { username, password } });
+  }
+
   async upload(name: string, content: Buffer | string, contentType = 'application/octet-stream') {
     const boundary = `----sfh${Math.random().toString(36).slice(2)}`;
     const body = Buffer.concat([

@@ -66,11 +66,7 @@ describe('per account (defaults: 5 failures in 15 minutes)', () => {
     // Out of the window: the right password works again. Never a permanent lockout.
     await app.db.query(`UPDATE login_failures SET at = at - interval '2 minutes'`);
     const client = new TestClient(app);
-    const login = await client.request({
-      method: 'POST',
-      url: '/api/auth/login',
-      payload: { username: user.username, password: PASSWORD },
-    });
+    const login = await client.login(user.username, PASSWORD);
     expect(login.statusCode).toBe(200);
     expect((await client.request({ method: 'GET', url: '/api/me' })).statusCode).toBe(200);
   });
@@ -106,15 +102,7 @@ describe('per account (defaults: 5 failures in 15 minutes)', () => {
         return client;
       }),
     );
-    const responses = await Promise.all(
-      clients.map((client) =>
-        client.request({
-          method: 'POST',
-          url: '/api/auth/login',
-          payload: { username: user.username, password: WRONG },
-        }),
-      ),
-    );
+    const responses = await Promise.all(clients.map((client) => client.login(user.username, WRONG)));
     const statuses = responses.map((response) => response.statusCode);
     expect(statuses.filter((status) => status !== 401 && status !== 429)).toEqual([]);
     // Every guess that was checked against the password counts; at most the allowance.
