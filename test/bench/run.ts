@@ -39,6 +39,7 @@ import {
 } from './fixtures.ts';
 import {
   type CpuShare,
+  deleteKeys,
   download,
   GIB,
   KIB,
@@ -360,13 +361,7 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
       note: `${withRedis.note}; Redis itself is not pinned`,
     });
     await br.server.stop();
-    // The claims expire by themselves; a bench leaves nothing behind all the same.
-    let cursor = '0';
-    do {
-      const [next, keys] = await redis.scan(cursor, 'MATCH', `${prefix}*`, 'COUNT', 1000);
-      cursor = next;
-      if (keys.length > 0) await redis.del(...keys);
-    } while (cursor !== '0');
+    await deleteKeys(config.redisUrl, prefix);
   }
   redis.disconnect();
 
