@@ -1,3 +1,11 @@
+import Negotiator from 'negotiator';
+
+/** A navigation: the client ranks text/html above application/json (ties go to JSON). */
+export function prefersHtml(accept: string | undefined): boolean {
+  if (!accept) return false;
+  return new Negotiator({ headers: { accept } }).mediaType(['application/json', 'text/html']) === 'text/html';
+}
+
 /**
  * The page a browser gets when A or B refuses a navigation that has no better place to go: the
  * reason in words and one way on. Self-contained (no script, no style sheet, nothing fetched),

@@ -1,7 +1,6 @@
-import { errorPage } from '@sfh/error-page';
+import { errorPage, prefersHtml } from '@sfh/error-page';
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
-import Negotiator from 'negotiator';
 import {
   AppError,
   CsrfInvalid,
@@ -95,9 +94,3 @@ export default fp(
   },
   { name: 'error-handler' },
 );
-
-/** A navigation: the client ranks text/html above application/json (ties go to JSON), as on B. */
-function prefersHtml(accept: string | undefined): boolean {
-  if (!accept) return false;
-  return new Negotiator({ headers: { accept } }).mediaType(['application/json', 'text/html']) === 'text/html';
-}

@@ -1,7 +1,6 @@
-import { errorPage } from '@sfh/error-page';
+import { errorPage, prefersHtml } from '@sfh/error-page';
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
-import Negotiator from 'negotiator';
 import { DownloadError, Internal, NotFound } from '../errors.ts';
 
 const FILE_ID = /^[A-Za-z0-9_-]{1,64}$/;
@@ -60,9 +59,3 @@ export default fp(
   },
   { name: 'error-handler' },
 );
-
-/** A navigation: the client ranks text/html above application/json (ties go to JSON). */
-function prefersHtml(accept: string | undefined): boolean {
-  if (!accept) return false;
-  return new Negotiator({ headers: { accept } }).mediaType(['application/json', 'text/html']) === 'text/html';
-}
