@@ -160,6 +160,7 @@ export async function mintMany(
           PATH: process.env.PATH,
           HOME: process.env.HOME,
           MINT_JWK: JSON.stringify(key.privateJwk),
+          MINT_ALG: key.alg,
           MINT_KID: key.kid,
           MINT_ISSUER: APP_PUBLIC_URL,
           MINT_AUDIENCE: audience,

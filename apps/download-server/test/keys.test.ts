@@ -2,11 +2,9 @@ import { rename, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { buildTestApp, createKey, createUnknownKey, type TestKey } from './helpers.ts';
+import { buildTestApp, createKey, createUnknownKey, jwkOf, type TestKey } from './helpers.ts';
 
-const jwksOf = (...keys: TestKey[]) => ({
-  keys: keys.map((k) => ({ ...k.publicJwk, kid: k.kid, alg: 'EdDSA', use: 'sig' })),
-});
+const jwksOf = (...keys: TestKey[]) => ({ keys: keys.map(jwkOf) });
 
 /** A stand-in for A's JWKS endpoint that counts how often B reads it. */
 async function jwksServer(keys: TestKey[]) {

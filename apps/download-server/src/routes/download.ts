@@ -15,7 +15,8 @@ import {
 } from '../errors.ts';
 
 export interface DownloadOptions {
-  verify: Omit<VerifyOptions, 'currentDate'>;
+  /** Everything but the allowlist, which follows the key set. */
+  verify: Omit<VerifyOptions, 'algorithms' | 'currentDate'>;
 }
 
 type Params = { token: string; name?: string };
@@ -97,7 +98,10 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
 
   async function verify(token: string, log: FastifyBaseLogger): Promise<DownloadClaims> {
     try {
-      return await verifyDownloadToken(token, app.keys.resolve, options.verify);
+      return await verifyDownloadToken(token, app.keys.resolve, {
+        ...options.verify,
+        algorithms: app.keys.algorithms(),
+      });
     } catch (error) {
       if (!(error instanceof DownloadTokenError)) throw error;
       // A genuine token (its signature checked out) that is not valid yet: A's clock is ahead of
