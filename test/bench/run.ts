@@ -16,7 +16,8 @@
  * Servers run as their own processes pinned to core 0, this process (the load generator) to
  * core 1. Each figure is measured `runs` times after a warm-up: median and min–max.
  * `BENCH_QUICK=1`: one short run of everything (a smoke test). Other knobs: BENCH_RUNS,
- * BENCH_DURATION (seconds), BENCH_CONNECTIONS, BENCH_LARGE_MIB, BENCH_ONLY=small,large,mint,e2e,
+ * BENCH_DURATION (seconds), BENCH_CONNECTIONS, BENCH_LARGE_MIB, BENCH_ONLY=alg,small,large,mint,e2e,
+ * BENCH_B_LOG_LEVEL (B's LOG_LEVEL; default info, as deployed: one line per request),
  * TEST_DATABASE_URL, REDIS_URL.
  */
 import { execFile } from 'node:child_process';
@@ -70,6 +71,7 @@ import {
 } from './lib.ts';
 
 const env = process.env;
+const execFileAsync = promisify(execFile);
 const int = (value: string | undefined, fallback: number) => (value ? Number.parseInt(value, 10) : fallback);
 const QUICK = env.BENCH_QUICK === '1';
 const config = {
@@ -497,8 +499,6 @@ async function smallUnpinned() {
 
 // ---------------------------------------------------------------------------------------------
 // 0. The algorithm
-
-const execFileAsync = promisify(execFile);
 
 /** A token-crypto rate from `crypto-child.ts`, in a process of its own on `cpus`. */
 async function cryptoRate(

@@ -5,6 +5,7 @@ import Fastify, {
   type FastifyRequest,
   LogController,
 } from 'fastify';
+import type { DestinationStream } from 'pino';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
@@ -26,12 +27,18 @@ class RequestLog extends LogController {
   }
 }
 
+export interface BuildOptions {
+  /** Where log lines go (default: stdout, a write per line). */
+  logStream?: DestinationStream;
+}
+
 /** Server B. Stateless apart from the replay store; holds no sessions and opens no database. */
-export async function buildApp(config: DownloadConfig): Promise<FastifyInstance> {
+export async function buildApp(config: DownloadConfig, options: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
     logger: {
       level: config.LOG_LEVEL,
       serializers: { req: (req) => ({ method: req.method, url: redactToken(req.url ?? '') }) },
+      ...(options.logStream && { stream: options.logStream }),
     },
     logController: new RequestLog(),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
