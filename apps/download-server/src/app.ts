@@ -14,6 +14,13 @@ import replayStore from './plugins/replay-store.ts';
 import downloadRoutes from './routes/download.ts';
 import healthRoutes from './routes/health.ts';
 
+const DEFENSIVE_HEADERS = {
+  'cache-control': 'private, no-store',
+  'x-content-type-options': 'nosniff',
+  'referrer-policy': 'no-referrer',
+  'content-security-policy': "default-src 'none'; sandbox",
+};
+
 // Tokens are bearer credentials: no log line may carry one.
 const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
 
@@ -55,13 +62,9 @@ export async function buildApp(config: DownloadConfig, options: BuildOptions = {
   app.server.headersTimeout = config.REQUEST_TIMEOUT_SECONDS * 1000;
 
   // The same defensive headers on every answer, errors included.
-  app.addHook('onRequest', async (_request, reply) => {
-    reply.headers({
-      'cache-control': 'private, no-store',
-      'x-content-type-options': 'nosniff',
-      'referrer-policy': 'no-referrer',
-      'content-security-policy': "default-src 'none'; sandbox",
-    });
+  app.addHook('onRequest', (_request, reply, done) => {
+    reply.headers(DEFENSIVE_HEADERS);
+    done();
   });
 
   await app.register(errorHandler, { appOrigin: config.APP_PUBLIC_URL });
