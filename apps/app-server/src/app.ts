@@ -41,7 +41,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
-  await app.register(storagePlugin, { dir: config.storageDir });
+  await app.register(storagePlugin, { dir: config.storageDir, s3: config.s3 });
   await app.register(helmet, {
     // A's pages load nothing from elsewhere and run no inline script.
     contentSecurityPolicy: {

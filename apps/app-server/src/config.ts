@@ -1,4 +1,4 @@
-import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
+import { ConfigError, Port, parseEnv, s3Settings, sharedEnv, storageDir } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 import type { KeyPolicy } from './keys/lifecycle.ts';
 
@@ -39,6 +39,8 @@ export const AppEnv = Type.Object({
 export type AppConfig = Static<typeof AppEnv> & {
   /** Absolute path of the object store. */
   storageDir: string;
+  /** The bucket holding the file bytes; `undefined`: `storageDir` on local disk. */
+  s3: ReturnType<typeof s3Settings>;
   /** `KEY_ENCRYPTION_KEY` decoded. */
   kek: Buffer | undefined;
   keyPolicy: KeyPolicy;
@@ -60,6 +62,7 @@ export function loadConfig(env: Record<string, string | undefined>): AppConfig {
   return {
     ...parsed,
     storageDir: storageDir(parsed),
+    s3: s3Settings(parsed),
     kek: parsed.KEY_ENCRYPTION_KEY ? Buffer.from(parsed.KEY_ENCRYPTION_KEY, 'base64url') : undefined,
     keyPolicy: {
       // One B refresh, plus one more for a cache honouring the JWKS max-age in between.

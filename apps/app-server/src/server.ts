@@ -17,7 +17,10 @@ runMain(async () => {
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS, async () => embedded?.close());
   await app.listen({ port: config.APP_PORT, host: config.HOST });
   app.log.info(
-    { database: embedded ? 'embedded PGlite' : 'Postgres', storage: config.storageDir },
+    {
+      database: embedded ? 'embedded PGlite' : 'Postgres',
+      storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,
+    },
     `app server (A) ready at ${config.APP_PUBLIC_URL}`,
   );
 });

@@ -68,7 +68,7 @@ export async function buildApp(config: DownloadConfig, options: BuildOptions = {
   });
 
   await app.register(errorHandler, { appOrigin: config.APP_PUBLIC_URL });
-  await app.register(storagePlugin, { dir: config.storageDir });
+  await app.register(storagePlugin, { dir: config.storageDir, s3: config.s3 });
   await app.register(keys, {
     source: config.jwksSource,
     refreshSeconds: config.JWKS_REFRESH_SECONDS,

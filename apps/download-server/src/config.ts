@@ -1,4 +1,4 @@
-import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
+import { ConfigError, Port, parseEnv, s3Settings, sharedEnv, storageDir } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 
 export const DownloadEnv = Type.Object({
@@ -30,6 +30,8 @@ export const DownloadEnv = Type.Object({
 
 export type DownloadConfig = Static<typeof DownloadEnv> & {
   storageDir: string;
+  /** The bucket holding the file bytes; `undefined`: `storageDir` on local disk. */
+  s3: ReturnType<typeof s3Settings>;
   /** Where the key set comes from: an http(s) URL or a file path. */
   jwksSource: { url: string } | { file: string };
 };
@@ -43,6 +45,7 @@ export function loadConfig(env: Record<string, string | undefined>): DownloadCon
   return {
     ...parsed,
     storageDir: storageDir(parsed),
+    s3: s3Settings(parsed),
     jwksSource: parsed.JWKS_FILE
       ? { file: parsed.JWKS_FILE }
       : { url: parsed.JWKS_URL ?? `${parsed.APP_PUBLIC_URL}/.well-known/jwks.json` },

@@ -25,6 +25,11 @@ export const KeysUnavailable = define(
   'Cannot verify tokens right now; try again shortly',
   503,
 );
+export const StorageUnavailable = define(
+  'STORAGE_UNAVAILABLE',
+  'Cannot read the file right now; try again shortly',
+  503,
+);
 export const Internal = define('INTERNAL', 'Internal server error', 500);
 
 /** Marks a spent or expired token's error with the (verified) file id, so the client can renew. */

@@ -27,7 +27,10 @@ runMain(async () => {
   });
   await app.listen({ port: config.DOWNLOAD_PORT, host: config.HOST });
   app.log.info(
-    { keys: config.jwksSource, storage: config.storageDir },
+    {
+      keys: config.jwksSource,
+      storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,
+    },
     `download server (B) ready at ${config.DOWNLOAD_PUBLIC_URL}`,
   );
 });

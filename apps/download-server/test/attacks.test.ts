@@ -502,7 +502,7 @@ async function setUp() {
   const other = await t.putFile(OTHER, { name: 'other.txt', ctype: 'text/plain' });
   const real = await t.mint(file);
   const spies = {
-    open: vi.spyOn(t.app.storage, 'open'),
+    read: vi.spyOn(t.app.storage, 'read'),
     claim: vi.spyOn(t.app.replayStore, 'claim'),
     isClaimed: vi.spyOn(t.app.replayStore, 'isClaimed'),
   };
@@ -523,13 +523,13 @@ describe('token attacks: refused with the right code, before storage and the rep
     const { app, ctx, spies } = await setUp();
     const head = await request(app, 'HEAD', ctx.real);
     expect(head.statusCode).toBe(200);
-    expect(spies.open).toHaveBeenCalledTimes(1);
+    expect(spies.read).toHaveBeenCalledTimes(1);
     expect(spies.isClaimed).toHaveBeenCalled();
     const get = await request(app, 'GET', ctx.real);
     expect(get.statusCode).toBe(200);
     expect(get.rawPayload.equals(TEN)).toBe(true);
     expect(spies.claim).toHaveBeenCalledTimes(1);
-    expect(spies.open).toHaveBeenCalledTimes(2);
+    expect(spies.read).toHaveBeenCalledTimes(2);
   });
 
   it.each(rows)('$name → $status $error', async (row) => {

@@ -40,6 +40,12 @@ export const sharedEnv = {
   HOST: Type.String({ default: '127.0.0.1', minLength: 1 }),
   DATA_DIR: Type.String({ default: './data', minLength: 1 }),
   STORAGE_DIR: Type.Optional(Type.String({ minLength: 1 })),
+  /** Set: file bytes live in this S3 bucket (connection settings: the AWS SDK's own AWS_* variables). */
+  S3_BUCKET: Type.Optional(Type.String({ pattern: '^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$' })),
+  S3_PREFIX: Type.String({ default: '', pattern: '^[^\\s]*$' }),
+  S3_FORCE_PATH_STYLE: Type.Boolean({ default: false }),
+  /** Longest one call to the bucket may take to connect and to answer (then 503 STORAGE_UNAVAILABLE). */
+  S3_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 120_000, default: 10_000 }),
   APP_PUBLIC_URL: PublicOrigin('http://localhost:3000'),
   DOWNLOAD_PUBLIC_URL: PublicOrigin('http://localhost:3001'),
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
@@ -53,4 +59,20 @@ export const sharedEnv = {
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
 export function storageDir(env: { DATA_DIR: string; STORAGE_DIR?: string | undefined }): string {
   return resolve(env.STORAGE_DIR ?? join(env.DATA_DIR, 'files'));
+}
+
+/** The bucket settings when `S3_BUCKET` is set; `undefined`: local disk. */
+export function s3Settings(env: {
+  S3_BUCKET?: string | undefined;
+  S3_PREFIX: string;
+  S3_FORCE_PATH_STYLE: boolean;
+  S3_TIMEOUT_MS: number;
+}) {
+  if (!env.S3_BUCKET) return undefined;
+  return {
+    bucket: env.S3_BUCKET,
+    prefix: env.S3_PREFIX,
+    forcePathStyle: env.S3_FORCE_PATH_STYLE,
+    timeoutMs: env.S3_TIMEOUT_MS,
+  };
 }

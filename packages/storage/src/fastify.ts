@@ -1,5 +1,6 @@
 import fp from 'fastify-plugin';
 import { LocalDiskStore, type ObjectStore } from './index.ts';
+import { S3Store, type S3StoreOptions } from './s3.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -7,10 +8,13 @@ declare module 'fastify' {
   }
 }
 
-/** Decorates `app.storage` with the local-disk store on `dir` (the volume A and B share). */
+/**
+ * Decorates `app.storage`: the bucket when `s3` is given, otherwise the local-disk store on `dir`
+ * (a volume A writes and B reads).
+ */
 export const storagePlugin = fp(
-  async (app, options: { dir: string }) => {
-    const storage = new LocalDiskStore(options.dir);
+  async (app, options: { dir: string; s3?: S3StoreOptions | undefined }) => {
+    const storage: ObjectStore = options.s3 ? new S3Store(options.s3) : new LocalDiskStore(options.dir);
     app.decorate('storage', storage);
     app.addHook('onClose', () => storage.close());
   },

@@ -27,6 +27,16 @@ export interface OpenObject {
   release(): void;
 }
 
+/**
+ * Bytes being read: the object's whole size and modification time, and a stream of the
+ * requested range (or of all of it). Whoever gets one reads `body` to the end or destroys it.
+ */
+export interface ObjectRead {
+  size: number;
+  mtime: Date;
+  body: Readable;
+}
+
 /** Inclusive byte range, as in HTTP. */
 export interface ByteRange {
   start: number;
@@ -45,14 +55,28 @@ export interface ObjectStore {
    */
   put(source: Readable): Promise<StoredObject>;
   /**
-   * The object, open for reading, or `undefined` if there is no such object (or the id is
-   * malformed). After `delete`, `undefined`; streams made before still finish.
+   * One request to the store: the object's `range` (or all of it) as a stream, with its size and
+   * mtime; `undefined` if there is no such object, the id is malformed, or the range does not lie
+   * within the object. Rejects with `StorageUnavailable` when the store cannot answer in time.
    */
-  open(id: string): Promise<OpenObject | undefined>;
-  /** Removes the object. Idempotent: deleting a missing object succeeds. */
+  read(id: string, range?: ByteRange): Promise<ObjectRead | undefined>;
+  /**
+   * Removes the object. Idempotent: deleting a missing object succeeds. Rejects (and may be
+   * retried) when the store cannot say it is gone.
+   */
   delete(id: string): Promise<void>;
-  /** Closes the descriptors it keeps open (call once no stream is left). */
+  /** Resolves if the store answers now; rejects with `StorageUnavailable` otherwise (readiness). */
+  check(): Promise<void>;
+  /** Releases what it holds open: descriptors, connections (call once no stream is left). */
   close(): Promise<void>;
+}
+
+/**
+ * The store did not answer, or not in time (S3 down, slow, refusing our credentials): the caller
+ * answers 503 and nothing was changed that it would have to undo.
+ */
+export class StorageUnavailable extends Error {
+  override name = 'StorageUnavailable';
 }
 
 /** A descriptor the store keeps open, and how many readers hold it. */
@@ -151,6 +175,10 @@ export class LocalDiskStore implements ObjectStore {
     return { id, size, sha256: hash.digest('hex') };
   }
 
+  /**
+   * The object, open for reading, or `undefined` if there is no such object (or the id is
+   * malformed). After `delete`, `undefined`; streams made before still finish.
+   */
   async open(id: string): Promise<OpenObject | undefined> {
     if (!isObjectId(id)) return undefined;
     const file = this.#openFiles.get(id) ?? this.#cache(id);
@@ -198,6 +226,17 @@ export class LocalDiskStore implements ObjectStore {
     }
   }
 
+  async read(id: string, range?: ByteRange): Promise<ObjectRead | undefined> {
+    const file = await this.open(id);
+    if (!file) return undefined;
+    try {
+      if (range && (range.start > range.end || range.end >= file.size)) return undefined;
+      return { size: file.size, mtime: file.mtime, body: file.createReadStream(range) };
+    } finally {
+      file.release();
+    }
+  }
+
   #cache(id: string): OpenFile {
     const file: OpenFile = { handle: open(this.#path(id), 'r'), users: 0, idleSince: 0, evicted: false };
     // Settled here too, so that a failed open is never an unhandled rejection.
@@ -238,6 +277,14 @@ export class LocalDiskStore implements ObjectStore {
   async delete(id: string): Promise<void> {
     if (!isObjectId(id)) return;
     await rm(this.#path(id), { force: true });
+  }
+
+  async check(): Promise<void> {
+    try {
+      await mkdir(this.#root, { recursive: true });
+    } catch (error) {
+      throw new StorageUnavailable(`Storage directory ${this.#root} is not usable`, { cause: error });
+    }
   }
 
   async close(): Promise<void> {

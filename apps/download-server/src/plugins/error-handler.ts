@@ -28,8 +28,7 @@ export default fp(
       else if (status >= 500)
         request.log.warn({ code: known.code }, 'request refused: dependency unavailable');
       if (known.code === 'RANGE_NOT_SATISFIABLE') reply.header('content-range', `bytes */${error.size}`);
-      if (known.code === 'REPLAY_STORE_UNAVAILABLE' || known.code === 'KEYS_UNAVAILABLE')
-        reply.header('retry-after', 5);
+      if (status === 503) reply.header('retry-after', 5);
       const renewUrl =
         error.fileId && FILE_ID.test(error.fileId)
           ? `${options.appOrigin}/files/${error.fileId}/download`

@@ -1,6 +1,6 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/download-token';
-import type { ByteRange, OpenObject } from '@sfh/storage';
+import type { ByteRange, ObjectRead } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import {
@@ -8,6 +8,7 @@ import {
   RangeNotSatisfiable,
   ReplayStoreUnavailable,
   renewable,
+  StorageUnavailable,
   TokenExpired,
   TokenInvalid,
   TokenMalformed,
@@ -42,12 +43,34 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
 
   async function download(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
     const claims = await verify(request.params.token, request.log);
-    const file = await storage.open(claims.obj);
-    if (!file) throw new FileNotFound();
+    // The token carries the size: the range is known before the store is asked (a 416 never
+    // reaches it), and the store gets one ranged read, no HEAD first.
+    let range = selectRange(request, claims);
+    let file = await read(claims.obj, range);
+    if (range && file && staleIfRange(request, claims, file)) {
+      // If-Range with a date other than the object's: the client's copy is stale, whole file.
+      file.body.destroy();
+      range = undefined;
+      file = await read(claims.obj, range);
+    }
+    // A size that disagrees with the token means these are not the bytes A vouched for.
+    if (file?.size !== claims.size) {
+      file?.body.destroy();
+      throw new FileNotFound();
+    }
     try {
-      return await send(request, reply, claims, file);
-    } finally {
-      file.release();
+      return await send(request, reply, claims, file, range);
+    } catch (error) {
+      file.body.destroy();
+      throw error;
+    }
+  }
+
+  async function read(id: string, range: ByteRange | undefined): Promise<ObjectRead | undefined> {
+    try {
+      return await storage.read(id, range);
+    } catch (error) {
+      throw new StorageUnavailable({ cause: error });
     }
   }
 
@@ -55,12 +78,9 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     request: FastifyRequest<{ Params: Params }>,
     reply: FastifyReply,
     claims: DownloadClaims,
-    file: OpenObject,
+    file: ObjectRead,
+    range: ByteRange | undefined,
   ) {
-    // A size that disagrees with the token means these are not the bytes A vouched for.
-    if (file.size !== claims.size) throw new FileNotFound();
-    const range = selectRange(request, claims, file);
-
     if (request.method === 'HEAD') {
       if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
     } else {
@@ -92,8 +112,12 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     } else {
       reply.header('content-length', file.size);
     }
-    if (request.method === 'HEAD' || file.size === 0) return reply.send();
-    return reply.send(file.createReadStream(range));
+    if (request.method === 'HEAD' || file.size === 0) {
+      file.body.destroy();
+      return reply.send();
+    }
+    // Streamed with backpressure; fastify destroys it when the client goes away.
+    return reply.send(file.body);
   }
 
   async function verify(token: string, log: FastifyBaseLogger): Promise<DownloadClaims> {
@@ -164,17 +188,24 @@ async function replay<T>(answer: Promise<T>): Promise<T> {
 }
 
 /** The single range to send, `undefined` for the whole file, or 416 (RFC 9110 §14). */
-function selectRange(request: FastifyRequest, claims: DownloadClaims, file: OpenObject) {
+function selectRange(request: FastifyRequest, claims: DownloadClaims) {
   const header = request.headers.range;
   if (!header) return undefined;
+  // If-Range with anything but our validators: the client's partial copy is stale, so it gets
+  // the whole file (200), never a range that would splice two different contents. The ETag is
+  // checked here, a date once the store has said the object's (staleIfRange).
   const ifRange = request.headers['if-range'];
-  // If-Range with anything but our current validator: the client's partial copy is stale, so it
-  // gets the whole file (200), never a range that would splice two different contents.
-  if (ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== file.mtime.toUTCString())
+  if (ifRange !== undefined && /^(W\/)?"/.test(String(ifRange)) && ifRange !== `"${claims.sha256}"`)
     return undefined;
-  const range = parseRange(header.trim(), file.size);
-  if (range === 'unsatisfiable') throw Object.assign(new RangeNotSatisfiable(), { size: file.size });
+  const range = parseRange(header.trim(), claims.size);
+  if (range === 'unsatisfiable') throw Object.assign(new RangeNotSatisfiable(), { size: claims.size });
   return range;
+}
+
+/** If-Range names neither our ETag nor the object's Last-Modified. */
+function staleIfRange(request: FastifyRequest, claims: DownloadClaims, file: ObjectRead): boolean {
+  const ifRange = request.headers['if-range'];
+  return ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== file.mtime.toUTCString();
 }
 
 /**

@@ -1,0 +1,178 @@
+import { createHash } from 'node:crypto';
+import { Readable } from 'node:stream';
+import {
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadBucketCommand,
+  S3Client,
+  type S3ClientConfig,
+  S3ServiceException,
+} from '@aws-sdk/client-s3';
+import { Upload } from '@aws-sdk/lib-storage';
+import { nanoid } from 'nanoid';
+import {
+  type ByteRange,
+  isObjectId,
+  type ObjectRead,
+  type ObjectStore,
+  StorageUnavailable,
+  type StoredObject,
+} from './index.ts';
+
+/** Where the objects live; connection and credentials come from the AWS SDK's own environment and chain. */
+export interface S3StoreOptions {
+  bucket: string;
+  /** Prepended to every object id (`files/` puts them in a folder). */
+  prefix: string;
+  /** Path-style URLs (`endpoint/bucket/key`), which MinIO, Ceph and Swift need. */
+  forcePathStyle: boolean;
+  /**
+   * Longest any one call may take to connect, and to get its answer's head (the body of a
+   * download then streams as fast as its reader takes it). A stalled store fails instead of hanging.
+   */
+  timeoutMs: number;
+  /** Uploads above this are multipart, in parts of this size (at least 5 MiB, S3's minimum). */
+  partSize?: number;
+  /** Anything else for the client (tests pass other credentials). */
+  client?: S3ClientConfig;
+}
+
+const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
+
+/**
+ * Objects in an S3 bucket, as `<prefix><id>`. An upload is one PUT when it fits in a part and a
+ * multipart upload otherwise, hashed as it streams; a failed one is aborted, so it leaves neither
+ * an object nor parts (a crash can still leave parts: the bucket's lifecycle rule removes those).
+ */
+export class S3Store implements ObjectStore {
+  readonly #client: S3Client;
+  readonly #bucket: string;
+  readonly #prefix: string;
+  readonly #partSize: number;
+
+  constructor(options: S3StoreOptions) {
+    this.#bucket = options.bucket;
+    this.#prefix = options.prefix;
+    this.#partSize = options.partSize ?? DEFAULT_PART_SIZE;
+    this.#client = new S3Client({
+      forcePathStyle: options.forcePathStyle,
+      // Checksums only where S3 requires them: S3-compatible stores (Swift, older Ceph) refuse the
+      // newer SDKs' default aws-chunked trailing checksums. Integrity is our own SHA-256.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      // A retry, not three: a store that is down should be a quick 503, not a long wait.
+      maxAttempts: 2,
+      requestHandler: {
+        connectionTimeout: options.timeoutMs,
+        requestTimeout: options.timeoutMs,
+        // Without this a request past its timeout only logs a warning, and waits on.
+        throwOnRequestTimeout: true,
+      },
+      ...options.client,
+    });
+  }
+
+  #key(id: string): string {
+    return `${this.#prefix}${id}`;
+  }
+
+  async put(source: Readable): Promise<StoredObject> {
+    // The source's own error (a client gone, a size limit) is what the caller must see.
+    let sourceError: unknown;
+    const remember = (error: unknown) => {
+      sourceError ??= error;
+    };
+    source.on('error', remember);
+    const id = nanoid();
+    const hash = createHash('sha256');
+    let size = 0;
+    const body = Readable.from(
+      (async function* measure() {
+        for await (const chunk of source) {
+          const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : (chunk as Buffer);
+          hash.update(bytes);
+          size += bytes.length;
+          yield bytes;
+        }
+      })(),
+    );
+    const upload = new Upload({
+      client: this.#client,
+      params: { Bucket: this.#bucket, Key: this.#key(id), Body: body },
+      partSize: this.#partSize,
+      queueSize: 2,
+    });
+    try {
+      await upload.done();
+    } catch (error) {
+      // lib-storage has aborted the multipart upload (if there was one) before rejecting.
+      body.destroy();
+      throw sourceError ?? unavailable('upload', error);
+    } finally {
+      source.off('error', remember);
+    }
+    if (sourceError) {
+      await this.delete(id).catch(() => {});
+      throw sourceError;
+    }
+    return { id, size, sha256: hash.digest('hex') };
+  }
+
+  async read(id: string, range?: ByteRange): Promise<ObjectRead | undefined> {
+    if (!isObjectId(id)) return undefined;
+    if (range && range.start > range.end) return undefined;
+    try {
+      const answer = await this.#client.send(
+        new GetObjectCommand({
+          Bucket: this.#bucket,
+          Key: this.#key(id),
+          ...(range && { Range: `bytes=${range.start}-${range.end}` }),
+        }),
+      );
+      const body = answer.Body as Readable;
+      const total = range ? Number(/\/(\d+)$/.exec(answer.ContentRange ?? '')?.[1]) : answer.ContentLength;
+      // A range clamped by the store is not the range asked for.
+      const length = range ? range.end - range.start + 1 : total;
+      if (total === undefined || !Number.isSafeInteger(total) || answer.ContentLength !== length) {
+        body.destroy();
+        return undefined;
+      }
+      return { size: total, mtime: answer.LastModified ?? new Date(0), body };
+    } catch (error) {
+      const status = error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
+      if (status === 404 || status === 416) return undefined;
+      throw unavailable('read', error);
+    }
+  }
+
+  async delete(id: string): Promise<void> {
+    if (!isObjectId(id)) return;
+    try {
+      // One by one: DeleteObjects needs a Content-MD5 header that current SDKs no longer send,
+      // and that some S3-compatible stores insist on.
+      await this.#client.send(new DeleteObjectCommand({ Bucket: this.#bucket, Key: this.#key(id) }));
+    } catch (error) {
+      const status = error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
+      if (status === 404) return;
+      throw unavailable('delete', error);
+    }
+  }
+
+  /** Resolves if the bucket answers (readiness probes). */
+  async check(): Promise<void> {
+    try {
+      await this.#client.send(new HeadBucketCommand({ Bucket: this.#bucket }));
+    } catch (error) {
+      throw unavailable('check', error);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#client.destroy();
+  }
+}
+
+function unavailable(what: string, error: unknown): StorageUnavailable {
+  const detail = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+  return new StorageUnavailable(`Object store ${what} failed: ${detail}`, { cause: error });
+}
