@@ -6,6 +6,7 @@ import type { AppConfig } from './config.ts';
 import db from './plugins/db.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
+import objectDeletions from './plugins/object-deletions.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
 import authRoutes from './routes/auth.ts';
@@ -42,6 +43,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
   await app.register(storagePlugin, { dir: config.storageDir, s3: config.s3 });
+  await app.register(objectDeletions, { sweepSeconds: config.OBJECT_DELETE_RETRY_SECONDS });
   await app.register(helmet, {
     // A's pages load nothing from elsewhere and run no inline script.
     contentSecurityPolicy: {

@@ -30,6 +30,8 @@ export const AppEnv = Type.Object({
   MAX_UPLOAD_BYTES: Type.Integer({ minimum: 1, default: GiB }),
   /** Bytes a user may store in all; 0: no quota. */
   USER_QUOTA_BYTES: Type.Integer({ minimum: 0, default: 10 * GiB }),
+  /** Objects whose deletion failed (the bucket was down) are retried this often, backing off. */
+  OBJECT_DELETE_RETRY_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 30 }),
   TRUST_PROXY: Type.Boolean({ default: false }),
   // argon2id cost. The defaults are OWASP's minimum for argon2id; tests lower them through config.
   ARGON2_MEMORY_KIB: Type.Integer({ minimum: 8, default: 19456 }),

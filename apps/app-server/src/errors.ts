@@ -35,5 +35,10 @@ export const DatabaseUnavailable = define(
   'The database is unavailable; try again shortly',
   503,
 );
+export const StorageUnavailable = define(
+  'STORAGE_UNAVAILABLE',
+  'File storage is unavailable; try again shortly',
+  503,
+);
 export const InsufficientStorage = define('INSUFFICIENT_STORAGE', 'The server is out of storage space', 507);
 export const Internal = define('INTERNAL', 'Internal server error', 500);

@@ -57,7 +57,7 @@ export interface ObjectStore {
   /**
    * One request to the store: the object's `range` (or all of it) as a stream, with its size and
    * mtime; `undefined` if there is no such object, the id is malformed, or the range does not lie
-   * within the object. Rejects with `StorageUnavailable` when the store cannot answer in time.
+   * within the object. Rejects with `StorageUnavailableError` when the store cannot answer in time.
    */
   read(id: string, range?: ByteRange): Promise<ObjectRead | undefined>;
   /**
@@ -65,7 +65,7 @@ export interface ObjectStore {
    * retried) when the store cannot say it is gone.
    */
   delete(id: string): Promise<void>;
-  /** Resolves if the store answers now; rejects with `StorageUnavailable` otherwise (readiness). */
+  /** Resolves if the store answers now; rejects with `StorageUnavailableError` otherwise (readiness). */
   check(): Promise<void>;
   /** Releases what it holds open: descriptors, connections (call once no stream is left). */
   close(): Promise<void>;
@@ -75,8 +75,8 @@ export interface ObjectStore {
  * The store did not answer, or not in time (S3 down, slow, refusing our credentials): the caller
  * answers 503 and nothing was changed that it would have to undo.
  */
-export class StorageUnavailable extends Error {
-  override name = 'StorageUnavailable';
+export class StorageUnavailableError extends Error {
+  override name = 'StorageUnavailableError';
 }
 
 /** A descriptor the store keeps open, and how many readers hold it. */
@@ -283,7 +283,7 @@ export class LocalDiskStore implements ObjectStore {
     try {
       await mkdir(this.#root, { recursive: true });
     } catch (error) {
-      throw new StorageUnavailable(`Storage directory ${this.#root} is not usable`, { cause: error });
+      throw new StorageUnavailableError(`Storage directory ${this.#root} is not usable`, { cause: error });
     }
   }
 

@@ -15,7 +15,7 @@ import {
   isObjectId,
   type ObjectRead,
   type ObjectStore,
-  StorageUnavailable,
+  StorageUnavailableError,
   type StoredObject,
 } from './index.ts';
 
@@ -172,7 +172,7 @@ export class S3Store implements ObjectStore {
   }
 }
 
-function unavailable(what: string, error: unknown): StorageUnavailable {
+function unavailable(what: string, error: unknown): StorageUnavailableError {
   const detail = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
-  return new StorageUnavailable(`Object store ${what} failed: ${detail}`, { cause: error });
+  return new StorageUnavailableError(`Object store ${what} failed: ${detail}`, { cause: error });
 }

@@ -9,7 +9,7 @@ import { Readable } from 'node:stream';
 import { beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { freePort } from '../../../test/support/processes.ts';
 import { bucketContents, openS3Store, requireS3, S3_SKIP, s3StoreOptions } from '../../../test/support/s3.ts';
-import { StorageUnavailable } from '../src/index.ts';
+import { StorageUnavailableError } from '../src/index.ts';
 import { S3Store } from '../src/s3.ts';
 import {
   bytesStream,
@@ -70,14 +70,16 @@ describe.skipIf(S3_SKIP)('S3Store against infra/s3-local.sh', () => {
     const { store: reader } = openS3Store('reader', {}, prefix);
     const { id } = await writer.put(bytesStream([Buffer.from('readable')]));
     expect((await readBytes(reader, id)).toString()).toBe('readable');
-    await expect(reader.put(bytesStream([Buffer.from('no')]))).rejects.toBeInstanceOf(StorageUnavailable);
-    await expect(reader.delete(id)).rejects.toBeInstanceOf(StorageUnavailable);
+    await expect(reader.put(bytesStream([Buffer.from('no')]))).rejects.toBeInstanceOf(
+      StorageUnavailableError,
+    );
+    await expect(reader.delete(id)).rejects.toBeInstanceOf(StorageUnavailableError);
     expect(await bucketContents(prefix)).toEqual([id]);
   });
 });
 
 describe('S3Store when the store is down or stalls', () => {
-  it('a closed port: every call rejects with StorageUnavailable, quickly', async () => {
+  it('a closed port: every call rejects with StorageUnavailableError, quickly', async () => {
     const port = await freePort();
     const store = new S3Store(
       s3StoreOptions('p/', 'writer', {
@@ -90,10 +92,10 @@ describe('S3Store when the store is down or stalls', () => {
     );
     onTestFinished(() => store.close());
     const started = performance.now();
-    await expect(store.put(bytesStream([Buffer.from('x')]))).rejects.toBeInstanceOf(StorageUnavailable);
-    await expect(store.read('V1StGXR8_Z5jdHi6B-myT')).rejects.toBeInstanceOf(StorageUnavailable);
-    await expect(store.delete('V1StGXR8_Z5jdHi6B-myT')).rejects.toBeInstanceOf(StorageUnavailable);
-    await expect(store.check()).rejects.toBeInstanceOf(StorageUnavailable);
+    await expect(store.put(bytesStream([Buffer.from('x')]))).rejects.toBeInstanceOf(StorageUnavailableError);
+    await expect(store.read('V1StGXR8_Z5jdHi6B-myT')).rejects.toBeInstanceOf(StorageUnavailableError);
+    await expect(store.delete('V1StGXR8_Z5jdHi6B-myT')).rejects.toBeInstanceOf(StorageUnavailableError);
+    await expect(store.check()).rejects.toBeInstanceOf(StorageUnavailableError);
     expect(performance.now() - started).toBeLessThan(5_000);
   });
 
@@ -126,7 +128,7 @@ describe('S3Store when the store is down or stalls', () => {
       () => store.delete('V1StGXR8_Z5jdHi6B-myT'),
     ]) {
       const started = performance.now();
-      await expect(call()).rejects.toBeInstanceOf(StorageUnavailable);
+      await expect(call()).rejects.toBeInstanceOf(StorageUnavailableError);
       // Two attempts of 300 ms, and a backoff between them.
       expect(performance.now() - started).toBeLessThan(3_000);
     }

@@ -1,4 +1,5 @@
 import { errorPage, prefersHtml } from '@sfh/error-page';
+import { StorageUnavailableError } from '@sfh/storage';
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
 import {
@@ -8,6 +9,7 @@ import {
   InsufficientStorage,
   Internal,
   NotFound,
+  StorageUnavailable,
   ValidationFailed,
 } from '../errors.ts';
 import { backToFileList, redirectToSignIn } from '../routes/pages.ts';
@@ -36,6 +38,7 @@ function toCatalogueError(error: FastifyError): FastifyError {
   if (error instanceof AppError) return error;
   if (error.validation) return new ValidationFailed(error.message, { cause: error });
   if (error.code?.startsWith('FST_CSRF_')) return new CsrfInvalid({ cause: error });
+  if (error instanceof StorageUnavailableError) return new StorageUnavailable({ cause: error });
   if (error.code === 'ENOSPC' || error.code === 'EDQUOT') return new InsufficientStorage({ cause: error });
   if (isDatabaseDown(error)) return new DatabaseUnavailable({ cause: error });
   // Fastify's and its plugins' own client errors (bad JSON, wrong content type, body too large):
@@ -68,7 +71,7 @@ export default fp(
         return backToFileList(request, reply, mapped);
       if (status >= 500) request.log.error({ err: error }, 'request failed');
       else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
-      if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);
+      if (status === 503) reply.header('retry-after', 5);
       if (mapped.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
       // A page that cannot be shown because A itself is failing (the database is down): words, not JSON.
       if (navigation && status >= 500) {

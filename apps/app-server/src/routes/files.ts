@@ -101,7 +101,7 @@ export async function receiveUpload(
       if (part.file.truncated) throw overLimit();
     }
   } catch (error) {
-    if (stored) await app.storage.delete(stored.id);
+    if (stored) await app.objectDeletions.discard(stored.id);
     rethrowMalformed(error);
   }
   if (!stored) throw new ValidationFailed('Send the file as a multipart field named "file"');
@@ -121,23 +121,26 @@ export async function receiveUpload(
     )
     .catch(async (error: unknown) => {
       // Bytes without a row would be unreachable garbage.
-      await app.storage.delete((stored as StoredObject).id);
+      await app.objectDeletions.discard((stored as StoredObject).id);
       throw error;
     });
   if (!file) {
     // Concurrent uploads together went over the quota: this one lost the race.
-    await app.storage.delete(stored.id);
+    await app.objectDeletions.discard(stored.id);
     throw new QuotaExceeded(quota);
   }
   return file;
 }
 
-/** Deletes the user's file and its bytes; `NOT_FOUND` if there is no such file of theirs. */
+/**
+ * Deletes the user's file and its bytes; `NOT_FOUND` if there is no such file of theirs. The row
+ * goes first, queueing its object (object_deletions); the bytes go at once, so a token minted
+ * before gets 404 from B, or, if the store is down, as soon as the sweep reaches them.
+ */
 export async function deleteFile(app: FastifyInstance, userId: string, fileId: string): Promise<void> {
   const file = await app.repos.files.deleteForUser(userId, fileId);
   if (!file) throw new NotFound();
-  // The bytes go at once: a token minted before the delete then gets 404 from B.
-  await app.storage.delete(file.objectId);
+  await app.objectDeletions.discard(file.objectId);
 }
 
 /** The signed-in user's files: upload, list, get, delete, and download tokens for them. */

@@ -13,6 +13,8 @@ export default async function healthRoutes(app: FastifyInstance) {
     } catch (error) {
       throw new DatabaseUnavailable({ cause: error });
     }
+    // Uploads need the object store (a bucket may be down while the database is up).
+    await app.storage.check();
     return { status: 'ready' };
   });
 }
