@@ -26,6 +26,8 @@ const settings: Record<string, string> = Object.fromEntries(
 );
 
 const endpoint = settings.AWS_ENDPOINT_URL_S3 as string;
+/** The store's port on 127.0.0.1 (for a TcpGate in front of it). */
+export const S3_PORT = Number(new URL(endpoint).port);
 const region = settings.AWS_REGION as string;
 export const S3_BUCKET = settings.S3_BUCKET as string;
 
@@ -64,13 +66,17 @@ export function s3StoreOptions(
 }
 
 /** The environment that points a server at the bucket, under `prefix`, as `who`. */
-export function s3Env(prefix: string, who: keyof typeof credentials = 'writer'): Record<string, string> {
+export function s3Env(
+  prefix: string,
+  who: keyof typeof credentials = 'writer',
+  via = endpoint,
+): Record<string, string> {
   return {
     S3_BUCKET,
     S3_PREFIX: prefix,
     S3_FORCE_PATH_STYLE: 'true',
     S3_TIMEOUT_MS: '3000',
-    AWS_ENDPOINT_URL_S3: endpoint,
+    AWS_ENDPOINT_URL_S3: via,
     AWS_REGION: region,
     AWS_ACCESS_KEY_ID: credentials[who].accessKeyId,
     AWS_SECRET_ACCESS_KEY: credentials[who].secretAccessKey,
