@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionClient } from '../support/http-client.ts';
 import type { ServerProcess } from '../support/processes.ts';
+import { S3_SKIP } from '../support/s3.ts';
 import { type Stack, startStack } from '../support/stack.ts';
 
 const CURL = '/usr/bin/curl';
@@ -45,9 +46,12 @@ function run(file: string, args: string[], cwd: string): Promise<Run> {
 // file; CI installs them, and there a missing one fails.
 const clientsInstalled = existsSync(CURL) && existsSync(WGET);
 
-describe.skipIf(!clientsInstalled && !process.env.CI)(
-  'real clients resume downloads across single-use tokens',
-  () => {
+// On the local disk, and with the bytes in S3 (A and B sharing nothing but the bucket).
+const storages: ('local' | 's3')[] = ['local', ...(S3_SKIP ? [] : (['s3'] as const))];
+
+describe.skipIf(!clientsInstalled && !process.env.CI).each(storages)(
+  'real clients resume downloads across single-use tokens (%s storage)',
+  (storage) => {
     let stack: Stack;
     let work: string;
     let b: ServerProcess;
@@ -59,7 +63,7 @@ describe.skipIf(!clientsInstalled && !process.env.CI)(
 
     beforeAll(async () => {
       work = await mkdtemp(join(tmpdir(), 'sfh-e2e-clients-work-'));
-      stack = await startStack();
+      stack = await startStack({ storage });
       ({ b, appOrigin, downloadOrigin } = stack);
 
       user = new SessionClient(appOrigin);
@@ -207,6 +211,13 @@ describe.skipIf(!clientsInstalled && !process.env.CI)(
       );
       const tail = Buffer.from(await part2.arrayBuffer());
       expect(sha256(Buffer.concat([head, tail]))).toBe(sha256(original));
+
+      // If-Range with the Last-Modified date the first part came with: still the same bytes.
+      const byDate = await fetch(await mint(), {
+        headers: { range: 'bytes=100000-', 'if-range': part1.headers.get('last-modified') as string },
+      });
+      expect(byDate.status).toBe(206);
+      expect(sha256(Buffer.concat([head, Buffer.from(await byDate.arrayBuffer())]))).toBe(sha256(original));
 
       // A stale validator: the partial copy is of other bytes, so the whole file comes back.
       const stale = await fetch(await mint(), {

@@ -58,7 +58,7 @@ describe.each(stacks)(
       });
       expect(upload.status).toBe(201);
       expect(upload.body.file).toMatchObject({ size: bytes.length, sha256: sha256(bytes) });
-    if (stack.s3Prefix !== undefined) expect(await bucketContents(stack.s3Prefix)).toHaveLength(1);
+      if (stack.s3Prefix !== undefined) expect(await bucketContents(stack.s3Prefix)).toHaveLength(1);
 
       const mint = await user.json<{ url: string; token: string; expiresAt: string }>(
         `/api/files/${upload.body.file.id}/download-token`,
