@@ -8,6 +8,7 @@
  * 3. Disk full during an upload: a 2 MiB tmpfs mounted as A's STORAGE_DIR (needs root).
  * 4. 1,000 clients that abort mid-upload.
  * 5. Clock skew between A and B, tokens minted here with A's clock shifted.
+ * 6. The bucket down during uploads and downloads, and clients gone mid-transfer (S3 storage).
  *
  * Covered elsewhere, not repeated here: Redis outage (scale-out.test.ts), A stopped → B serves
  * (key-rotation.test.ts), plain SIGTERM exit 0 (spine.test.ts), 1,000 aborted downloads
@@ -29,7 +30,9 @@ import { type B, startB } from '../support/download-server-alone.ts';
 import { SignedInClient } from '../support/http-client.ts';
 import { openFds, rss } from '../support/process-stats.ts';
 import { APP_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
+import { bucketContents, S3_PORT, S3_SKIP } from '../support/s3.ts';
 import { CHEAP_PASSWORDS, type Stack, startStack } from '../support/stack.ts';
+import { startTcpGate, type TcpGate } from '../support/tcp-gate.ts';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
@@ -834,5 +837,135 @@ describe('clocks of A and B apart (CLOCK_TOLERANCE_SECONDS=5)', () => {
     const line = skewLines().at(-1) as string;
     expect(line).not.toContain(token.split('.')[2]);
     console.log(`A ${seconds} s ahead: ${line}`);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// 6. The bucket goes away (S3 storage): A and B reach infra/s3-local.sh each through a TCP gate
+//    that the test closes, A and B on DATA_DIRs of their own, B with read-only credentials.
+// ---------------------------------------------------------------------------------------------
+
+describe.skipIf(S3_SKIP)('the bucket down or the client gone, with S3 storage', () => {
+  let stack: Stack;
+  let appGate: TcpGate;
+  let downloadGate: TcpGate;
+  let client: SignedInClient;
+  const large = randomBytes(40 * MIB);
+  let largeFile: FileView;
+
+  beforeAll(async () => {
+    appGate = await startTcpGate(S3_PORT);
+    downloadGate = await startTcpGate(S3_PORT);
+    stack = await startStack({
+      storage: 's3',
+      appEnv: { AWS_ENDPOINT_URL_S3: origin(appGate.port), S3_TIMEOUT_MS: '1000' },
+      downloadEnv: { AWS_ENDPOINT_URL_S3: origin(downloadGate.port), S3_TIMEOUT_MS: '1000' },
+    });
+    client = await SignedInClient.signUp(stack.appOrigin, 'bucket-faults', PASSWORD);
+    const answer = await upload(client, large, 'large.bin');
+    expect(answer.status).toBe(201);
+    largeFile = answer.json.file as FileView;
+  }, 120_000);
+
+  afterAll(async () => {
+    await stack?.stop();
+    await Promise.all([appGate?.close(), downloadGate?.close()]);
+  });
+
+  const prefix = () => stack.s3Prefix as string;
+  const rowsOf = async () => (await client.json<{ files: FileView[] }>('/api/files')).body.files;
+
+  async function mint(fileId: string): Promise<string> {
+    const { status, body } = await client.json<{ url: string }>(`/api/files/${fileId}/download-token`, {
+      method: 'POST',
+    });
+    expect(status).toBe(201);
+    return body.url;
+  }
+
+  it('a client that goes away mid-upload leaves no object and no incomplete multipart upload', async () => {
+    const before = await bucketContents(prefix());
+    const inFlight = openUpload(client, randomBytes(20 * MIB));
+    await inFlight.send(12 * MIB); // more than a part (8 MiB) has gone up
+    await sleep(300);
+    inFlight.abort();
+    await expect.poll(() => bucketContents(prefix()), { timeout: 10_000 }).toEqual(before);
+    expect((await rowsOf()).map((file) => file.id)).toEqual([largeFile.id]);
+  });
+
+  it('the bucket down during an upload: 503 STORAGE_UNAVAILABLE, no row; back up, uploads work', async () => {
+    const inFlight = openUpload(client, randomBytes(20 * MIB));
+    await inFlight.send(10 * MIB);
+    appGate.set('down');
+    void inFlight.send();
+    const answer = await inFlight.answer;
+    expect(answer.status).toBe(503);
+    expect(JSON.parse(answer.text)).toMatchObject({ error: 'STORAGE_UNAVAILABLE' });
+    expect((await fetch(`${stack.appOrigin}/readyz`)).status).toBe(503);
+    expect((await rowsOf()).map((file) => file.id)).toEqual([largeFile.id]);
+
+    appGate.set('open');
+    expect((await fetch(`${stack.appOrigin}/readyz`)).status).toBe(200);
+    const again = await upload(client, randomBytes(1000), 'after.bin');
+    expect(again.status).toBe(201);
+    // Only complete objects have rows; whatever parts the down bucket kept are the lifecycle rule's.
+    const objects = (await bucketContents(prefix())).filter((key) => !key.startsWith('upload:'));
+    expect(objects).toHaveLength(2);
+    expect((await client.fetch(`/api/files/${again.json.file?.id}`, { method: 'DELETE' })).status).toBe(204);
+  });
+
+  it('the bucket down for B: 503 STORAGE_UNAVAILABLE and the token is not used; back up, it downloads', async () => {
+    const url = await mint(largeFile.id);
+    downloadGate.set('down');
+    const refused = await fetch(url, { headers: { accept: 'application/json' } });
+    expect(refused.status).toBe(503);
+    expect(refused.headers.get('retry-after')).toBe('5');
+    expect(await refused.json()).toMatchObject({ error: 'STORAGE_UNAVAILABLE' });
+
+    downloadGate.set('open');
+    const served = await fetch(url);
+    expect(served.status).toBe(200);
+    expect(served.headers.get('etag')).toBe(`"${sha256(large)}"`);
+    expect(sha256(new Uint8Array(await served.arrayBuffer()))).toBe(sha256(large));
+  });
+
+  it('416 and a deleted object consume nothing; a range is one ranged read', async () => {
+    const url = await mint(largeFile.id);
+    const unsatisfiable = await fetch(url, {
+      headers: { range: `bytes=${large.length}-${large.length + 9}` },
+    });
+    expect(unsatisfiable.status).toBe(416);
+    expect(unsatisfiable.headers.get('content-range')).toBe(`bytes */${large.length}`);
+    const before = downloadGate.bytesFromService;
+    const ranged = await fetch(url, { headers: { range: 'bytes=1000-1999' } });
+    expect(ranged.status).toBe(206);
+    expect(Buffer.from(await ranged.arrayBuffer()).equals(large.subarray(1000, 2000))).toBe(true);
+    // The store sent the range (and its headers), not the 40 MiB file.
+    expect(downloadGate.bytesFromService - before).toBeLessThan(64 * KIB);
+
+    const small = await upload(client, Buffer.from('soon gone'), 'gone.txt');
+    const goneUrl = await mint(small.json.file?.id as string);
+    expect((await client.fetch(`/api/files/${small.json.file?.id}`, { method: 'DELETE' })).status).toBe(204);
+    const gone = await fetch(goneUrl, { headers: { accept: 'application/json' } });
+    expect(gone.status).toBe(404);
+    expect(await gone.json()).toMatchObject({ error: 'FILE_NOT_FOUND' });
+  });
+
+  it('a download client that goes away: B stops reading from the bucket, and keeps serving', async () => {
+    const before = downloadGate.bytesFromService;
+    const controller = new AbortController();
+    const response = await fetch(await mint(largeFile.id), { signal: controller.signal });
+    const reader = (response.body as ReadableStream<Uint8Array>).getReader();
+    await reader.read();
+    controller.abort();
+    await sleep(1_000);
+    const relayed = downloadGate.bytesFromService - before;
+    await sleep(500);
+    // Nothing more is read once the client is gone, far from the whole file.
+    expect(downloadGate.bytesFromService - before).toBe(relayed);
+    expect(relayed).toBeLessThan(large.length / 2);
+
+    const whole = await fetch(await mint(largeFile.id));
+    expect(sha256(new Uint8Array(await whole.arrayBuffer()))).toBe(sha256(large));
   });
 });

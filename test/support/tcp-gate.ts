@@ -1,18 +1,21 @@
 import { connect, createServer, type Socket } from 'node:net';
-import { onTestFinished } from 'vitest';
 
 /**
  * A TCP relay in front of a real service, to take it away from a server under test: `open`
  * relays, `down` cuts every connection and refuses new ones (reset), `stall` cuts nothing but
- * relays nothing either (a store that hangs). Closed when the test finishes.
+ * relays nothing either (a store that hangs).
  */
 export interface TcpGate {
   port: number;
   set(mode: 'open' | 'down' | 'stall'): void;
+  /** Bytes relayed from the service to its clients so far. */
+  readonly bytesFromService: number;
+  close(): Promise<void>;
 }
 
 export async function startTcpGate(targetPort: number): Promise<TcpGate> {
   let mode: 'open' | 'down' | 'stall' = 'open';
+  let bytesFromService = 0;
   const pairs = new Set<[Socket, Socket]>();
   const server = createServer((client) => {
     if (mode === 'down') {
@@ -29,6 +32,9 @@ export async function startTcpGate(targetPort: number): Promise<TcpGate> {
     };
     client.on('error', end).on('close', end);
     upstream.on('error', end).on('close', end);
+    upstream.on('data', (chunk: Buffer) => {
+      bytesFromService += chunk.length;
+    });
     if (mode === 'stall') client.pause();
     else {
       client.pipe(upstream);
@@ -36,15 +42,18 @@ export async function startTcpGate(targetPort: number): Promise<TcpGate> {
     }
   });
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  onTestFinished(async () => {
-    for (const [client, upstream] of pairs) {
-      client.destroy();
-      upstream.destroy();
-    }
-    await new Promise<void>((resolve) => server.close(() => resolve()));
-  });
   return {
     port: (server.address() as { port: number }).port,
+    get bytesFromService() {
+      return bytesFromService;
+    },
+    async close() {
+      for (const [client, upstream] of pairs) {
+        client.destroy();
+        upstream.destroy();
+      }
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
     set(next) {
       mode = next;
       for (const [client, upstream] of pairs) {

@@ -7,7 +7,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
-import { beforeAll, describe, expect, it, vi } from 'vitest';
+import { beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import {
   bucketContents,
   freshPrefix,
@@ -28,6 +28,7 @@ const sha256 = (bytes: Buffer) => createHash('sha256').update(bytes).digest('hex
 /** A on the bucket under a fresh prefix, reached through a gate; a signed-in client. */
 async function appOnS3(env: Record<string, string> = {}) {
   const gate = await startTcpGate(S3_PORT);
+  onTestFinished(() => gate.close());
   const prefix = freshPrefix();
   const settings: Record<string, string> = {
     ...s3Env(prefix, 'writer', `http://127.0.0.1:${gate.port}`),
