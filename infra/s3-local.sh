@@ -220,5 +220,5 @@ case "${1:-start}" in
     echo "$ENDPOINT: answering"
     ;;
   env) print_env ;;
-  *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+  *) echo "usage: infra/s3-local.sh start|stop|status|env" >&2; exit 2 ;;
 esac

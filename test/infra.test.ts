@@ -204,6 +204,33 @@ describe('infra/ files', () => {
     },
   );
 
+  it('s3-local.sh is valid bash, strict, answers a wrong command with usage, and prints what A and B read', async () => {
+    const script = join(INFRA, 's3-local.sh');
+    expect(await run('bash', ['-n', script])).toMatchObject({ code: 0, stderr: '' });
+    const text = await readFile(script, 'utf8');
+    expect(text).toMatch(/^#!\/usr\/bin\/env bash\n/);
+    expect(text).toContain('set -euo pipefail');
+    const usage = await run('bash', [script, 'sideways']);
+    expect(usage.code).toBe(2);
+    expect(usage.stderr).toContain('usage: infra/s3-local.sh start|stop|status|env');
+    const env = await run('bash', [script, 'env'], { env: { ...process.env, S3_LOCAL_PORT: '9999' } });
+    const settings = Object.fromEntries(
+      env.stdout
+        .trim()
+        .split('\n')
+        .map((line) => line.split('=', 2)),
+    );
+    for (const key of ['S3_BUCKET', 'S3_FORCE_PATH_STYLE']) {
+      expect(Object.keys(AppEnv.properties)).toContain(key);
+      expect(Object.keys(DownloadEnv.properties)).toContain(key);
+      expect(settings[key]).toBeTruthy();
+    }
+    expect(settings.AWS_ENDPOINT_URL_S3).toBe('http://127.0.0.1:9999');
+    // A's key can write, B's only read: two users, never the same.
+    expect(settings.AWS_ACCESS_KEY_ID).toMatch(/^\w+:\w+$/);
+    expect(settings.S3_READ_ACCESS_KEY_ID).not.toBe(settings.AWS_ACCESS_KEY_ID);
+  });
+
   it('the production nginx for B streams, waits long and never logs a token; A takes large uploads', async () => {
     const download = await readFile(join(INFRA, 'nginx', 'download.conf'), 'utf8');
     expect(download).toMatch(/proxy_buffering off;/);
