@@ -216,7 +216,7 @@ case "${1:-start}" in
   stop) stop_all ;;
   status)
     for s in $SERVICES; do if alive "$s"; then echo "$s: running"; else echo "$s: stopped"; fi; done
-    curl -fsS -m 2 -o /dev/null "$ENDPOINT/healthcheck" || { echo "$ENDPOINT: down"; exit 1; }
+    curl -fsS -m 2 -o /dev/null "$ENDPOINT/healthcheck" 2>/dev/null || { echo "$ENDPOINT: down"; exit 1; }
     echo "$ENDPOINT: answering"
     ;;
   env) print_env ;;
