@@ -1,6 +1,6 @@
 import fp from 'fastify-plugin';
 import { LocalDiskStore, type ObjectStore } from './index.ts';
-import { S3Store, type S3StoreOptions } from './s3.ts';
+import type { S3StoreOptions } from './s3.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
@@ -14,7 +14,10 @@ declare module 'fastify' {
  */
 export const storagePlugin = fp(
   async (app, options: { dir: string; s3?: S3StoreOptions | undefined }) => {
-    const storage: ObjectStore = options.s3 ? new S3Store(options.s3) : new LocalDiskStore(options.dir);
+    // The AWS SDK is loaded only when it is used: a local-disk deployment never pays for it.
+    const storage: ObjectStore = options.s3
+      ? new (await import('./s3.ts')).S3Store(options.s3)
+      : new LocalDiskStore(options.dir);
     app.decorate('storage', storage);
     app.addHook('onClose', () => storage.close());
   },
