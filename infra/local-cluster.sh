@@ -15,6 +15,9 @@
 #   A_PORTS ["3100 3101"]  B_PORTS ["3200 3201"]   replica ports (spaces or commas)
 #   A_LB_PORT [8080]  B_LB_PORT [8081]             nginx: A's and B's public origins
 #   STORAGE_DIR [CLUSTER_DIR/files]   SESSION_SECRET, KEY_ENCRYPTION_KEY [generated, kept]
+#   STORAGE [local]   s3: the bytes in the bucket of infra/s3-local.sh (started if needed) under
+#                     S3_PREFIX [cluster/], A with read-write and B with read-only credentials,
+#                     no shared volume
 #   REDIS_KEY_PREFIX [dl:jti:]  JWKS_REFRESH_SECONDS [10]  LOG_LEVEL [info]
 #   READY_TIMEOUT [90] seconds   STOP_TIMEOUT [45] seconds (above SHUTDOWN_GRACE_SECONDS)
 set -euo pipefail
@@ -35,6 +38,8 @@ DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 REDIS_KEY_PREFIX="${REDIS_KEY_PREFIX:-dl:jti:}"
 STORAGE_DIR="${STORAGE_DIR:-$CLUSTER_DIR/files}"
+STORAGE="${STORAGE:-local}"
+S3_PREFIX="${S3_PREFIX:-cluster/}"
 JWKS_REFRESH_SECONDS="${JWKS_REFRESH_SECONDS:-10}"
 LOG_LEVEL="${LOG_LEVEL:-info}"
 READY_TIMEOUT="${READY_TIMEOUT:-90}"
@@ -193,7 +198,7 @@ cmd_up() {
   command -v node >/dev/null || die "node is not installed"
   [[ -d "$ROOT/node_modules/tsx" ]] || die "dependencies are missing: run npm ci in $ROOT first"
   (cd "$ROOT" && npm run --silent build) || die "npm run build (B's bundle) failed"
-  mkdir -p "$RUN" "$LOGS" "$NGINX_DIR/tmp" "$STORAGE_DIR"
+  mkdir -p "$RUN" "$LOGS" "$NGINX_DIR/tmp"
   local file
   for file in "$RUN"/*.pid "$NGINX_PID"; do
     if [[ -e "$file" ]] && live_pid "$file" >/dev/null; then
@@ -205,10 +210,29 @@ cmd_up() {
 
   local session_secret="${SESSION_SECRET:-$(kept_secret session-secret)}"
   local kek="${KEY_ENCRYPTION_KEY:-$(kept_secret key-encryption-key)}"
+  # Where the bytes are: a volume every replica mounts, or a bucket they share and nothing else.
+  local storage=() app_storage=() download_storage=()
+  case "$STORAGE" in
+    local)
+      mkdir -p "$STORAGE_DIR"
+      storage=(STORAGE_DIR="$STORAGE_DIR")
+      ;;
+    s3)
+      local s3env
+      s3env="$(bash "$ROOT/infra/s3-local.sh" start)" || die "infra/s3-local.sh start failed"
+      s3() { sed -n "s/^$1=//p" <<<"$s3env"; }
+      storage=(S3_BUCKET="$(s3 S3_BUCKET)" S3_PREFIX="$S3_PREFIX" S3_FORCE_PATH_STYLE=true
+        AWS_ENDPOINT_URL_S3="$(s3 AWS_ENDPOINT_URL_S3)" AWS_REGION="$(s3 AWS_REGION)")
+      app_storage=(AWS_ACCESS_KEY_ID="$(s3 AWS_ACCESS_KEY_ID)" AWS_SECRET_ACCESS_KEY="$(s3 AWS_SECRET_ACCESS_KEY)")
+      download_storage=(AWS_ACCESS_KEY_ID="$(s3 S3_READ_ACCESS_KEY_ID)"
+        AWS_SECRET_ACCESS_KEY="$(s3 S3_READ_SECRET_ACCESS_KEY)")
+      ;;
+    *) die "STORAGE is local or s3, not $STORAGE" ;;
+  esac
   local shared=(
     NODE_ENV=development
     LOG_LEVEL="$LOG_LEVEL"
-    STORAGE_DIR="$STORAGE_DIR"
+    "${storage[@]}"
     APP_PUBLIC_URL="$APP_URL"
     DOWNLOAD_PUBLIC_URL="$DOWNLOAD_URL"
     JWKS_REFRESH_SECONDS="$JWKS_REFRESH_SECONDS"
@@ -219,12 +243,14 @@ cmd_up() {
     SESSION_SECRET="$session_secret"
     KEY_ENCRYPTION_KEY="$kek"
     TRUST_PROXY=true
+    "${app_storage[@]}"
   )
   local download=(
     "${shared[@]}"
     REDIS_URL="$REDIS_URL"
     REDIS_KEY_PREFIX="$REDIS_KEY_PREFIX"
     JWKS_URL="http://127.0.0.1:$A_LB_PORT/.well-known/jwks.json"
+    "${download_storage[@]}"
   )
 
   # Anything failing from here on (or Ctrl-C) takes down what was started.
@@ -259,7 +285,7 @@ cmd_up() {
   CLEAN_UP_ON_EXIT=0
   trap - INT TERM
 
-  say "local cluster is up (${#A_PORT_LIST[@]} A, ${#B_PORT_LIST[@]} B, nginx; files in $CLUSTER_DIR)"
+  say "local cluster is up (${#A_PORT_LIST[@]} A, ${#B_PORT_LIST[@]} B, nginx; $STORAGE storage; state in $CLUSTER_DIR)"
   say "  app (A):      $APP_URL"
   say "  download (B): $DOWNLOAD_URL"
   say "stop it with: infra/local-cluster.sh down"
