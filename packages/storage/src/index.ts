@@ -77,6 +77,12 @@ export interface ObjectStore {
  */
 export class StorageUnavailableError extends Error {
   override name = 'StorageUnavailableError';
+  /**
+   * Set when a `put` failed this way: the object that may be partly written (parts of a
+   * multipart upload the store could not abort). `delete(objectId)` once the store is back
+   * removes whatever there is.
+   */
+  objectId?: string;
 }
 
 /** A descriptor the store keeps open, and how many readers hold it. */

@@ -1,9 +1,11 @@
 import { createHash } from 'node:crypto';
 import { Readable } from 'node:stream';
 import {
+  AbortMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
   HeadBucketCommand,
+  ListMultipartUploadsCommand,
   S3Client,
   type S3ClientConfig,
   S3ServiceException,
@@ -77,10 +79,12 @@ export class S3Store implements ObjectStore {
   }
 
   async put(source: Readable): Promise<StoredObject> {
-    // The source's own error (a client gone, a size limit) is what the caller must see.
+    // The source's own error (a client gone, a size limit) is what the caller must see; not the
+    // abort that stopping to read it causes once the upload itself has failed.
     let sourceError: unknown;
+    let stoppedReading = false;
     const remember = (error: unknown) => {
-      sourceError ??= error;
+      if (!stoppedReading) sourceError ??= error;
     };
     source.on('error', remember);
     const id = nanoid();
@@ -88,11 +92,17 @@ export class S3Store implements ObjectStore {
     let size = 0;
     const body = Readable.from(
       (async function* measure() {
-        for await (const chunk of source) {
-          const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : (chunk as Buffer);
-          hash.update(bytes);
-          size += bytes.length;
-          yield bytes;
+        let read = false;
+        try {
+          for await (const chunk of source) {
+            const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : (chunk as Buffer);
+            hash.update(bytes);
+            size += bytes.length;
+            yield bytes;
+          }
+          read = true;
+        } finally {
+          stoppedReading = !read;
         }
       })(),
     );
@@ -106,8 +116,9 @@ export class S3Store implements ObjectStore {
       await upload.done();
     } catch (error) {
       // lib-storage has aborted the multipart upload (if there was one) before rejecting.
+      // If the store failed, that abort may have failed too: the caller can delete `objectId` later.
       body.destroy();
-      throw sourceError ?? unavailable('upload', error);
+      throw sourceError ?? Object.assign(unavailable('upload', error), { objectId: id });
     } finally {
       source.off('error', remember);
     }
@@ -145,12 +156,22 @@ export class S3Store implements ObjectStore {
     }
   }
 
+  /** Deletes the object and aborts any incomplete multipart upload of it (a failed put's parts). */
   async delete(id: string): Promise<void> {
     if (!isObjectId(id)) return;
+    const Key = this.#key(id);
     try {
       // One by one: DeleteObjects needs a Content-MD5 header that current SDKs no longer send,
       // and that some S3-compatible stores insist on.
-      await this.#client.send(new DeleteObjectCommand({ Bucket: this.#bucket, Key: this.#key(id) }));
+      await this.#client.send(new DeleteObjectCommand({ Bucket: this.#bucket, Key }));
+      const { Uploads = [] } = await this.#client.send(
+        new ListMultipartUploadsCommand({ Bucket: this.#bucket, Prefix: Key }),
+      );
+      for (const upload of Uploads.filter((u) => u.Key === Key)) {
+        await this.#client.send(
+          new AbortMultipartUploadCommand({ Bucket: this.#bucket, Key, UploadId: upload.UploadId }),
+        );
+      }
     } catch (error) {
       const status = error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
       if (status === 404) return;

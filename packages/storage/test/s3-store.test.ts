@@ -6,9 +6,18 @@
 import { randomBytes } from 'node:crypto';
 import { createServer, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { beforeAll, describe, expect, it, onTestFinished } from 'vitest';
 import { freePort } from '../../../test/support/processes.ts';
-import { bucketContents, openS3Store, requireS3, S3_SKIP, s3StoreOptions } from '../../../test/support/s3.ts';
+import {
+  bucketContents,
+  openS3Store,
+  requireS3,
+  S3_PORT,
+  S3_SKIP,
+  s3StoreOptions,
+} from '../../../test/support/s3.ts';
+import { startTcpGate } from '../../../test/support/tcp-gate.ts';
 import { StorageUnavailableError } from '../src/index.ts';
 import { S3Store } from '../src/s3.ts';
 import {
@@ -62,6 +71,42 @@ describe.skipIf(S3_SKIP)('S3Store against infra/s3-local.sh', () => {
       },
     });
     await expect(store.put(source)).rejects.toBe(error);
+    expect(await bucketContents(prefix)).toEqual([]);
+  });
+
+  it('the bucket gone mid-upload: StorageUnavailableError naming the object; delete() later removes its parts', async () => {
+    const gate = await startTcpGate(S3_PORT);
+    onTestFinished(() => gate.close());
+    const { store, prefix } = openS3Store('writer', {
+      partSize: 5 * MiB,
+      timeoutMs: 500,
+      client: { ...s3StoreOptions('').client, endpoint: `http://127.0.0.1:${gate.port}` },
+    });
+    let sent = 0;
+    const source = new Readable({
+      read() {
+        sent += MiB;
+        if (sent !== 11 * MiB) {
+          this.push(sent > 20 * MiB ? null : randomBytes(MiB));
+          return;
+        }
+        // Once the multipart upload exists, the bucket goes away, with more parts to come.
+        void (async () => {
+          while (!(await bucketContents(prefix)).some((key) => key.startsWith('upload:'))) await sleep(20);
+          gate.set('down');
+          this.push(randomBytes(MiB));
+        })();
+      },
+    });
+    const failure = await store.put(source).catch((error: unknown) => error);
+    expect(failure).toBeInstanceOf(StorageUnavailableError);
+    const objectId = (failure as StorageUnavailableError).objectId as string;
+    expect(objectId).toMatch(/^[A-Za-z0-9_-]{21}$/);
+    // The abort could not reach the bucket: the upload's parts are still there...
+    expect(await bucketContents(prefix)).toEqual([`upload:${objectId}`]);
+    gate.set('open');
+    // ...until the caller deletes the object once the bucket is back.
+    await store.delete(objectId);
     expect(await bucketContents(prefix)).toEqual([]);
   });
 

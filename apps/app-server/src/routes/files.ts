@@ -1,5 +1,5 @@
 import { MAX_FILE_NAME_LENGTH } from '@sfh/download-token';
-import type { StoredObject } from '@sfh/storage';
+import { StorageUnavailableError, type StoredObject } from '@sfh/storage';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
@@ -101,7 +101,9 @@ export async function receiveUpload(
       if (part.file.truncated) throw overLimit();
     }
   } catch (error) {
-    if (stored) await app.objectDeletions.discard(stored.id);
+    // What was stored, or what a failing bucket may keep of it (parts it could not abort).
+    const objectId = stored?.id ?? (error instanceof StorageUnavailableError ? error.objectId : undefined);
+    if (objectId) await app.objectDeletions.discard(objectId);
     rethrowMalformed(error);
   }
   if (!stored) throw new ValidationFailed('Send the file as a multipart field named "file"');
