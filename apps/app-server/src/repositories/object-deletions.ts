@@ -32,11 +32,5 @@ export function objectDeletionsRepository(db: Pool) {
       );
       return rows.map((row) => row.objectId);
     },
-
-    /** How many objects wait to be deleted (for tests and operators). */
-    async pending(): Promise<number> {
-      const { rows } = await db.query<{ n: number }>('SELECT count(*)::integer AS n FROM object_deletions');
-      return rows[0]?.n ?? 0;
-    },
   };
 }
