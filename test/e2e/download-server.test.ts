@@ -6,12 +6,12 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { open, truncate } from 'node:fs/promises';
+import { open, rename, truncate, writeFile } from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
-import { generateKeyPair } from 'jose';
+import { exportJWK, generateKeyPair } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
 import { openFds } from '../support/process-stats.ts';
@@ -232,6 +232,40 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
       (token) => output.includes(token) || output.includes(token.split('.')[2] ?? token),
     );
     expect(leaked).toEqual([]);
+  });
+});
+
+describe('B as a real process: its key set in the log', () => {
+  let b: B;
+
+  beforeAll(async () => {
+    b = await startB();
+  }, 60_000);
+
+  afterAll(async () => {
+    await b?.stop();
+  });
+
+  const logged = (msg: string) =>
+    b.server
+      .output()
+      .split('\n')
+      .filter((line) => line.includes(`"msg":"${msg}"`))
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
+
+  it('logs its first key set, then every kid added and removed', async () => {
+    expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
+    const { publicKey } = await generateKeyPair('EdDSA');
+    const jwk = { ...(await exportJWK(publicKey)), kid: 'k-next', alg: 'EdDSA', use: 'sig' };
+    await writeFile(`${b.jwksFile}.tmp`, JSON.stringify({ keys: [jwk] }));
+    await rename(`${b.jwksFile}.tmp`, b.jwksFile);
+    const deadline = Date.now() + 5_000;
+    while (logged('key set changed').length === 0 && Date.now() < deadline) await sleep(50);
+    expect(logged('key set changed')).toMatchObject([{ added: ['k-next'], removed: [b.kid] }]);
+    // Re-reading an unchanged set says nothing.
+    b.server.child.kill('SIGHUP');
+    await sleep(300);
+    expect(logged('key set changed')).toHaveLength(1);
   });
 });
 
