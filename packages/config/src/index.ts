@@ -29,8 +29,7 @@ export const Port = (defaultPort: number) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
 /** An absolute http(s) origin without a trailing slash, such as `https://files.example.com`. */
-const PublicOrigin = (defaultOrigin: string) =>
-  Type.String({ pattern: '^https?://[^/?#\\s]+$', default: defaultOrigin });
+const PublicOrigin = Type.Optional(Type.String({ pattern: '^https?://[^/?#\\s]+$' }));
 
 /** Settings both servers read, with the names and defaults of the design. */
 export const sharedEnv = {
@@ -40,8 +39,11 @@ export const sharedEnv = {
   HOST: Type.String({ default: '127.0.0.1', minLength: 1 }),
   DATA_DIR: Type.String({ default: './data', minLength: 1 }),
   STORAGE_DIR: Type.Optional(Type.String({ minLength: 1 })),
-  APP_PUBLIC_URL: PublicOrigin('http://localhost:3000'),
-  DOWNLOAD_PUBLIC_URL: PublicOrigin('http://localhost:3001'),
+  // Both servers know both ports: an unset public URL defaults to its server's port.
+  APP_PORT: Port(3000),
+  DOWNLOAD_PORT: Port(3001),
+  APP_PUBLIC_URL: PublicOrigin,
+  DOWNLOAD_PUBLIC_URL: PublicOrigin,
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   SHUTDOWN_GRACE_SECONDS: Type.Integer({ minimum: 0, maximum: 3600, default: 30 }),
   LOG_LEVEL: Type.Union(
@@ -53,4 +55,26 @@ export const sharedEnv = {
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
 export function storageDir(env: { DATA_DIR: string; STORAGE_DIR?: string | undefined }): string {
   return resolve(env.STORAGE_DIR ?? join(env.DATA_DIR, 'files'));
+}
+
+/** A's and B's public URLs, the token's issuer and audience, once defaults are applied. */
+export interface PublicUrls {
+  APP_PUBLIC_URL: string;
+  DOWNLOAD_PUBLIC_URL: string;
+}
+
+/**
+ * An unset public URL is `http://localhost:<port>` of its server, so changing only `APP_PORT` or
+ * `DOWNLOAD_PORT` keeps A's links and B's key source pointing at the right ports.
+ */
+export function publicUrls(env: {
+  APP_PORT: number;
+  DOWNLOAD_PORT: number;
+  APP_PUBLIC_URL?: string | undefined;
+  DOWNLOAD_PUBLIC_URL?: string | undefined;
+}): PublicUrls {
+  return {
+    APP_PUBLIC_URL: env.APP_PUBLIC_URL ?? `http://localhost:${env.APP_PORT}`,
+    DOWNLOAD_PUBLIC_URL: env.DOWNLOAD_PUBLIC_URL ?? `http://localhost:${env.DOWNLOAD_PORT}`,
+  };
 }
