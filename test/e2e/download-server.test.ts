@@ -15,6 +15,7 @@ import { exportJWK, generateKeyPair } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
 import { openFds } from '../support/process-stats.ts';
+import { DOWNLOAD_SERVER, freePort, startServer } from '../support/processes.ts';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
@@ -235,7 +236,7 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
   });
 });
 
-describe('B as a real process: its key set in the log', () => {
+describe('B as a real process: start-up, and its key set in the log', () => {
   let b: B;
 
   beforeAll(async () => {
@@ -252,6 +253,26 @@ describe('B as a real process: its key set in the log', () => {
       .split('\n')
       .filter((line) => line.includes(`"msg":"${msg}"`))
       .map((line) => JSON.parse(line) as Record<string, unknown>);
+
+  it('a second B on the same DATA_DIR (memory store) refuses to start and says to use Redis', async () => {
+    const port = await freePort();
+    const second = startServer(
+      DOWNLOAD_SERVER,
+      {
+        DATA_DIR: join(b.dir, 'data'),
+        JWKS_FILE: b.jwksFile,
+        APP_PUBLIC_URL: 'http://a.test',
+        DOWNLOAD_PUBLIC_URL: `http://127.0.0.1:${port}`,
+        DOWNLOAD_PORT: String(port),
+      },
+      `http://127.0.0.1:${port}/readyz`,
+    );
+    await expect(second).rejects.toThrow(
+      /exited with 1:\n.*Another download server \(B\) uses the replay journal.*REDIS_URL/s,
+    );
+    // The first one is unaffected.
+    expect((await fetch(`${b.origin}/readyz`)).status).toBe(200);
+  });
 
   it('logs its first key set, then every kid added and removed', async () => {
     expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
