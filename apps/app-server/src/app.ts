@@ -55,7 +55,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
         frameAncestors: ["'none'"],
         // Signing in with `next=/files/:id/download` ends in a redirect to B, and browsers apply
         // form-action to every redirect after a form post.
-        formAction: ["'self'", config.DOWNLOAD_PUBLIC_URL],
+        formAction: ["'self'", new URL(config.DOWNLOAD_PUBLIC_URL).origin],
         // B is another origin: downloads are navigations there, not fetches from A's pages.
         connectSrc: ["'self'"],
         upgradeInsecureRequests: config.NODE_ENV === 'production' ? [] : null,
@@ -71,7 +71,8 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       absoluteSeconds: config.SESSION_ABSOLUTE_TIMEOUT_SECONDS,
     },
     production: config.NODE_ENV === 'production',
-    appOrigin: config.APP_PUBLIC_URL,
+    // What browsers send as Origin: never a path, also when A is served under a prefix.
+    appOrigin: new URL(config.APP_PUBLIC_URL).origin,
   });
   await app.register(keys, {
     issuer: config.APP_PUBLIC_URL,

@@ -28,8 +28,11 @@ export function parseEnv<P extends TProperties>(schema: TObject<P>, env: Record<
 export const Port = (defaultPort: number) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
-/** An absolute http(s) origin without a trailing slash, such as `https://files.example.com`. */
-const PublicOrigin = Type.Optional(Type.String({ pattern: '^https?://[^/?#\\s]+$' }));
+/**
+ * An absolute http(s) origin, optionally with a path prefix for a server behind a proxy that
+ * strips it (`https://cdn.example.com/dl`); no trailing slash, query or fragment.
+ */
+const PublicUrl = Type.Optional(Type.String({ pattern: '^https?://[^/?#\\s]+(/[^/?#\\s]+)*$' }));
 
 /** Settings both servers read, with the names and defaults of the design. */
 export const sharedEnv = {
@@ -42,8 +45,8 @@ export const sharedEnv = {
   // Both servers know both ports: an unset public URL defaults to its server's port.
   APP_PORT: Port(3000),
   DOWNLOAD_PORT: Port(3001),
-  APP_PUBLIC_URL: PublicOrigin,
-  DOWNLOAD_PUBLIC_URL: PublicOrigin,
+  APP_PUBLIC_URL: PublicUrl,
+  DOWNLOAD_PUBLIC_URL: PublicUrl,
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   SHUTDOWN_GRACE_SECONDS: Type.Integer({ minimum: 0, maximum: 3600, default: 30 }),
   LOG_LEVEL: Type.Union(
