@@ -274,6 +274,26 @@ describe('B as a real process: start-up, and its key set in the log', () => {
     expect((await fetch(`${b.origin}/readyz`)).status).toBe(200);
   });
 
+  it('LOG_FORMAT=pretty: one readable line per request, tokens still redacted', async () => {
+    const pretty = await startB({ LOG_FORMAT: 'pretty' });
+    try {
+      const file = await pretty.put(Buffer.from('pretty'));
+      const token = await pretty.mint(file);
+      expect((await fetch(pretty.url(token))).status).toBe(200);
+      expect((await fetch(`${pretty.origin}/healthz`)).status).toBe(200);
+      await sleep(200);
+      const lines = pretty.server.output().trim().split('\n');
+      expect(lines.filter((line) => line.startsWith('{'))).toEqual([]);
+      expect(lines.filter((line) => / \/(d|healthz)\b/.test(line))).toEqual([
+        expect.stringMatching(/INFO \(download\/\d+\): GET \/d\/\[token\] 200 request completed/),
+        expect.stringMatching(/INFO \(download\/\d+\): GET \/healthz 200 request completed/),
+      ]);
+      expect(pretty.server.output()).not.toContain(token.split('.')[2] as string);
+    } finally {
+      await pretty.stop();
+    }
+  });
+
   it('logs its first key set, then every kid added and removed', async () => {
     expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
     const { publicKey } = await generateKeyPair('EdDSA');

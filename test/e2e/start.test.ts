@@ -34,7 +34,7 @@ afterEach(async () => {
   for (const cleanup of cleanups.splice(0)) await cleanup();
 });
 
-async function npmRun(script: string, env: Record<string, string> = {}): Promise<Started> {
+async function npmRun(script: string, servers: number, env: Record<string, string> = {}): Promise<Started> {
   const dir = await mkdtemp(join(tmpdir(), 'sfh-start-'));
   // An initialised database, so the test does not wait for initdb.
   await cp(inject('pgliteTemplate'), join(dir, 'pg'), { recursive: true });
@@ -64,19 +64,21 @@ async function npmRun(script: string, env: Record<string, string> = {}): Promise
     if (npm.exitCode === null && npm.signalCode === null) npm.kill('SIGKILL');
     await rm(dir, { recursive: true, force: true });
   });
+  // The launcher's line, and each server's own (its output may arrive a moment later).
+  const serverPids = () =>
+    output
+      .split('\n')
+      .filter((line) => line.startsWith('{') && line.includes(' ready at '))
+      .map((line) => (JSON.parse(line) as { pid: number }).pid);
   const deadline = Date.now() + 60_000;
-  while (!/^ready: /m.test(output)) {
+  while (!/^ready: /m.test(output) || serverPids().length < servers) {
     if (npm.exitCode !== null || Date.now() > deadline) {
       await Promise.race([exited, sleep(1000)]);
       throw new Error(`npm run ${script} never said ready:\n${output}`);
     }
     await sleep(50);
   }
-  const serverPids = output
-    .split('\n')
-    .filter((line) => line.startsWith('{') && line.includes(' ready at '))
-    .map((line) => (JSON.parse(line) as { pid: number }).pid);
-  return { npm, output: () => output, appPort, downloadPort, serverPids };
+  return { npm, output: () => output, appPort, downloadPort, serverPids: serverPids() };
 }
 
 const alive = (pid: number) => {
@@ -119,7 +121,7 @@ const SIGNALS: NodeJS.Signals[] = ['SIGTERM', 'SIGINT', 'SIGHUP'];
 
 describe('npm start', () => {
   it('with only the ports set: one ready line with both URLs, and a download works at once', async () => {
-    const started = await npmRun('start');
+    const started = await npmRun('start', 2);
     const appUrl = `http://localhost:${started.appPort}`;
     const downloadUrl = `http://localhost:${started.downloadPort}`;
     const readyLines = started.output().match(/^ready: .*$/gm);
@@ -137,26 +139,46 @@ describe('npm start', () => {
     const download = await fetch(mint.body.url);
     expect(download.status).toBe(200);
     expect(await download.text()).toBe('hello from A and B\n');
+
+    // One log line per request on each server, and B said "ready" only once it had keys.
+    const deadline = Date.now() + 5_000;
+    while (!/"name":"download".*"url":"\/d\/\[token\]/.test(started.output()) && Date.now() < deadline)
+      await sleep(50);
+    const entries = started
+      .output()
+      .split('\n')
+      .filter((line) => line.startsWith('{'))
+      .map((line) => JSON.parse(line) as { name: string; msg: string; reqId?: string });
+    for (const name of ['app', 'download']) {
+      const requests = entries.filter((entry) => entry.name === name && entry.reqId);
+      expect(requests.length, name).toBeGreaterThan(0);
+      expect(requests.map((entry) => entry.msg)).toEqual(requests.map(() => 'request completed'));
+      expect(new Set(requests.map((entry) => entry.reqId)).size).toBe(requests.length);
+    }
+    const b = entries.filter((entry) => entry.name === 'download').map((entry) => entry.msg);
+    const readyAt = b.findIndex((msg) => msg.startsWith('download server (B) ready at'));
+    expect(readyAt).toBeGreaterThan(b.indexOf('key set read: B can verify tokens'));
+    expect(b.indexOf('key set read: B can verify tokens')).toBeGreaterThanOrEqual(0);
     await expectStopsOn(started, 'SIGTERM', 2);
   });
 
   it.each(SIGNALS.filter((s) => s !== 'SIGTERM'))(
     'stops both servers with a drain on %s to npm',
     async (signal) => {
-      await expectStopsOn(await npmRun('start'), signal, 2);
+      await expectStopsOn(await npmRun('start', 2), signal, 2);
     },
   );
 });
 
 describe('npm run start:app and start:download', () => {
   it.each(SIGNALS)('start:app stops A with a drain on %s to npm', async (signal) => {
-    await expectStopsOn(await npmRun('start:app'), signal, 1);
+    await expectStopsOn(await npmRun('start:app', 1), signal, 1);
   });
 
   it.each(SIGNALS)('start:download stops B with a drain on %s to npm', async (signal) => {
     const dir = await mkdtemp(join(tmpdir(), 'sfh-start-keys-'));
     cleanups.push(() => rm(dir, { recursive: true, force: true }));
     const { jwksFile } = await signingKey(dir);
-    await expectStopsOn(await npmRun('start:download', { JWKS_FILE: jwksFile }), signal, 1);
+    await expectStopsOn(await npmRun('start:download', 1, { JWKS_FILE: jwksFile }), signal, 1);
   });
 });

@@ -1,5 +1,6 @@
 import helmet from '@fastify/helmet';
 import fastifyMultipart from '@fastify/multipart';
+import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { AppConfig } from './config.ts';
@@ -28,13 +29,14 @@ export interface BuildOptions {
 /** Server A. Takes its whole configuration as arguments and never reads `process.env`. */
 export async function buildApp(config: AppConfig, options: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: {
-      level: config.LOG_LEVEL,
+    ...logging('app', config, {
       // Paths without query strings: the no-JavaScript upload form carries its CSRF token there.
-      serializers: {
-        req: (req) => ({ method: req.method, url: req.url?.split('?')[0], remoteAddress: req.ip }),
-      },
-    },
+      req: (req) => ({
+        method: req.method,
+        url: req.url?.split('?')[0],
+        remoteAddress: req.ip,
+      }),
+    }),
     trustProxy: config.TRUST_PROXY,
   });
 

@@ -1,10 +1,6 @@
+import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
-import Fastify, {
-  type FastifyInstance,
-  type FastifyReply,
-  type FastifyRequest,
-  LogController,
-} from 'fastify';
+import Fastify, { type FastifyInstance } from 'fastify';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
@@ -16,24 +12,15 @@ import healthRoutes from './routes/health.ts';
 // Tokens are bearer credentials: no log line may carry one.
 const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
 
-/** One line per request, when it completes, with the request id, the redacted path and the outcome. */
-class RequestLog extends LogController {
-  override incomingRequest() {}
-  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply) {
-    const line = { req: request, res: reply, responseTime: reply.elapsedTime };
-    if (error) reply.log.error({ ...line, err: error }, 'request errored');
-    else reply.log.info(line, 'request completed');
-  }
-}
-
 /** Server B. Stateless apart from the replay store; holds no sessions and opens no database. */
 export async function buildApp(config: DownloadConfig): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: {
-      level: config.LOG_LEVEL,
-      serializers: { req: (req) => ({ method: req.method, url: redactToken(req.url ?? '') }) },
-    },
-    logController: new RequestLog(),
+    ...logging('download', config, {
+      req: (req) => ({
+        method: req.method,
+        url: redactToken(req.url ?? ''),
+      }),
+    }),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
     // the server accepts can hit the router's limit (414): long tokens reach the handler and get
     // 400 TOKEN_MALFORMED.

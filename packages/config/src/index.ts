@@ -53,6 +53,8 @@ export const sharedEnv = {
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
     { default: 'info' },
   ),
+  /** `json`: one JSON object per line (for log collectors); `pretty`: readable lines for a terminal. */
+  LOG_FORMAT: Type.Union([Type.Literal('json'), Type.Literal('pretty')], { default: 'json' }),
 };
 
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
