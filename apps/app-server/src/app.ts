@@ -7,6 +7,7 @@ import type { AppConfig } from './config.ts';
 import db from './plugins/db.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
+import metrics from './plugins/metrics.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
 import authRoutes from './routes/auth.ts';
@@ -43,6 +44,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
+  await app.register(metrics, { sessionIdleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
   await app.register(storagePlugin, { dir: config.storageDir });
   await app.register(helmet, {
     // A's pages load nothing from elsewhere and run no inline script.

@@ -55,6 +55,7 @@ export default fp(
           key: openSigningKey(current.privateKey, current.alg, current.kid, options.kek),
         };
         app.log.info({ kid: current.kid }, 'signing with key');
+        app.stats.signingKeySwitched();
       }
     }
 
@@ -95,5 +96,5 @@ export default fp(
       },
     });
   },
-  { name: 'keys', dependencies: ['repositories'] },
+  { name: 'keys', dependencies: ['repositories', 'metrics'] },
 );
