@@ -1,5 +1,6 @@
 import helmet from '@fastify/helmet';
 import fastifyMultipart from '@fastify/multipart';
+import swagger from '@fastify/swagger';
 import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
@@ -11,6 +12,7 @@ import metrics from './plugins/metrics.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
 import authRoutes from './routes/auth.ts';
+import docsRoutes from './routes/docs.ts';
 import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
@@ -87,7 +89,22 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     pollMs: KEY_POLL_MS,
   });
   await app.register(fastifyMultipart);
+  // Before any route: it describes every route registered after it, from the route's own schema.
+  await app.register(swagger, {
+    // A behind a prefix never sees it (the proxy strips it): paths stay as A routes them.
+    stripBasePath: false,
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'Split file hosting: app server (A)',
+        description: 'JSON API of A. State-changing requests need the session cookie and x-csrf-token.',
+        version: '1',
+      },
+      servers: [{ url: config.APP_PUBLIC_URL }],
+    },
+  });
 
+  await app.register(docsRoutes);
   await app.register(healthRoutes);
   await app.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
   const authOptions = {

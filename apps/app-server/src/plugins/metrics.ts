@@ -110,7 +110,7 @@ export default fp(
       signingKeySwitched: () => keySwitches.inc(),
     });
 
-    app.get('/metrics', async (_request, reply) => {
+    app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
       reply.header('content-type', registry.contentType);
       return registry.metrics();
     });
