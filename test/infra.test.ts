@@ -27,16 +27,30 @@ import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
 import { createTestDatabase, type TestDatabase } from './support/database.ts';
 import { APP_SERVER, DOWNLOAD_SERVER, freePort, startServer } from './support/processes.ts';
+import { skipUnless } from './support/skip.ts';
 import { CHEAP_PASSWORDS } from './support/stack.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const INFRA = join(ROOT, 'infra');
 const CLUSTER_SCRIPT = join(INFRA, 'local-cluster.sh');
-const IN_CI = Boolean(process.env.CI);
 
 const nginxBinary = ['nginx', '/usr/sbin/nginx'].find((bin) => spawnSync(bin, ['-v']).status === 0);
 const nginxAvailable = nginxBinary !== undefined;
 const systemdAnalyze = spawnSync('systemd-analyze', ['--version']).status === 0;
+const nginx = skipUnless(
+  'the nginx checks of test/infra.test.ts',
+  !nginxAvailable && 'no nginx (apt-get install -y nginx)',
+);
+// Not in CI's image either: this check runs where systemd is.
+const systemd = skipUnless(
+  'systemd-analyze verify',
+  !systemdAnalyze && 'no systemd-analyze (a machine with systemd)',
+  false,
+);
+const postgres = skipUnless(
+  'infra/local-cluster.sh up and down',
+  !process.env.TEST_DATABASE_URL && 'needs Postgres: set TEST_DATABASE_URL (and Redis on 127.0.0.1:6379)',
+);
 
 interface Run {
   code: number | null;
@@ -132,8 +146,8 @@ describe('infra/ files', () => {
     expect(usage.stderr).toContain('usage: infra/local-cluster.sh up|down|status');
   });
 
-  it.skipIf(!nginxAvailable && !IN_CI)(
-    'nginx -t accepts the local cluster config the script renders',
+  it.skipIf(nginx.skip)(
+    `nginx -t accepts the local cluster config the script renders${nginx.reason}`,
     async () => {
       const dir = join(temp, 'cluster');
       const rendered = await run('bash', [CLUSTER_SCRIPT, 'render'], {
@@ -163,8 +177,8 @@ describe('infra/ files', () => {
     },
   );
 
-  it.skipIf(!nginxAvailable && !IN_CI)(
-    'nginx -t accepts the production examples for A and B together',
+  it.skipIf(nginx.skip)(
+    `nginx -t accepts the production examples for A and B together${nginx.reason}`,
     async () => {
       const dir = join(temp, 'production');
       await mkdir(dir, { recursive: true });
@@ -224,7 +238,7 @@ describe('infra/ files', () => {
     expect(app).toMatch(/client_max_body_size \d+[mg];/);
   });
 
-  it.skipIf(!nginxAvailable && !IN_CI)("nginx -t accepts the compose file's nginx config", async () => {
+  it.skipIf(nginx.skip)(`nginx -t accepts the compose file's nginx config${nginx.reason}`, async () => {
     const dir = join(temp, 'compose-nginx');
     await mkdir(dir, { recursive: true });
     const original = await readFile(join(INFRA, 'docker', 'nginx.conf'), 'utf8');
@@ -398,27 +412,30 @@ describe('infra/ files', () => {
     if (unit.startsWith('sfh-download')) expect(keys.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
   });
 
-  it.skipIf(!systemdAnalyze)('systemd-analyze verify accepts both units (as instances)', async () => {
-    const dir = join(temp, 'systemd');
-    await mkdir(dir, { recursive: true });
-    const instances: string[] = [];
-    for (const [unit, port] of [
-      ['sfh-app-server@.service', '3000'],
-      ['sfh-download-server@.service', '3001'],
-    ] as const) {
-      await writeFile(join(dir, unit), await readFile(join(INFRA, 'systemd', unit)));
-      const instance = join(dir, unit.replace('@.', `@${port}.`));
-      await symlink(join(dir, unit), instance);
-      instances.push(instance);
-    }
-    const result = await run('systemd-analyze', ['verify', ...instances]);
-    // verify prints what it ignores (unknown keys, bad values) without failing: no output at all.
-    expect(result, result.stderr).toMatchObject({ code: 0, stderr: '' });
-  });
+  it.skipIf(systemd.skip)(
+    `systemd-analyze verify accepts both units (as instances)${systemd.reason}`,
+    async () => {
+      const dir = join(temp, 'systemd');
+      await mkdir(dir, { recursive: true });
+      const instances: string[] = [];
+      for (const [unit, port] of [
+        ['sfh-app-server@.service', '3000'],
+        ['sfh-download-server@.service', '3001'],
+      ] as const) {
+        await writeFile(join(dir, unit), await readFile(join(INFRA, 'systemd', unit)));
+        const instance = join(dir, unit.replace('@.', `@${port}.`));
+        await symlink(join(dir, unit), instance);
+        instances.push(instance);
+      }
+      const result = await run('systemd-analyze', ['verify', ...instances]);
+      // verify prints what it ignores (unknown keys, bad values) without failing: no output at all.
+      expect(result, result.stderr).toMatchObject({ code: 0, stderr: '' });
+    },
+  );
 });
 
-describe.skipIf(!process.env.TEST_DATABASE_URL || (!nginxAvailable && !IN_CI))(
-  'infra/local-cluster.sh up → both origins ready through nginx → down, nothing left',
+describe.skipIf(postgres.skip || nginx.skip)(
+  `infra/local-cluster.sh up → both origins ready through nginx → down, nothing left${postgres.reason}${nginx.reason}`,
   () => {
     let db: TestDatabase;
     let clusterDir: string;
@@ -529,8 +546,8 @@ describe.skipIf(!process.env.TEST_DATABASE_URL || (!nginxAvailable && !IN_CI))(
   },
 );
 
-describe.skipIf(!nginxAvailable && !IN_CI)(
-  'public URLs with a path prefix, through infra/nginx/prefix.conf',
+describe.skipIf(nginx.skip)(
+  `public URLs with a path prefix, through infra/nginx/prefix.conf${nginx.reason}`,
   () => {
     it('A and B under /files and /dl: links, tokens, renewal and keys all carry the prefix', async () => {
       const dir = await mkdtemp(join(tmpdir(), 'sfh-prefix-'));
