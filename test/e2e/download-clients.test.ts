@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionClient } from '../support/http-client.ts';
 import type { ServerProcess } from '../support/processes.ts';
+import { skipUnless } from '../support/skip.ts';
 import { type Stack, startStack } from '../support/stack.ts';
 
 const CURL = '/usr/bin/curl';
@@ -45,8 +46,12 @@ function run(file: string, args: string[], cwd: string): Promise<Run> {
 // file; CI installs them, and there a missing one fails.
 const clientsInstalled = existsSync(CURL) && existsSync(WGET);
 
-describe.skipIf(!clientsInstalled && !process.env.CI)(
-  'real clients resume downloads across single-use tokens',
+const clients = skipUnless(
+  'real download clients',
+  !clientsInstalled && 'no curl or wget (apt-get install -y curl wget)',
+);
+describe.skipIf(clients.skip)(
+  `real clients resume downloads across single-use tokens${clients.reason}`,
   () => {
     let stack: Stack;
     let work: string;

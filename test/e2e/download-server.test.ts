@@ -6,15 +6,16 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { open, truncate } from 'node:fs/promises';
+import { open, rename, truncate, writeFile } from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
-import { generateKeyPair } from 'jose';
+import { exportJWK, generateKeyPair } from 'jose';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
 import { openFds } from '../support/process-stats.ts';
+import { DOWNLOAD_SERVER, freePort, startServer } from '../support/processes.ts';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
@@ -241,6 +242,80 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
       (token) => output.includes(token) || output.includes(token.split('.')[2] ?? token),
     );
     expect(leaked).toEqual([]);
+  });
+});
+
+describe('B as a real process: start-up, and its key set in the log', () => {
+  let b: B;
+
+  beforeAll(async () => {
+    b = await startB();
+  }, 60_000);
+
+  afterAll(async () => {
+    await b?.stop();
+  });
+
+  const logged = (msg: string) =>
+    b.server
+      .output()
+      .split('\n')
+      .filter((line) => line.includes(`"msg":"${msg}"`))
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
+
+  it('a second B on the same DATA_DIR (memory store) refuses to start and says to use Redis', async () => {
+    const port = await freePort();
+    const second = startServer(
+      DOWNLOAD_SERVER,
+      {
+        DATA_DIR: join(b.dir, 'data'),
+        JWKS_FILE: b.jwksFile,
+        APP_PUBLIC_URL: 'http://a.test',
+        DOWNLOAD_PUBLIC_URL: `http://127.0.0.1:${port}`,
+        DOWNLOAD_PORT: String(port),
+      },
+      `http://127.0.0.1:${port}/readyz`,
+    );
+    await expect(second).rejects.toThrow(
+      /exited with 1:\n.*Another download server \(B\) uses the replay journal.*REDIS_URL/s,
+    );
+    // The first one is unaffected.
+    expect((await fetch(`${b.origin}/readyz`)).status).toBe(200);
+  });
+
+  it('LOG_FORMAT=pretty: one readable line per request, tokens still redacted', async () => {
+    const pretty = await startB({ LOG_FORMAT: 'pretty' });
+    try {
+      const file = await pretty.put(Buffer.from('pretty'));
+      const token = await pretty.mint(file);
+      expect((await fetch(pretty.url(token))).status).toBe(200);
+      expect((await fetch(`${pretty.origin}/healthz`)).status).toBe(200);
+      await sleep(200);
+      const lines = pretty.server.output().trim().split('\n');
+      expect(lines.filter((line) => line.startsWith('{'))).toEqual([]);
+      expect(lines.filter((line) => / \/(d|healthz)\b/.test(line))).toEqual([
+        expect.stringMatching(/INFO \(download\/\d+\): GET \/d\/\[token\] 200 request completed/),
+        expect.stringMatching(/INFO \(download\/\d+\): GET \/healthz 200 request completed/),
+      ]);
+      expect(pretty.server.output()).not.toContain(token.split('.')[2] as string);
+    } finally {
+      await pretty.stop();
+    }
+  });
+
+  it('logs its first key set, then every kid added and removed', async () => {
+    expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
+    const { publicKey } = await generateKeyPair('EdDSA');
+    const jwk = { ...(await exportJWK(publicKey)), kid: 'k-next', alg: 'EdDSA', use: 'sig' };
+    await writeFile(`${b.jwksFile}.tmp`, JSON.stringify({ keys: [jwk] }));
+    await rename(`${b.jwksFile}.tmp`, b.jwksFile);
+    const deadline = Date.now() + 5_000;
+    while (logged('key set changed').length === 0 && Date.now() < deadline) await sleep(50);
+    expect(logged('key set changed')).toMatchObject([{ added: ['k-next'], removed: [b.kid] }]);
+    // Re-reading an unchanged set says nothing.
+    b.server.child.kill('SIGHUP');
+    await sleep(300);
+    expect(logged('key set changed')).toHaveLength(1);
   });
 });
 

@@ -26,6 +26,7 @@ import {
   startServer,
 } from '../support/processes.ts';
 import { killRedis, startRedis } from '../support/redis.ts';
+import { skipUnless } from '../support/skip.ts';
 import { CHEAP_PASSWORDS } from '../support/stack.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -91,8 +92,13 @@ async function pool<T>(count: number, limit: number, task: (i: number) => Promis
   return results;
 }
 
-describe.skipIf(!process.env.TEST_DATABASE_URL)(
-  'scale-out: two A on one Postgres, two B on one Redis',
+const postgres = skipUnless(
+  'scale-out',
+  !process.env.TEST_DATABASE_URL &&
+    'needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test (and Redis on 127.0.0.1:6379)',
+);
+describe.skipIf(postgres.skip)(
+  `scale-out: two A on one Postgres, two B on one Redis${postgres.reason}`,
   () => {
     let dataDir: string;
     let storageDir: string;

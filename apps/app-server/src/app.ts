@@ -1,14 +1,18 @@
 import helmet from '@fastify/helmet';
 import fastifyMultipart from '@fastify/multipart';
+import swagger from '@fastify/swagger';
+import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { AppConfig } from './config.ts';
 import db from './plugins/db.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
+import metrics from './plugins/metrics.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
 import authRoutes from './routes/auth.ts';
+import docsRoutes from './routes/docs.ts';
 import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
@@ -28,19 +32,21 @@ export interface BuildOptions {
 /** Server A. Takes its whole configuration as arguments and never reads `process.env`. */
 export async function buildApp(config: AppConfig, options: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: {
-      level: config.LOG_LEVEL,
+    ...logging('app', config, {
       // Paths without query strings: the no-JavaScript upload form carries its CSRF token there.
-      serializers: {
-        req: (req) => ({ method: req.method, url: req.url?.split('?')[0], remoteAddress: req.ip }),
-      },
-    },
+      req: (req) => ({
+        method: req.method,
+        url: req.url?.split('?')[0],
+        remoteAddress: req.ip,
+      }),
+    }),
     trustProxy: config.TRUST_PROXY,
   });
 
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
+  await app.register(metrics, { sessionIdleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
   await app.register(storagePlugin, { dir: config.storageDir });
   await app.register(helmet, {
     // A's pages load nothing from elsewhere and run no inline script.
@@ -55,7 +61,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
         frameAncestors: ["'none'"],
         // Signing in with `next=/files/:id/download` ends in a redirect to B, and browsers apply
         // form-action to every redirect after a form post.
-        formAction: ["'self'", config.DOWNLOAD_PUBLIC_URL],
+        formAction: ["'self'", new URL(config.DOWNLOAD_PUBLIC_URL).origin],
         // B is another origin: downloads are navigations there, not fetches from A's pages.
         connectSrc: ["'self'"],
         upgradeInsecureRequests: config.NODE_ENV === 'production' ? [] : null,
@@ -71,7 +77,8 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       absoluteSeconds: config.SESSION_ABSOLUTE_TIMEOUT_SECONDS,
     },
     production: config.NODE_ENV === 'production',
-    appOrigin: config.APP_PUBLIC_URL,
+    // What browsers send as Origin: never a path, also when A is served under a prefix.
+    appOrigin: new URL(config.APP_PUBLIC_URL).origin,
   });
   await app.register(keys, {
     issuer: config.APP_PUBLIC_URL,
@@ -82,7 +89,22 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     pollMs: KEY_POLL_MS,
   });
   await app.register(fastifyMultipart);
+  // Before any route: it describes every route registered after it, from the route's own schema.
+  await app.register(swagger, {
+    // A behind a prefix never sees it (the proxy strips it): paths stay as A routes them.
+    stripBasePath: false,
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'Split file hosting: app server (A)',
+        description: 'JSON API of A. State-changing requests need the session cookie and x-csrf-token.',
+        version: '1',
+      },
+      servers: [{ url: config.APP_PUBLIC_URL }],
+    },
+  });
 
+  await app.register(docsRoutes);
   await app.register(healthRoutes);
   await app.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
   const authOptions = {

@@ -1,4 +1,4 @@
-import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
+import { ConfigError, type PublicUrls, parseEnv, publicUrls, sharedEnv, storageDir } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 import type { KeyPolicy } from './keys/lifecycle.ts';
 
@@ -6,7 +6,6 @@ const GiB = 1024 ** 3;
 
 export const AppEnv = Type.Object({
   ...sharedEnv,
-  APP_PORT: Port(3000),
   /** Unset: embedded PGlite in `DATA_DIR/pg` (server.ts fills this in before building the app). */
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://' })),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 100, default: 10 }),
@@ -36,13 +35,14 @@ export const AppEnv = Type.Object({
   ARGON2_TIME_COST: Type.Integer({ minimum: 1, default: 2 }),
 });
 
-export type AppConfig = Static<typeof AppEnv> & {
-  /** Absolute path of the object store. */
-  storageDir: string;
-  /** `KEY_ENCRYPTION_KEY` decoded. */
-  kek: Buffer | undefined;
-  keyPolicy: KeyPolicy;
-};
+export type AppConfig = Omit<Static<typeof AppEnv>, keyof PublicUrls> &
+  PublicUrls & {
+    /** Absolute path of the object store. */
+    storageDir: string;
+    /** `KEY_ENCRYPTION_KEY` decoded. */
+    kek: Buffer | undefined;
+    keyPolicy: KeyPolicy;
+  };
 
 // A retired key stays published this much longer than its last token can live: room for
 // replicas that still signed with it for a poll interval, and for B's clock tolerance.
@@ -59,6 +59,7 @@ export function loadConfig(env: Record<string, string | undefined>): AppConfig {
   }
   return {
     ...parsed,
+    ...publicUrls(parsed),
     storageDir: storageDir(parsed),
     kek: parsed.KEY_ENCRYPTION_KEY ? Buffer.from(parsed.KEY_ENCRYPTION_KEY, 'base64url') : undefined,
     keyPolicy: {

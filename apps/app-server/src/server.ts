@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { announceReady, closeOnSignals, runMain } from '@sfh/lifecycle';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
 import { startEmbeddedPostgres } from './embedded-postgres.ts';
@@ -16,10 +16,10 @@ runMain(async () => {
   });
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS, async () => embedded?.close());
   await app.listen({ port: config.APP_PORT, host: config.HOST });
-  app.log.info(
-    { database: embedded ? 'embedded PGlite' : 'Postgres', storage: config.storageDir },
-    `app server (A) ready at ${config.APP_PUBLIC_URL}`,
-  );
+  announceReady(app, 'app server (A)', config.APP_PUBLIC_URL, {
+    database: embedded ? 'embedded PGlite' : 'Postgres',
+    storage: config.storageDir,
+  });
 });
 
 /** Development only (production requires SESSION_SECRET): one random secret kept in DATA_DIR. */

@@ -1,10 +1,6 @@
+import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
-import Fastify, {
-  type FastifyInstance,
-  type FastifyReply,
-  type FastifyRequest,
-  LogController,
-} from 'fastify';
+import Fastify, { type FastifyInstance } from 'fastify';
 import type { DestinationStream } from 'pino';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
@@ -24,30 +20,25 @@ const DEFENSIVE_HEADERS = {
 // Tokens are bearer credentials: no log line may carry one.
 const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
 
-/** One line per request, when it completes, with the request id, the redacted path and the outcome. */
-class RequestLog extends LogController {
-  override incomingRequest() {}
-  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply) {
-    const line = { req: request, res: reply, responseTime: reply.elapsedTime };
-    if (error) reply.log.error({ ...line, err: error }, 'request errored');
-    else reply.log.info(line, 'request completed');
-  }
-}
-
 export interface BuildOptions {
-  /** Where log lines go (default: stdout, a write per line). */
+  /** Where JSON log lines go (default: stdout, a write per line). */
   logStream?: DestinationStream;
 }
 
 /** Server B. Stateless apart from the replay store; holds no sessions and opens no database. */
 export async function buildApp(config: DownloadConfig, options: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: {
-      level: config.LOG_LEVEL,
-      serializers: { req: (req) => ({ method: req.method, url: redactToken(req.url ?? '') }) },
-      ...(options.logStream && { stream: options.logStream }),
-    },
-    logController: new RequestLog(),
+    ...logging(
+      'download',
+      config,
+      {
+        req: (req) => ({
+          method: req.method,
+          url: redactToken(req.url ?? ''),
+        }),
+      },
+      options.logStream,
+    ),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
     // the server accepts can hit the router's limit (414): long tokens reach the handler and get
     // 400 TOKEN_MALFORMED.

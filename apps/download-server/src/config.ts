@@ -1,9 +1,8 @@
-import { ConfigError, Port, parseEnv, sharedEnv, storageDir } from '@sfh/config';
+import { ConfigError, type PublicUrls, parseEnv, publicUrls, sharedEnv, storageDir } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 
 export const DownloadEnv = Type.Object({
   ...sharedEnv,
-  DOWNLOAD_PORT: Port(3001),
   /** Default: `APP_PUBLIC_URL/.well-known/jwks.json`. */
   JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$' })),
   /** Read keys from this file instead of `JWKS_URL` (a B that cannot reach A). */
@@ -28,23 +27,26 @@ export const DownloadEnv = Type.Object({
   IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
 });
 
-export type DownloadConfig = Static<typeof DownloadEnv> & {
-  storageDir: string;
-  /** Where the key set comes from: an http(s) URL or a file path. */
-  jwksSource: { url: string } | { file: string };
-};
+export type DownloadConfig = Omit<Static<typeof DownloadEnv>, keyof PublicUrls> &
+  PublicUrls & {
+    storageDir: string;
+    /** Where the key set comes from: an http(s) URL or a file path. */
+    jwksSource: { url: string } | { file: string };
+  };
 
 /** Validates B's environment; throws `ConfigError` naming the variable. */
 export function loadConfig(env: Record<string, string | undefined>): DownloadConfig {
   const parsed = parseEnv(DownloadEnv, env);
+  const urls = publicUrls(parsed);
   if (parsed.JWKS_URL && parsed.JWKS_FILE) {
     throw new ConfigError('Invalid configuration: set JWKS_URL or JWKS_FILE, not both');
   }
   return {
     ...parsed,
+    ...urls,
     storageDir: storageDir(parsed),
     jwksSource: parsed.JWKS_FILE
       ? { file: parsed.JWKS_FILE }
-      : { url: parsed.JWKS_URL ?? `${parsed.APP_PUBLIC_URL}/.well-known/jwks.json` },
+      : { url: parsed.JWKS_URL ?? `${urls.APP_PUBLIC_URL}/.well-known/jwks.json` },
   };
 }

@@ -1,6 +1,8 @@
 import { writeSync } from 'node:fs';
 import { type FileHandle, mkdir, open, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { ConfigError } from '@sfh/config';
+import lockfile from 'proper-lockfile';
 
 /**
  * Remembers which download tokens (by `jti`) were used. The single-use guarantee rests on it.
@@ -27,8 +29,13 @@ export interface ReplayStore {
  * start. Every `windowMs` (the longest a token can stay acceptable) the journal is rewritten
  * with only the claims that still matter, so memory and disk stay bounded.
  *
- * Several B replicas cannot share it: they need the Redis store.
+ * Several B replicas cannot share it: they need the Redis store. Two B on one folder would each
+ * accept a token once, and one's compaction would leave the other appending to a deleted file,
+ * so the store holds an exclusive lock on its folder (`dir/claims.lock`, kept fresh while it
+ * runs): a second B refuses to start. The lock of a B that died expires after LOCK_STALE_MS.
  */
+const LOCK_STALE_MS = 10_000;
+
 export class MemoryReplayStore implements ReplayStore {
   readonly #claims = new Map<string, number>();
   readonly #file: string | undefined;
@@ -40,6 +47,9 @@ export class MemoryReplayStore implements ReplayStore {
   #batch: { lines: string; written: Promise<void> } | undefined;
   /** The last journal write started (never rejects): the next batch waits for it. */
   #writing: Promise<void> = Promise.resolve();
+  #unlock: (() => Promise<void>) | undefined;
+  /** Set if the lock was lost (another process took the folder): the store then fails closed. */
+  #lockLost: Error | undefined;
 
   private constructor(file: string | undefined, windowMs: number) {
     this.#file = file;
@@ -51,6 +61,7 @@ export class MemoryReplayStore implements ReplayStore {
     const store = new MemoryReplayStore(options.dir && join(options.dir, 'claims.log'), options.windowMs);
     if (options.dir) {
       await mkdir(options.dir, { recursive: true });
+      await store.#lock(options.dir);
       await store.#load();
       await store.#compact();
     }
@@ -58,6 +69,7 @@ export class MemoryReplayStore implements ReplayStore {
   }
 
   async claim(jti: string, keepUntil: number): Promise<boolean> {
+    if (this.#lockLost) throw this.#lockLost;
     const now = Date.now();
     const until = this.#claims.get(jti);
     if (until !== undefined && until > now) return false;
@@ -93,17 +105,42 @@ export class MemoryReplayStore implements ReplayStore {
   }
 
   async isClaimed(jti: string): Promise<boolean> {
+    if (this.#lockLost) throw this.#lockLost;
     const until = this.#claims.get(jti);
     return until !== undefined && until > Date.now();
   }
 
-  async ping(): Promise<void> {}
+  async ping(): Promise<void> {
+    if (this.#lockLost) throw this.#lockLost;
+  }
 
   async close(): Promise<void> {
     await this.#compacting;
     await this.#writing;
     await this.#journal?.close();
     this.#journal = undefined;
+    await this.#unlock?.().catch(() => {});
+    this.#unlock = undefined;
+  }
+
+  async #lock(dir: string): Promise<void> {
+    try {
+      this.#unlock = await lockfile.lock(dir, {
+        lockfilePath: join(dir, 'claims.lock'),
+        stale: LOCK_STALE_MS,
+        onCompromised: (error) => {
+          this.#lockLost = new Error('lost the lock on the replay journal', { cause: error });
+        },
+      });
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ELOCKED') throw error;
+      throw new ConfigError(
+        `Another download server (B) uses the replay journal in ${dir}: two B on one DATA_DIR would ` +
+          'each accept a token once. Give each B its own DATA_DIR, or run several B with a shared ' +
+          `REDIS_URL. (A B that crashed releases it ${LOCK_STALE_MS / 1000} s after it stopped.)`,
+        { cause: error },
+      );
+    }
   }
 
   async #load(): Promise<void> {

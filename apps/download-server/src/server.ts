@@ -1,4 +1,5 @@
-import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { announceReady, closeOnSignals, runMain } from '@sfh/lifecycle';
 import pino from 'pino';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
@@ -26,8 +27,20 @@ runMain(async () => {
     void app.keys.refresh();
   });
   await app.listen({ port: config.DOWNLOAD_PORT, host: config.HOST });
-  app.log.info(
-    { keys: config.jwksSource, storage: config.storageDir },
-    `download server (B) ready at ${config.DOWNLOAD_PUBLIC_URL}`,
-  );
+  // Ready means what /readyz means: B can verify tokens (it has keys) and remember them (the
+  // replay store answers). Until then it only listens, and answers 503.
+  if (!app.keys.status().usable)
+    app.log.info({ keys: config.jwksSource }, 'download server (B) listening, not ready: waiting for keys');
+  await app.keys.ready;
+  while (
+    !(await app.replayStore.ping().then(
+      () => true,
+      () => false,
+    ))
+  )
+    await sleep(1_000);
+  announceReady(app, 'download server (B)', config.DOWNLOAD_PUBLIC_URL, {
+    keys: config.jwksSource,
+    storage: config.storageDir,
+  });
 });

@@ -15,6 +15,7 @@ import { nanoid } from 'nanoid';
 import { beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { freePort } from '../../../test/support/processes.ts';
 import { killRedis, startRedis } from '../../../test/support/redis.ts';
+import { skipUnless } from '../../../test/support/skip.ts';
 import { RedisReplayStore, type RedisReplayStoreOptions } from '../src/redis-replay-store.ts';
 import { replayStoreContract } from './replay-store.contract.ts';
 
@@ -79,7 +80,12 @@ async function rejectsWithin(promise: Promise<unknown>): Promise<number> {
 
 const fakeLog = () => ({ warn: vi.fn(), error: vi.fn() });
 
-describe.skipIf(!REACHABLE && !REQUIRED)(`RedisReplayStore against ${REDIS_URL}`, () => {
+const against = skipUnless(
+  'RedisReplayStore',
+  !REACHABLE && `no Redis answers at ${REDIS_URL} (start redis-server, or set TEST_REDIS_URL)`,
+  REQUIRED,
+);
+describe.skipIf(against.skip)(`RedisReplayStore against ${REDIS_URL}${against.reason}`, () => {
   beforeAll(() => {
     if (!REACHABLE) throw new Error(`Redis does not answer at ${REDIS_URL}; CI and TEST_REDIS_URL need it`);
   });
@@ -127,7 +133,11 @@ describe.skipIf(!REACHABLE && !REQUIRED)(`RedisReplayStore against ${REDIS_URL}`
   });
 });
 
-describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore when Redis fails', () => {
+// These start Redis servers of their own on free ports.
+const ownRedis = (suite: string) =>
+  skipUnless(suite, !HAS_REDIS_SERVER && 'no redis-server program (apt-get install -y redis-server)');
+const fails = ownRedis('RedisReplayStore when Redis fails');
+describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, () => {
   it('fails closed while Redis is down and recovers by itself when it returns', async () => {
     const port = await freePort();
     const url = `redis://127.0.0.1:${port}`;
@@ -198,7 +208,8 @@ describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore when Red
   });
 });
 
-describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore eviction policy', () => {
+const eviction = ownRedis('RedisReplayStore eviction policy');
+describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reason}`, () => {
   async function evictingRedis(): Promise<string> {
     const port = await freePort();
     await startRedis(port);

@@ -208,3 +208,19 @@ describe('MemoryReplayStore journal', () => {
     }
   });
 });
+
+describe('MemoryReplayStore lock', () => {
+  it('a second store on the same folder (a second B on one DATA_DIR) is refused, naming REDIS_URL', async () => {
+    const dir = await tempDir('replay-lock-');
+    const first = await openAt(dir);
+    await expect(openAt(dir)).rejects.toThrow(
+      /Another download server \(B\) uses the replay journal.*REDIS_URL/,
+    );
+    // Still the only writer: its claims work, and once it is closed the folder is free again.
+    expect(await first.claim('jti-1', Date.now() + 60_000)).toBe(true);
+    await first.close();
+    const second = await openAt(dir);
+    expect(await second.isClaimed('jti-1')).toBe(true);
+    await second.close();
+  });
+});

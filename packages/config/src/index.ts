@@ -28,9 +28,11 @@ export function parseEnv<P extends TProperties>(schema: TObject<P>, env: Record<
 export const Port = (defaultPort: number) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
-/** An absolute http(s) origin without a trailing slash, such as `https://files.example.com`. */
-const PublicOrigin = (defaultOrigin: string) =>
-  Type.String({ pattern: '^https?://[^/?#\\s]+$', default: defaultOrigin });
+/**
+ * An absolute http(s) origin, optionally with a path prefix for a server behind a proxy that
+ * strips it (`https://cdn.example.com/dl`); no trailing slash, query or fragment.
+ */
+const PublicUrl = Type.Optional(Type.String({ pattern: '^https?://[^/?#\\s]+(/[^/?#\\s]+)*$' }));
 
 /** Settings both servers read, with the names and defaults of the design. */
 export const sharedEnv = {
@@ -40,17 +42,44 @@ export const sharedEnv = {
   HOST: Type.String({ default: '127.0.0.1', minLength: 1 }),
   DATA_DIR: Type.String({ default: './data', minLength: 1 }),
   STORAGE_DIR: Type.Optional(Type.String({ minLength: 1 })),
-  APP_PUBLIC_URL: PublicOrigin('http://localhost:3000'),
-  DOWNLOAD_PUBLIC_URL: PublicOrigin('http://localhost:3001'),
+  // Both servers know both ports: an unset public URL defaults to its server's port.
+  APP_PORT: Port(3000),
+  DOWNLOAD_PORT: Port(3001),
+  APP_PUBLIC_URL: PublicUrl,
+  DOWNLOAD_PUBLIC_URL: PublicUrl,
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   SHUTDOWN_GRACE_SECONDS: Type.Integer({ minimum: 0, maximum: 3600, default: 30 }),
   LOG_LEVEL: Type.Union(
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
     { default: 'info' },
   ),
+  /** `json`: one JSON object per line (for log collectors); `pretty`: readable lines for a terminal. */
+  LOG_FORMAT: Type.Union([Type.Literal('json'), Type.Literal('pretty')], { default: 'json' }),
 };
 
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
 export function storageDir(env: { DATA_DIR: string; STORAGE_DIR?: string | undefined }): string {
   return resolve(env.STORAGE_DIR ?? join(env.DATA_DIR, 'files'));
+}
+
+/** A's and B's public URLs, the token's issuer and audience, once defaults are applied. */
+export interface PublicUrls {
+  APP_PUBLIC_URL: string;
+  DOWNLOAD_PUBLIC_URL: string;
+}
+
+/**
+ * An unset public URL is `http://localhost:<port>` of its server, so changing only `APP_PORT` or
+ * `DOWNLOAD_PORT` keeps A's links and B's key source pointing at the right ports.
+ */
+export function publicUrls(env: {
+  APP_PORT: number;
+  DOWNLOAD_PORT: number;
+  APP_PUBLIC_URL?: string | undefined;
+  DOWNLOAD_PUBLIC_URL?: string | undefined;
+}): PublicUrls {
+  return {
+    APP_PUBLIC_URL: env.APP_PUBLIC_URL ?? `http://localhost:${env.APP_PORT}`,
+    DOWNLOAD_PUBLIC_URL: env.DOWNLOAD_PUBLIC_URL ?? `http://localhost:${env.DOWNLOAD_PORT}`,
+  };
 }

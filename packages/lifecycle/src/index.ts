@@ -22,6 +22,8 @@ export function runMain(main: () => Promise<void>): void {
  * Drains `app` on SIGTERM or SIGINT, however often they arrive (supervisors and process groups
  * deliver them more than once): new requests get 503 and new connections are refused, requests in
  * flight get `graceSeconds` to finish, then `afterClose` runs and the process exits 0.
+ * Started by `npm start` (`infra/start.ts`, with an IPC channel), it also drains when the
+ * launcher goes away, however it died: a server never lives on as an orphan holding its port.
  */
 export function closeOnSignals(
   app: FastifyInstance,
@@ -51,4 +53,32 @@ export function closeOnSignals(
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  if (process.connected) process.once('disconnect', () => onSignal('SIGTERM'));
+}
+
+/** What a server tells `infra/start.ts` once it is ready. */
+export interface ReadyMessage {
+  ready: { server: string; publicUrl: string };
+}
+
+/**
+ * The one "ready" line of a server: where it listens and what it publishes. Under `npm start`
+ * the launcher hears it too, and prints one line once every server is ready.
+ */
+export function announceReady(
+  app: FastifyInstance,
+  server: string,
+  publicUrl: string,
+  fields: Record<string, unknown>,
+): void {
+  const listening = app
+    .addresses()
+    .map((a) =>
+      typeof a === 'string' ? a : `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`,
+    );
+  app.log.info(
+    { listening, publicUrl, ...fields },
+    `${server} ready at ${publicUrl}, listening on ${listening.join(', ')}`,
+  );
+  process.send?.({ ready: { server, publicUrl } } satisfies ReadyMessage);
 }

@@ -68,7 +68,10 @@ export default fp(
         return backToFileList(request, reply, mapped);
       if (status >= 500) request.log.error({ err: error }, 'request failed');
       else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
-      if (mapped.code === 'DATABASE_UNAVAILABLE') reply.header('retry-after', 5);
+      if (mapped.code === 'DATABASE_UNAVAILABLE') {
+        reply.header('retry-after', 5);
+        app.stats.databaseUnavailable();
+      }
       if (mapped.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
       // A page that cannot be shown because A itself is failing (the database is down): words, not JSON.
       if (navigation && status >= 500) {

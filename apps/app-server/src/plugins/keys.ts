@@ -54,6 +54,7 @@ export default fp(
           key: await openSigningKey(current.privateKey, current.alg, current.kid, options.kek),
         };
         app.log.info({ kid: current.kid, alg: current.alg }, 'signing with key');
+        app.stats.signingKeySwitched();
       }
     }
 
@@ -94,5 +95,5 @@ export default fp(
       },
     });
   },
-  { name: 'keys', dependencies: ['repositories'] },
+  { name: 'keys', dependencies: ['repositories', 'metrics'] },
 );

@@ -92,6 +92,15 @@ export function sessionsRepository(db: Pool) {
       return rowCount ?? 0;
     },
 
+    /** Signed-in sessions that are alive, for the metrics. */
+    async countSignedIn(idleSeconds: number): Promise<number> {
+      const { rows } = await db.query<{ count: number }>(
+        `SELECT count(*)::int AS count FROM sessions WHERE user_id IS NOT NULL AND ${ALIVE('$1')}`,
+        [idleSeconds],
+      );
+      return rows[0]?.count ?? 0;
+    },
+
     /** Drops rows past their absolute timeout, tombstones included. */
     async deleteExpired(): Promise<number> {
       const { rowCount } = await db.query('DELETE FROM sessions WHERE expires_at < now()');

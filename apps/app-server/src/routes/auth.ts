@@ -78,17 +78,23 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
       if (freeAt > 0) {
         // A refused attempt does not count: it cannot extend the lockout.
         await app.repos.loginFailures.remove(attempt);
+        app.stats.signIn('throttled');
+        app.stats.throttled('sign_in');
         const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
         throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
       }
       const found = await app.repos.users.findByUsername(username);
       // Unknown user and wrong password: the same answer, in the same time (passwords.verify).
       // The recorded attempt stays as the failure.
-      if (!(await passwords.verify(found?.passwordHash, password)) || !found) throw new InvalidCredentials();
+      if (!(await passwords.verify(found?.passwordHash, password)) || !found) {
+        app.stats.signIn('invalid_credentials');
+        throw new InvalidCredentials();
+      }
       await app.repos.loginFailures.remove(attempt);
       await app.repos.loginFailures.clearAccount(account);
       const user = withoutHash(found);
       await signIn(request, user);
+      app.stats.signIn('ok');
       return user;
     },
 

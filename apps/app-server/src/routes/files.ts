@@ -129,6 +129,7 @@ export async function receiveUpload(
     await app.storage.delete(stored.id);
     throw new QuotaExceeded(quota);
   }
+  app.stats.upload(file.size);
   return file;
 }
 
@@ -173,6 +174,7 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
     if (!found) throw new NotFound();
     if (limit > 0 && found.minted > limit) {
       const seconds = Math.max(1, found.retryAfterSeconds);
+      app.stats.throttled('mint');
       throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
     }
     const { file } = found;
@@ -187,6 +189,7 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
       },
       userId,
     );
+    app.stats.tokenMinted('session');
     // The trailing name is cosmetic, for tools that name files after the URL.
     const url = `${options.downloadOrigin}/d/${token}/${encodeURIComponent(file.name)}`;
     return { url, token, expiresAt: expiresAt.toISOString() };

@@ -173,6 +173,10 @@ declare module 'fastify' {
  */
 export default async function pageRoutes(app: FastifyInstance, options: PagesOptions) {
   const auth = authActions(app, options.auth);
+  // HTML for browsers, not the JSON API: left out of /docs/json.
+  app.addHook('onRoute', (route) => {
+    route.schema = { ...route.schema, hide: true };
+  });
 
   await app.register(fastifyStatic, { root: PUBLIC_DIR, prefix: '/assets/', index: false });
   await app.register(fastifyView, {

@@ -1,6 +1,6 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/download-token';
-import type { ByteRange, OpenObject } from '@sfh/storage';
+import type { OpenObject } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import {
@@ -13,6 +13,7 @@ import {
   TokenMalformed,
   TokenUsed,
 } from '../errors.ts';
+import { parseRange } from '../range.ts';
 
 export interface DownloadOptions {
   /** Everything but the allowlist, which follows the key set. */
@@ -175,28 +176,4 @@ function selectRange(request: FastifyRequest, claims: DownloadClaims, file: Open
   const range = parseRange(header.trim(), file.size);
   if (range === 'unsatisfiable') throw Object.assign(new RangeNotSatisfiable(), { size: file.size });
   return range;
-}
-
-/**
- * One `bytes` range, with RFC 9110's rules: a header that is invalid, of another unit, or
- * asks for several ranges is ignored (whole file; never multipart, so thousands of tiny ranges
- * cannot multiply the response); an end past the file is clamped; a suffix longer than the
- * file means all of it; only a first byte at or past the end (or an empty suffix) is 416.
- * range-parser answers 416 for malformed headers, hence this.
- */
-function parseRange(header: string, size: number): ByteRange | 'unsatisfiable' | undefined {
-  const match = /^bytes=(\d*)-(\d*)$/.exec(header);
-  if (!match) return undefined;
-  const [, first = '', last = ''] = match;
-  if (first === '') {
-    if (last === '') return undefined;
-    const suffix = Number(last);
-    if (suffix === 0 || size === 0) return 'unsatisfiable';
-    return { start: Math.max(0, size - suffix), end: size - 1 };
-  }
-  const start = Number(first);
-  const end = last === '' ? size - 1 : Number(last);
-  if (end < start) return undefined;
-  if (start >= size) return 'unsatisfiable';
-  return { start, end: Math.min(end, size - 1) };
 }
