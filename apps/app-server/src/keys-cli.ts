@@ -1,4 +1,5 @@
 import { rename, writeFile } from 'node:fs/promises';
+import { makePrivate } from '@sfh/lifecycle';
 import { Command, CommanderError } from 'commander';
 import pg from 'pg';
 import { loadConfig } from './config.ts';
@@ -120,6 +121,8 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const config = loadConfig(process.env);
+  // With A stopped the CLI opens the embedded database itself: what it writes stays private too.
+  if (!config.DATABASE_URL) await makePrivate(config.DATA_DIR);
   const embedded = config.DATABASE_URL ? undefined : await openEmbeddedPostgres(config.DATA_DIR);
   const pool = new pg.Pool({
     connectionString: config.DATABASE_URL ?? embedded?.url,

@@ -1,9 +1,11 @@
-import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { closeOnSignals, makePrivate, runMain } from '@sfh/lifecycle';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
 
 runMain(async () => {
   const config = loadConfig(process.env);
+  // The replay journal lives here: other local users must not read or rewrite it.
+  await makePrivate(config.DATA_DIR);
   const app = await buildApp(config);
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS);
   // An operator's "reload the keys now", e.g. right after an emergency revocation.
