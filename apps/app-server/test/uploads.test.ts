@@ -181,6 +181,22 @@ describe('file names', () => {
     expect(objects[0]).toMatch(/^[A-Za-z0-9_-]{2}[/\\][A-Za-z0-9_-]{21}$/);
   });
 
+  it("refuses a name with NUL (filename*=UTF-8''a%00b.txt: Postgres cannot store it) with 400", async () => {
+    const { app, config } = await buildTestApp(db());
+    const { client, user } = await signedIn(app);
+    const body = Buffer.from(
+      `--b\r\nContent-Disposition: form-data; name="file"; filename*=UTF-8''a%00b.txt\r\n\r\ncontent\r\n--b--\r\n`,
+    );
+    const response = await client.request({
+      method: 'POST',
+      url: '/api/files',
+      payload: body,
+      headers: { 'content-type': 'multipart/form-data; boundary=b' },
+    });
+    expectError(response, 400, 'VALIDATION_FAILED');
+    await expectStored(app, config, user.id, 0);
+  });
+
   it('keeps names with slashes as given, never as a path', async () => {
     // Names are metadata: nothing in them needs stripping for storage's sake.
     const { app, config } = await buildTestApp(db());

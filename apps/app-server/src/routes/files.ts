@@ -5,6 +5,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
 import { FileTooLarge, NotFound, QuotaExceeded, RateLimited, ValidationFailed } from '../errors.ts';
 import type { FileRecord } from '../repositories/files.ts';
+import { isStorableText } from '../text.ts';
 
 export interface FilesOptions {
   maxUploadBytes: number;
@@ -85,11 +86,16 @@ export async function receiveUpload(
         throw new ValidationFailed('Send the file as a multipart field named "file"');
       }
       // Names are metadata only, kept as given (never part of a path); control and bidi
-      // characters are removed where a name is shown (displayFileName).
+      // characters are removed where a name is shown (displayFileName). What Postgres cannot
+      // store (NUL, lone surrogates) is refused.
       name = part.filename;
       if (name.length === 0 || name.length > MAX_FILE_NAME_LENGTH) {
         part.file.resume();
         throw new ValidationFailed(`File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters`);
+      }
+      if (!isStorableText(name)) {
+        part.file.resume();
+        throw new ValidationFailed('File names must not contain NUL or invalid Unicode');
       }
       const mimeType = part.mimetype.toLowerCase();
       contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';

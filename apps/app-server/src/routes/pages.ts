@@ -142,8 +142,10 @@ const Credentials = Type.Object({
   password: Password,
   next: Type.Optional(Type.String({ maxLength: 2048 })),
 });
+// The same username rule as the API: a name that cannot exist is refused before it reaches the
+// throttle or the database.
 const SignIn = Type.Object({
-  username: Type.String({ maxLength: 64 }),
+  username: Username,
   password: Type.String({ maxLength: 1024 }),
   next: Type.Optional(Type.String({ maxLength: 2048 })),
 });
