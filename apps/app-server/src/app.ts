@@ -92,6 +92,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
       windowSeconds: config.LOGIN_WINDOW_SECONDS,
     },
+    registrationsPerIpPerHour: config.REGISTRATIONS_PER_IP_PER_HOUR,
   };
   const fileOptions = {
     maxUploadBytes: config.MAX_UPLOAD_BYTES,

@@ -27,6 +27,8 @@ export const AppEnv = Type.Object({
   LOGIN_MAX_FAILURES_PER_ACCOUNT: Type.Integer({ minimum: 1, default: 5 }),
   LOGIN_MAX_FAILURES_PER_IP: Type.Integer({ minimum: 1, default: 50 }),
   LOGIN_WINDOW_SECONDS: Type.Integer({ minimum: 1, default: 15 * 60 }),
+  /** Registrations from one client IP per hour, counted across replicas; 0: no limit. */
+  REGISTRATIONS_PER_IP_PER_HOUR: Type.Integer({ minimum: 0, default: 60 }),
   MAX_UPLOAD_BYTES: Type.Integer({ minimum: 1, default: GiB }),
   /** Bytes a user may store in all; 0: no quota. */
   USER_QUOTA_BYTES: Type.Integer({ minimum: 0, default: 10 * GiB }),
