@@ -5,6 +5,7 @@ import Fastify, {
   type FastifyRequest,
   LogController,
 } from 'fastify';
+import { replayWindowMs } from './acceptance.ts';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
@@ -74,7 +75,10 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
       },
     }),
     journalDir: `${config.DATA_DIR}/replay`,
-    windowMs: (config.TOKEN_MAX_AGE_SECONDS + 2 * config.CLOCK_TOLERANCE_SECONDS) * 1000,
+    windowMs: replayWindowMs({
+      maxTokenAgeSeconds: config.TOKEN_MAX_AGE_SECONDS,
+      clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS,
+    }),
   });
   await app.register(metrics);
   await app.register(healthRoutes);

@@ -12,7 +12,7 @@ export interface ReplayStoreOptions {
   redis?: { url: string; keyPrefix: string; timeoutMs: number; allowEviction: boolean };
   /** Journal folder of the in-memory store (claims survive restarts); none: memory only. */
   journalDir?: string;
-  /** The longest a token can stay acceptable: maximum age plus twice the clock tolerance. */
+  /** The longest a used token stays recorded (acceptance.ts `replayWindowMs`). */
   windowMs: number;
 }
 
