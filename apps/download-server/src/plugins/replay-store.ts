@@ -29,6 +29,7 @@ export default fp(
         })
       : await MemoryReplayStore.open({
           windowMs: options.windowMs,
+          log: app.log,
           ...(options.journalDir ? { dir: options.journalDir } : {}),
         });
     app.decorate('replayStore', store);
