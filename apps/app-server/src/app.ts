@@ -36,6 +36,25 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       },
     },
     trustProxy: config.TRUST_PROXY,
+    // Slowloris, as on B: REQUEST_TIMEOUT_SECONDS for the request head, IDLE_TIMEOUT_SECONDS for a
+    // connection on which nothing moves. Node checks these every second instead of every 30.
+    connectionTimeout: config.IDLE_TIMEOUT_SECONDS * 1000,
+    http: { connectionsCheckingInterval: 1000 },
+  });
+  app.server.headersTimeout = config.REQUEST_TIMEOUT_SECONDS * 1000;
+  // And a deadline for the body: REQUEST_TIMEOUT_SECONDS for a form or JSON (a few kB),
+  // UPLOAD_TIMEOUT_SECONDS for an upload. One byte now and then keeps a connection from being
+  // idle, so without it a trickled body stays open for good, also after A has answered early
+  // (a refused upload whose bytes keep coming).
+  app.addHook('onRequest', async (request) => {
+    if (request.raw.complete) return;
+    const upload = request.headers['content-type']?.startsWith('multipart/form-data');
+    const seconds = upload ? config.UPLOAD_TIMEOUT_SECONDS : config.REQUEST_TIMEOUT_SECONDS;
+    const timer = setTimeout(() => {
+      if (!request.raw.complete) request.raw.destroy();
+    }, seconds * 1000);
+    timer.unref();
+    request.raw.once('end', () => clearTimeout(timer)).once('close', () => clearTimeout(timer));
   });
 
   await app.register(errorHandler);

@@ -30,6 +30,8 @@ export const AppEnv = Type.Object({
   /** Registrations from one client IP per hour, counted across replicas; 0: no limit. */
   REGISTRATIONS_PER_IP_PER_HOUR: Type.Integer({ minimum: 0, default: 60 }),
   MAX_UPLOAD_BYTES: Type.Integer({ minimum: 1, default: GiB }),
+  /** The longest an upload may take, head to last byte (1 GiB at about 300 kB/s). */
+  UPLOAD_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 86_400, default: 3600 }),
   /** Bytes a user may store in all; 0: no quota. */
   USER_QUOTA_BYTES: Type.Integer({ minimum: 0, default: 10 * GiB }),
   TRUST_PROXY: Type.Boolean({ default: false }),
