@@ -118,6 +118,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     quotaBytes: config.USER_QUOTA_BYTES,
     downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
     mintRatePerMinute: config.MINT_RATE_PER_MINUTE,
+    uploadTimeoutSeconds: config.UPLOAD_TIMEOUT_SECONDS,
   };
   await app.register(authRoutes, authOptions);
   await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
