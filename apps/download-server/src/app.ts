@@ -14,8 +14,22 @@ import replayStore from './plugins/replay-store.ts';
 import downloadRoutes from './routes/download.ts';
 import healthRoutes from './routes/health.ts';
 
-// Tokens are bearer credentials: no log line may carry one.
-const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
+// Tokens are bearer credentials: no log line may carry one, whatever the URL looks like. A
+// request the router sent to the download handler is logged by its route (`/%64/<token>` is
+// `/d/<token>` to the router); and every URL loses what is shaped like a JWS (three base64url
+// segments), percent-encoded or not, wherever it stands (`//d/<token>`, `/x/<token>`).
+const JWS_SHAPED = /[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*/g;
+function redactToken(request: FastifyRequest): string {
+  const name = (request.params as { name?: string } | undefined)?.name;
+  let url = request.url ?? '';
+  if (request.routeOptions?.url?.startsWith('/d/')) url = `/d/[token]${name === undefined ? '' : `/${name}`}`;
+  try {
+    url = decodeURIComponent(url);
+  } catch {
+    // Not valid percent-encoding: redact it as it is.
+  }
+  return url.replace(JWS_SHAPED, '[token]').replace(/^\/d\/[^/?]*/, '/d/[token]');
+}
 
 /** One line per request, when it completes, with the request id, the redacted path and the outcome. */
 class RequestLog extends LogController {
@@ -32,7 +46,7 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
   const app = Fastify({
     logger: {
       level: config.LOG_LEVEL,
-      serializers: { req: (req) => ({ method: req.method, url: redactToken(req.url ?? '') }) },
+      serializers: { req: (req: FastifyRequest) => ({ method: req.method, url: redactToken(req) }) },
     },
     logController: new RequestLog(),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
