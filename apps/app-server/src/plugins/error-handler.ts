@@ -11,7 +11,7 @@ import {
   NotFound,
   ValidationFailed,
 } from '../errors.ts';
-import { backToFileList, redirectToSignIn } from '../routes/pages.ts';
+import { backToFileList, redirectToSignIn, safeNext } from '../routes/pages.ts';
 
 /** Maps any error to the catalogue; clients see `{ error, message }`, logs see the cause. */
 function toCatalogueError(error: FastifyError): FastifyError {
@@ -65,7 +65,8 @@ export default fp(
               errorPage({
                 title: 'Something went wrong',
                 message: mapped.message,
-                link: { href: request.url, text: 'Try again' },
+                // A's own path only: `GET //evil.example/...` must not become a link to that host.
+                link: { href: safeNext(request.url), text: 'Try again' },
               }),
             );
         }
