@@ -35,7 +35,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
         req: (req) => ({ method: req.method, url: req.url?.split('?')[0], remoteAddress: req.ip }),
       },
     },
-    trustProxy: config.TRUST_PROXY,
+    trustProxy: config.trustProxy,
     // Slowloris, as on B: REQUEST_TIMEOUT_SECONDS for the request head, IDLE_TIMEOUT_SECONDS for a
     // connection on which nothing moves. Node checks these every second instead of every 30.
     connectionTimeout: config.IDLE_TIMEOUT_SECONDS * 1000,

@@ -431,7 +431,7 @@ describe('session cookie', () => {
       NODE_ENV: 'production',
       SESSION_SECRET: 'production-session-secret-0123456789abcdef',
       KEY_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64url'),
-      TRUST_PROXY: 'true',
+      TRUST_PROXY: 'loopback',
     });
     const client = new HttpsProxiedClient(app);
     const csrf = await client.request({ method: 'GET', url: '/api/csrf' });

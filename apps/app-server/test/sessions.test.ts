@@ -710,3 +710,27 @@ describe('anonymous requests', () => {
     expect(await count(app, 'sessions')).toBe(rows);
   });
 });
+
+describe('TRUST_PROXY', () => {
+  it('believes X-Forwarded-For only from the listed proxies: a client reaching A directly keeps its own IP', async () => {
+    const { app } = await buildTestApp(db(), { TRUST_PROXY: '10.0.0.1' });
+    const ipSeenFrom = async (remoteAddress: string) => {
+      const client = new TestClient(app);
+      const headers = { 'x-forwarded-for': '203.0.113.7' };
+      const token = (await client.request({ method: 'GET', url: '/api/csrf', remoteAddress, headers })).json<{
+        token: string;
+      }>().token;
+      await client.request({
+        method: 'POST',
+        url: '/api/auth/register',
+        payload: { username: username(), password: PASSWORD },
+        remoteAddress,
+        headers: { ...headers, 'x-csrf-token': token },
+      });
+      const list = await client.request({ method: 'GET', url: '/api/sessions', remoteAddress, headers });
+      return list.json<{ sessions: SessionView[] }>().sessions[0]?.ip;
+    };
+    expect(await ipSeenFrom('10.0.0.1')).toBe('203.0.113.7');
+    expect(await ipSeenFrom('198.51.100.9')).toBe('198.51.100.9');
+  });
+});
