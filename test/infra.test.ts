@@ -222,6 +222,11 @@ describe('infra/ files', () => {
       expect(format).not.toMatch(/\$request\b|\$request_uri|\$args|\$query_string/);
     const app = await readFile(join(INFRA, 'nginx', 'app.conf'), 'utf8');
     expect(app).toMatch(/client_max_body_size \d+[mg];/);
+    // The internal endpoints stay off the public side (the compose file's nginx runs for real below).
+    for (const conf of [download, app]) {
+      expect(conf).toMatch(/location = \/metrics \{ return 404; \}/);
+      expect(conf).toMatch(/location = \/readyz \{ return 404; \}/);
+    }
   });
 
   it.skipIf(!nginxAvailable && !IN_CI)("nginx -t accepts the compose file's nginx config", async () => {
