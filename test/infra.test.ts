@@ -17,6 +17,8 @@ import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
 import { cp, mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { createServer, get as httpGet } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -236,6 +238,11 @@ describe('infra/ files', () => {
       expect(format).not.toMatch(/\$request\b|\$request_uri|\$args|\$query_string/);
     const app = await readFile(join(INFRA, 'nginx', 'app.conf'), 'utf8');
     expect(app).toMatch(/client_max_body_size \d+[mg];/);
+    // The internal endpoints stay off the public side (the compose file's nginx runs for real below).
+    for (const conf of [download, app]) {
+      expect(conf).toMatch(/location = \/metrics \{ return 404; \}/);
+      expect(conf).toMatch(/location = \/readyz \{ return 404; \}/);
+    }
   });
 
   it.skipIf(nginx.skip)(`nginx -t accepts the compose file's nginx config${nginx.reason}`, async () => {
@@ -253,6 +260,65 @@ describe('infra/ files', () => {
     const result = await nginxTest(dir, await wrapper(dir, [copy]));
     expect(result.code, result.stderr).toBe(0);
   });
+
+  it.skipIf(nginx.skip)(
+    `the compose file's nginx keeps /metrics and /readyz off the public side, in any spelling${nginx.reason}`,
+    async () => {
+      const dir = join(temp, 'compose-nginx-internal');
+      await mkdir(dir, { recursive: true });
+      // One stand-in upstream that answers every path, so only nginx can refuse one.
+      const upstream = createServer((request, response) => response.end(`upstream ${request.url}`));
+      upstream.listen(0, '127.0.0.1');
+      await once(upstream, 'listening');
+      const upstreamPort = (upstream.address() as AddressInfo).port;
+      const [appPort, downloadPort] = [await freePort(), await freePort()];
+      const original = await readFile(join(INFRA, 'docker', 'nginx.conf'), 'utf8');
+      const copy = join(dir, 'default.conf');
+      await writeFile(
+        copy,
+        original
+          .replace(/server [a-z0-9-]+:(\d+)/g, `server 127.0.0.1:${upstreamPort}`)
+          .replace('listen 8080;', `listen 127.0.0.1:${appPort};`)
+          .replace('listen 8081;', `listen 127.0.0.1:${downloadPort};`)
+          .replaceAll('/var/log/nginx/', `${dir}/`),
+      );
+      const conf = await wrapper(dir, [copy]);
+      const nginx = spawn(
+        requireNginx(),
+        ['-p', `${dir}/`, '-e', join(dir, 'error.log'), '-c', conf, '-g', 'daemon off;'],
+        {
+          stdio: 'ignore',
+        },
+      );
+      try {
+        const get = (port: number, path: string) =>
+          new Promise<number>((resolve, reject) => {
+            // node:http sends the path exactly as written (fetch would normalise it).
+            httpGet({ host: '127.0.0.1', port, path }, (response) => {
+              response.resume();
+              resolve(response.statusCode as number);
+            }).on('error', reject);
+          });
+        await expect.poll(() => get(appPort, '/healthz').catch(() => 0), { timeout: 10_000 }).toBe(200);
+        for (const port of [appPort, downloadPort]) {
+          expect(await get(port, '/healthz')).toBe(200);
+          for (const path of [
+            '/metrics',
+            '/readyz',
+            '//metrics',
+            '/%6Detrics',
+            '/readyz?full=1',
+            '/./readyz',
+          ])
+            expect(await get(port, path), `${path} on ${port}`).toBe(404);
+        }
+      } finally {
+        nginx.kill('SIGTERM');
+        await once(nginx, 'exit');
+        upstream.close();
+      }
+    },
+  );
 
   it('compose.yaml parses; services, volumes, files and hosts it names exist; env is what each server reads', async () => {
     const dockerDir = join(INFRA, 'docker');

@@ -91,6 +91,32 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
     await b?.stop();
   });
 
+  it('never logs a token that arrives in another shape: encoded, after a double slash, anywhere in the path', async () => {
+    const file = await b.put(randomBytes(KIB));
+    const before = requestLines(b);
+    const tokens = await Promise.all(Array.from({ length: 6 }, () => b.mint(file)));
+    const [routed, encoded, doubleSlash, elsewhere, asName, inQuery] = tokens as [string, ...string[]];
+    const percent = (text: string) => [...text].map((c) => `%${c.charCodeAt(0).toString(16)}`).join('');
+    const paths = [
+      `/%64/${routed}`, // the router decodes %64 to d: the download handler serves it
+      `/d/${percent(encoded as string)}`,
+      `//d/${doubleSlash}`,
+      `/x/${elsewhere}`,
+      `/d/not-a-token/${asName}`,
+      `/nothing?t=${inQuery}`,
+    ];
+    for (const path of paths) {
+      const response = await fetch(`${b.origin}${path}`, { headers: { accept: 'application/json' } });
+      await response.body?.cancel();
+    }
+    await logLines(b, before, paths.length);
+    const output = b.server.output();
+    for (const token of tokens) {
+      const signature = token.split('.')[2] as string;
+      expect(output.includes(signature), `signature in output: ${output.slice(-2000)}`).toBe(false);
+    }
+  });
+
   it('never writes a token to its output; request lines carry /d/[token] and a reqId', async () => {
     const bytes = randomBytes(64 * KIB);
     const file = await b.put(bytes);

@@ -40,7 +40,26 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
         remoteAddress: req.ip,
       }),
     }),
-    trustProxy: config.TRUST_PROXY,
+    trustProxy: config.trustProxy,
+    // Slowloris, as on B: REQUEST_TIMEOUT_SECONDS for the request head, IDLE_TIMEOUT_SECONDS for a
+    // connection on which nothing moves. Node checks these every second instead of every 30.
+    connectionTimeout: config.IDLE_TIMEOUT_SECONDS * 1000,
+    http: { connectionsCheckingInterval: 1000 },
+  });
+  app.server.headersTimeout = config.REQUEST_TIMEOUT_SECONDS * 1000;
+  // And a deadline for the body: REQUEST_TIMEOUT_SECONDS for a form or JSON (a few kB),
+  // UPLOAD_TIMEOUT_SECONDS for an upload. One byte now and then keeps a connection from being
+  // idle, so without it a trickled body stays open for good, also after A has answered early
+  // (a refused upload whose bytes keep coming).
+  app.addHook('onRequest', async (request) => {
+    if (request.raw.complete) return;
+    const upload = request.headers['content-type']?.startsWith('multipart/form-data');
+    const seconds = upload ? config.UPLOAD_TIMEOUT_SECONDS : config.REQUEST_TIMEOUT_SECONDS;
+    const timer = setTimeout(() => {
+      if (!request.raw.complete) request.raw.destroy();
+    }, seconds * 1000);
+    timer.unref();
+    request.raw.once('end', () => clearTimeout(timer)).once('close', () => clearTimeout(timer));
   });
 
   await app.register(errorHandler);
@@ -114,12 +133,14 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
       windowSeconds: config.LOGIN_WINDOW_SECONDS,
     },
+    registrationsPerIpPerHour: config.REGISTRATIONS_PER_IP_PER_HOUR,
   };
   const fileOptions = {
     maxUploadBytes: config.MAX_UPLOAD_BYTES,
     quotaBytes: config.USER_QUOTA_BYTES,
     downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
     mintRatePerMinute: config.MINT_RATE_PER_MINUTE,
+    uploadTimeoutSeconds: config.UPLOAD_TIMEOUT_SECONDS,
   };
   await app.register(authRoutes, authOptions);
   await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });

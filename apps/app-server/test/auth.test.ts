@@ -431,7 +431,7 @@ describe('session cookie', () => {
       NODE_ENV: 'production',
       SESSION_SECRET: 'production-session-secret-0123456789abcdef',
       KEY_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64url'),
-      TRUST_PROXY: 'true',
+      TRUST_PROXY: 'loopback',
     });
     const client = new HttpsProxiedClient(app);
     const csrf = await client.request({ method: 'GET', url: '/api/csrf' });
@@ -450,7 +450,8 @@ describe('session cookie', () => {
     const who = await client.request({ method: 'GET', url: '/api/me' });
     expect(who.statusCode).toBe(200);
     expect(who.json().user.id).toBe(user.id);
-    expect([...client.cookies.keys()]).toEqual(['__Host-sid']);
+    // The device cookie (sign-in throttling) is __Host- prefixed and Secure too.
+    expect([...client.cookies.keys()]).toEqual(['__Host-sid', '__Host-device']);
   });
 
   it('keeps working across a SESSION_SECRET rotation', async () => {

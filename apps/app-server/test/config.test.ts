@@ -26,7 +26,7 @@ describe('loadConfig', () => {
     expect(config.HOST).toBe('127.0.0.1');
     expect(config.APP_PUBLIC_URL).toBe('http://localhost:3000');
     expect(config.DOWNLOAD_PUBLIC_URL).toBe('http://localhost:3001');
-    expect(config.TRUST_PROXY).toBe(false);
+    expect(config.trustProxy).toBe(false);
     expect(config.DATABASE_URL).toBeUndefined();
     expect(config.SESSION_SECRET).toBeUndefined();
     expect(config.storageDir).toBe(resolve('data', 'files'));
@@ -112,5 +112,20 @@ describe('loadConfig', () => {
   it('refuses public URLs that are not bare origins', () => {
     expectRefused({ APP_PUBLIC_URL: 'http://a.test/' }, 'APP_PUBLIC_URL');
     expectRefused({ DOWNLOAD_PUBLIC_URL: 'ftp://b.test' }, 'DOWNLOAD_PUBLIC_URL');
+  });
+
+  it('TRUST_PROXY: false, proxy addresses or a hop count; never "true" (everyone)', () => {
+    expectRefused({ TRUST_PROXY: 'true' }, 'TRUST_PROXY');
+    expectRefused({ TRUST_PROXY: '10.0.0.1,not-an-address' }, 'TRUST_PROXY');
+    expectRefused({ TRUST_PROXY: '10.0.0.0/33' }, 'TRUST_PROXY');
+    expect(loadConfig({ TRUST_PROXY: 'false' }).trustProxy).toBe(false);
+    expect(loadConfig({ TRUST_PROXY: '10.0.0.1, 192.168.0.0/16,::1,loopback' }).trustProxy).toEqual([
+      '10.0.0.1',
+      '192.168.0.0/16',
+      '::1',
+      'loopback',
+    ]);
+    const hops = loadConfig({ TRUST_PROXY: '2' }).trustProxy as (address: string, hop: number) => boolean;
+    expect([hops('1.2.3.4', 0), hops('1.2.3.4', 1), hops('1.2.3.4', 2)]).toEqual([true, true, false]);
   });
 });

@@ -17,14 +17,6 @@ export const DownloadEnv = Type.Object({
   REDIS_TIMEOUT_MS: Type.Integer({ minimum: 10, maximum: 60_000, default: 1000 }),
   /** B refuses to start on a Redis that may evict its keys (used tokens forgotten), unless this is true. */
   REDIS_ALLOW_EVICTION: Type.Boolean({ default: false }),
-  /** Time a client has to send its request head; stops slowloris clients. */
-  REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
-  /**
-   * A connection with no traffic either way for this long is closed; a download that keeps
-   * moving never is. (Node lets one timeout pass while a write is pending, so a stalled transfer
-   * is cut after up to twice this.)
-   */
-  IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
 });
 
 export type DownloadConfig = Omit<Static<typeof DownloadEnv>, keyof PublicUrls> &

@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { announceReady, closeOnSignals, runMain } from '@sfh/lifecycle';
+import { announceReady, closeOnSignals, makePrivate, runMain } from '@sfh/lifecycle';
 import pino from 'pino';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
@@ -12,6 +12,8 @@ const LOG_FLUSH_MS = 100;
 
 runMain(async () => {
   const config = loadConfig(process.env);
+  // The replay journal lives here: other local users must not read or rewrite it.
+  await makePrivate(config.DATA_DIR);
   const logStream = pino.destination({
     dest: 1,
     sync: true,

@@ -16,7 +16,11 @@ import { beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { freePort } from '../../../test/support/processes.ts';
 import { killRedis, startRedis } from '../../../test/support/redis.ts';
 import { skipUnless } from '../../../test/support/skip.ts';
-import { RedisReplayStore, type RedisReplayStoreOptions } from '../src/redis-replay-store.ts';
+import {
+  POLICY_RECHECK_MS,
+  RedisReplayStore,
+  type RedisReplayStoreOptions,
+} from '../src/redis-replay-store.ts';
 import { replayStoreContract } from './replay-store.contract.ts';
 
 const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -264,6 +268,30 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
 
     await adminClient(url).config('SET', 'maxmemory-policy', 'noeviction');
     await vi.waitFor(() => store.ping(), { timeout: 10_000, interval: 100 });
+    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+  });
+
+  it('a policy changed live while B runs is seen at once by ping (readyz), and by claims within the recheck', async () => {
+    const port = await freePort();
+    await startRedis(port, ['--maxmemory-policy', 'noeviction']);
+    const url = `redis://127.0.0.1:${port}`;
+    const store = await openStore({ url, log: fakeLog() });
+    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+
+    // No restart, no reconnect: ops (or a managed service) switch the policy live.
+    await adminClient(url).config('SET', 'maxmemory-policy', 'allkeys-lru');
+    await expect(store.ping()).rejects.toThrow(/maxmemory-policy is allkeys-lru/);
+    const changedAt = Date.now();
+    await vi.waitFor(
+      async () => {
+        await expect(store.claim(nanoid(), Date.now() + MINUTE)).rejects.toThrow(/maxmemory-policy/);
+      },
+      { timeout: POLICY_RECHECK_MS + 2_000, interval: 100 },
+    );
+    expect(Date.now() - changedAt).toBeLessThanOrEqual(POLICY_RECHECK_MS + 2_000);
+
+    await adminClient(url).config('SET', 'maxmemory-policy', 'noeviction');
+    await vi.waitFor(() => store.ping(), { timeout: 5_000, interval: 100 });
     expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 

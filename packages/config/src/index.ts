@@ -49,6 +49,14 @@ export const sharedEnv = {
   DOWNLOAD_PUBLIC_URL: PublicUrl,
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   SHUTDOWN_GRACE_SECONDS: Type.Integer({ minimum: 0, maximum: 3600, default: 30 }),
+  /** Time a client has to send its request head (and on A a body that is not an upload); stops slowloris clients. */
+  REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
+  /**
+   * A connection with no traffic either way for this long is closed; a transfer that keeps
+   * moving never is. (Node lets one timeout pass while a write is pending, so a stalled transfer
+   * is cut after up to twice this.)
+   */
+  IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   LOG_LEVEL: Type.Union(
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
     { default: 'info' },

@@ -1,3 +1,5 @@
+import { chmod, lstat, mkdir, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import { ConfigError } from '@sfh/config';
 import type { FastifyInstance } from 'fastify';
 
@@ -81,4 +83,30 @@ export function announceReady(
     `${server} ready at ${publicUrl}, listening on ${listening.join(', ')}`,
   );
   process.send?.({ ready: { server, publicUrl } } satisfies ReadyMessage);
+}
+
+/**
+ * Makes `dir` and everything below it private to this process's user (folders 0700, files
+ * 0600), and everything the process creates from now on too (umask 077). Defends the embedded
+ * database (whose write-ahead log can hold a plain private signing key), the session secret,
+ * the replay journal and stored files against other local users, also in a `DATA_DIR` left by
+ * an earlier version with world-readable modes. Symbolic links are not followed.
+ */
+export async function makePrivate(dir: string): Promise<void> {
+  process.umask(0o077);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  async function visit(path: string): Promise<void> {
+    try {
+      const info = await lstat(path);
+      if (info.isSymbolicLink()) return;
+      if ((info.mode & 0o077) !== 0) await chmod(path, info.mode & 0o700);
+      if (info.isDirectory()) {
+        for (const entry of await readdir(path)) await visit(join(path, entry));
+      }
+    } catch (error) {
+      // Gone meanwhile (a temporary file of the other server): nothing left to protect.
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+    }
+  }
+  await visit(dir);
 }

@@ -1,6 +1,7 @@
 import fp from 'fastify-plugin';
 import { filesRepository } from '../repositories/files.ts';
 import { loginFailuresRepository } from '../repositories/login-failures.ts';
+import { registrationsRepository } from '../repositories/registrations.ts';
 import { sessionsRepository } from '../repositories/sessions.ts';
 import { signingKeysRepository } from '../repositories/signing-keys.ts';
 import { usersRepository } from '../repositories/users.ts';
@@ -10,6 +11,7 @@ export interface Repositories {
   sessions: ReturnType<typeof sessionsRepository>;
   files: ReturnType<typeof filesRepository>;
   loginFailures: ReturnType<typeof loginFailuresRepository>;
+  registrations: ReturnType<typeof registrationsRepository>;
   signingKeys: ReturnType<typeof signingKeysRepository>;
 }
 
@@ -26,6 +28,7 @@ export default fp(
       sessions: sessionsRepository(app.db),
       files: filesRepository(app.db),
       loginFailures: loginFailuresRepository(app.db),
+      registrations: registrationsRepository(app.db),
       signingKeys: signingKeysRepository(app.db),
     });
   },

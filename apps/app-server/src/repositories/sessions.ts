@@ -27,8 +27,11 @@ export function sessionsRepository(db: Pool) {
       // A named statement: on every signed-in request, so Postgres plans it once per connection.
       const { rows } = await db.query<SessionRow>({
         name: 'sessions.get',
+        // A signed-in session lives only under the credential version it signed in with.
         text: `SELECT user_id AS "userId", data, last_seen_at AS "lastSeenAt"
-                 FROM sessions WHERE id_hash = $1 AND ${ALIVE('$2')}`,
+                 FROM sessions WHERE id_hash = $1 AND ${ALIVE('$2')}
+                  AND (user_id IS NULL OR coalesce((data->>'credentialVersion')::int, 0) =
+                       (SELECT credential_version FROM users WHERE users.id = sessions.user_id))`,
         values: [idHash, idleSeconds],
       });
       return rows[0];

@@ -142,8 +142,10 @@ const Credentials = Type.Object({
   password: Password,
   next: Type.Optional(Type.String({ maxLength: 2048 })),
 });
+// The same username rule as the API: a name that cannot exist is refused before it reaches the
+// throttle or the database.
 const SignIn = Type.Object({
-  username: Type.String({ maxLength: 64 }),
+  username: Username,
   password: Type.String({ maxLength: 1024 }),
   next: Type.Optional(Type.String({ maxLength: 2048 })),
 });
@@ -220,7 +222,11 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       case 'QUOTA_EXCEEDED':
         return `That upload would go over your storage quota of ${humanBytes(options.files.quotaBytes)}. Delete some files first.`;
       case 'RATE_LIMITED':
-        return `Too many failed sign-in attempts. Try again in ${humanWait(error.retryAfter ?? 60)}.`;
+        return `${
+          config.back === '/register'
+            ? 'Too many accounts were created from your network.'
+            : 'Too many failed password attempts.'
+        } Try again in ${humanWait(error.retryAfter ?? 60)}.`;
       case 'INVALID_CREDENTIALS':
         return config.back === '/password'
           ? 'Your current password is not correct.'
@@ -294,7 +300,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         password: string;
         next?: string;
       };
-      await auth.login(request, username, password);
+      await auth.login(request, reply, username, password);
       return back(reply, safeNext(next));
     },
   );
@@ -313,7 +319,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     },
     async (request, reply) => {
       const { username, password } = request.body as { username: string; password: string };
-      const user = await auth.register(request, username, password);
+      const user = await auth.register(request, reply, username, password);
       flash(request, 'success', `Welcome, ${user.username}. Your account is ready: upload your first file.`);
       return back(reply, '/');
     },
@@ -465,7 +471,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
           confirmPassword: string;
         };
         if (newPassword !== confirmPassword) throw new ValidationFailed('The new passwords do not match.');
-        await auth.changePassword(request, currentPassword, newPassword);
+        await auth.changePassword(request, reply, currentPassword, newPassword);
         flash(
           request,
           'success',

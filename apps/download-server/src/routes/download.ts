@@ -3,6 +3,7 @@ import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/d
 import type { OpenObject } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { keepUsedUntil } from '../acceptance.ts';
 import {
   FileNotFound,
   RangeNotSatisfiable,
@@ -65,10 +66,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     if (request.method === 'HEAD') {
       if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
     } else {
-      const keepUntil =
-        (Math.min(claims.exp, claims.iat + options.verify.maxTokenAgeSeconds) +
-          options.verify.clockToleranceSeconds) *
-        1000;
+      const keepUntil = keepUsedUntil(claims, options.verify);
       if (!(await replay(app.replayStore.claim(claims.jti, keepUntil))))
         throw renewable(new TokenUsed(), claims.fid);
     }
