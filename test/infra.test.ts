@@ -27,6 +27,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { parse } from 'yaml';
 import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
+import { CookieJar } from './support/cookie-jar.ts';
 import { createTestDatabase, type TestDatabase } from './support/database.ts';
 import { APP_SERVER, DOWNLOAD_SERVER, freePort, startServer } from './support/processes.ts';
 import { skipUnless } from './support/skip.ts';
@@ -673,17 +674,17 @@ describe.skipIf(nginx.skip)(
         );
 
         // A user of A under /files, with a cookie and the CSRF token, as the README's walkthrough.
-        let cookie = '';
+        const cookies = new CookieJar();
         const a = async (path: string, init: RequestInit & { csrf?: string } = {}) => {
           const headers = new Headers(init.headers);
-          if (cookie) headers.set('cookie', cookie);
+          if (cookies.header()) headers.set('cookie', cookies.header());
           if (init.csrf) headers.set('x-csrf-token', init.csrf);
           const response = await fetch(`${urls.APP_PUBLIC_URL}${path}`, {
             ...init,
             headers,
             redirect: 'manual',
           });
-          cookie = response.headers.get('set-cookie')?.split(';')[0] ?? cookie;
+          cookies.take(response);
           return response;
         };
         const csrf = async () => ((await (await a('/api/csrf')).json()) as { token: string }).token;

@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CookieJar } from '../support/cookie-jar.ts';
 import { createTestDatabase, type TestDatabase } from '../support/database.ts';
 import {
   APP_SERVER,
@@ -50,7 +51,7 @@ function tokenHeader(token: string): { kid: string; alg: string; typ: string } {
  * Sends the CSRF token of the session on state-changing requests, as SessionClient does.
  */
 class Browser {
-  cookie = '';
+  readonly cookies = new CookieJar();
 
   async fetch(origin: string, path: string, init: RequestInit = {}): Promise<Response> {
     const headers = new Headers(init.headers);
@@ -59,10 +60,9 @@ class Browser {
       const { body } = await this.json<{ token: string }>(origin, '/api/csrf');
       headers.set('x-csrf-token', body.token);
     }
-    if (this.cookie) headers.set('cookie', this.cookie);
+    if (this.cookies.header()) headers.set('cookie', this.cookies.header());
     const response = await fetch(new URL(path, origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
+    this.cookies.take(response);
     return response;
   }
 
@@ -336,7 +336,7 @@ describe.skipIf(postgres.skip)(
       expect(download.status).toBe(200);
       expect(sha256(download.bytes)).toBe(sha256(bytes));
 
-      const cookie = browser.cookie;
+      const cookie = browser.cookies.header();
       expect((await browser.fetch(a2, '/api/auth/logout', { method: 'POST' })).status).toBe(204);
       for (const replica of [a1, a2]) {
         const after = await fetch(`${replica}/api/me`, { headers: { cookie } });

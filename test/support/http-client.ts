@@ -1,9 +1,11 @@
+import { CookieJar } from './cookie-jar.ts';
+
 /**
  * A browser-like client for A over real HTTP: keeps the session cookie and sends the CSRF
  * token on state-changing requests, as the README's curl walkthrough does.
  */
 export class SessionClient {
-  #cookie = '';
+  readonly #cookies = new CookieJar();
 
   constructor(readonly origin: string) {}
 
@@ -12,10 +14,9 @@ export class SessionClient {
     const method = (init.method ?? 'GET').toUpperCase();
     // First: fetching the token may start the session, and so set the cookie.
     if (!['GET', 'HEAD'].includes(method)) headers.set('x-csrf-token', await this.#csrf());
-    if (this.#cookie) headers.set('cookie', this.#cookie);
+    if (this.#cookies.header()) headers.set('cookie', this.#cookies.header());
     const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.#cookie = setCookie.split(';')[0] as string;
+    this.#cookies.take(response);
     return response;
   }
 
@@ -36,7 +37,7 @@ export class SessionClient {
  * no extra request per upload.
  */
 export class SignedInClient {
-  cookie = '';
+  readonly cookies = new CookieJar();
   csrf = '';
 
   constructor(readonly origin: string) {}
@@ -65,10 +66,9 @@ export class SignedInClient {
     const headers = new Headers(init.headers);
     if (!['GET', 'HEAD'].includes((init.method ?? 'GET').toUpperCase()) && this.csrf)
       headers.set('x-csrf-token', this.csrf);
-    if (this.cookie) headers.set('cookie', this.cookie);
+    if (this.cookies.header()) headers.set('cookie', this.cookies.header());
     const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
+    this.cookies.take(response);
     return response;
   }
 
