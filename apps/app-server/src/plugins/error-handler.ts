@@ -82,7 +82,7 @@ export default fp(
             errorPage({
               title: 'Something went wrong',
               message: mapped.message,
-              link: { href: request.url, text: 'Try again' },
+              link: { href: `${app.publicPath}${request.url}`, text: 'Try again' },
             }),
           );
       }
