@@ -76,7 +76,7 @@ export interface BProcess {
   origin: string;
 }
 
-/** B as `npm run start:download` runs it, keys from the JWKS file, LOG_LEVEL=warn. */
+/** B as `npm run start:download` runs it, keys from the JWKS file, one log line per request. */
 export async function startB(options: {
   dir: string;
   storageDir: string;
@@ -97,7 +97,7 @@ export async function startB(options: {
       APP_PUBLIC_URL,
       DOWNLOAD_PUBLIC_URL: origin,
       DOWNLOAD_PORT: String(port),
-      LOG_LEVEL: 'warn',
+      LOG_LEVEL: process.env.BENCH_B_LOG_LEVEL ?? 'info',
       ...options.env,
     },
     readyUrl: `${origin}/readyz`,
@@ -160,6 +160,7 @@ export async function mintMany(
           PATH: process.env.PATH,
           HOME: process.env.HOME,
           MINT_JWK: JSON.stringify(key.privateJwk),
+          MINT_ALG: key.alg,
           MINT_KID: key.kid,
           MINT_ISSUER: APP_PUBLIC_URL,
           MINT_AUDIENCE: audience,

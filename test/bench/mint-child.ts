@@ -9,7 +9,7 @@ import { type CryptoKey, importJWK, type JWK } from 'jose';
 const jwk = JSON.parse(process.env.MINT_JWK as string) as JWK;
 const file = JSON.parse(process.env.MINT_FILE as string) as FileClaims;
 const count = Number(process.env.MINT_COUNT);
-const key = (await importJWK(jwk, 'EdDSA')) as CryptoKey;
+const key = (await importJWK(jwk, process.env.MINT_ALG as string)) as CryptoKey;
 const options = {
   key,
   kid: process.env.MINT_KID as string,

@@ -29,6 +29,15 @@ async function logLines(b: B, before: number, count: number): Promise<void> {
   const deadline = Date.now() + 5_000;
   while (requestLines(b) < before + count && Date.now() < deadline) await sleep(50);
 }
+/** The first line of B's output that `matches`, waiting for it (B writes its log in batches). */
+async function logLine(b: B, matches: (line: string) => boolean): Promise<string | undefined> {
+  const deadline = Date.now() + 5_000;
+  for (;;) {
+    const line = b.server.output().split('\n').find(matches);
+    if (line || Date.now() > deadline) return line;
+    await sleep(50);
+  }
+}
 const requestLines = (b: B) =>
   b.server
     .output()
@@ -413,11 +422,7 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
 
     // B itself was sending for longer than IDLE_TIMEOUT_SECONDS: its timeout had the chance to
     // cut this download, and did not.
-    await sleep(100);
-    const line = b.server
-      .output()
-      .split('\n')
-      .find((text) => text.includes('/d/[token]/slow.bin'));
+    const line = await logLine(b, (text) => text.includes('/d/[token]/slow.bin'));
     expect(line).toBeDefined();
     const logged = JSON.parse(line as string) as { res: { statusCode: number }; responseTime: number };
     expect(logged.res.statusCode).toBe(200);

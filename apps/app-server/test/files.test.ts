@@ -1,9 +1,9 @@
-import { createHash, createPublicKey, type JsonWebKey, randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { verifyDownloadToken } from '@sfh/download-token';
+import { TOKEN_ALGORITHM, verifyDownloadToken } from '@sfh/download-token';
 import type { FastifyInstance } from 'fastify';
-import { decodeProtectedHeader, type JWK } from 'jose';
+import { type CryptoKey, decodeProtectedHeader, importJWK, type JWK } from 'jose';
 import { describe, expect, it } from 'vitest';
 import type { AppConfig } from '../src/config.ts';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
@@ -307,7 +307,7 @@ describe('download tokens', () => {
     expect(Math.abs(Date.parse(body.expiresAt) - (mintedAt + 120_000))).toBeLessThan(5_000);
 
     const header = decodeProtectedHeader(body.token);
-    expect(header).toMatchObject({ typ: 'dl+jwt', alg: 'EdDSA', kid: expect.any(String) });
+    expect(header).toMatchObject({ typ: 'dl+jwt', alg: TOKEN_ALGORITHM, kid: expect.any(String) });
     const { keys } = await jwks(app);
     expect(keys.map((key) => key.kid)).toContain(header.kid);
 
@@ -315,9 +315,10 @@ describe('download tokens', () => {
       body.token,
       async (kid) => {
         const jwk = keys.find((key) => key.kid === kid);
-        return jwk ? createPublicKey({ key: jwk as JsonWebKey, format: 'jwk' }) : undefined;
+        return jwk ? ((await importJWK(jwk, jwk.alg)) as CryptoKey) : undefined;
       },
       {
+        algorithms: [TOKEN_ALGORITHM],
         issuer: 'http://a.test',
         audience: 'http://b.test',
         maxTokenAgeSeconds: 300,
@@ -382,10 +383,11 @@ describe('download tokens', () => {
     for (const key of keys) {
       expect(key).not.toHaveProperty('d');
       expect(key).toMatchObject({
-        kty: 'OKP',
-        crv: 'Ed25519',
+        kty: 'EC',
+        crv: 'P-256',
         kid: expect.any(String),
         x: expect.any(String),
+        y: expect.any(String),
       });
       for (const privateMember of ['p', 'q', 'dp', 'dq', 'qi', 'k'])
         expect(key).not.toHaveProperty(privateMember);

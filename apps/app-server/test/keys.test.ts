@@ -5,7 +5,15 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { FastifyInstance } from 'fastify';
-import { createLocalJWKSet, decodeProtectedHeader, type JWK, jwtVerify } from 'jose';
+import {
+  calculateJwkThumbprint,
+  createLocalJWKSet,
+  decodeProtectedHeader,
+  exportJWK,
+  generateKeyPair,
+  type JWK,
+  jwtVerify,
+} from 'jose';
 import pg from 'pg';
 import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
 import { buildApp } from '../src/app.ts';
@@ -85,7 +93,7 @@ describe('first start', () => {
     const keys = await app.repos.signingKeys.list();
     expect(keys).toHaveLength(1);
     const [key] = keys as [SigningKeyRecord];
-    expect(key).toMatchObject({ state: 'current', alg: 'EdDSA', revokedAt: null });
+    expect(key).toMatchObject({ state: 'current', alg: 'ES256', revokedAt: null });
     expect(key.activatedAt).toBeInstanceOf(Date);
 
     const response = await app.inject(JWKS);
@@ -96,7 +104,7 @@ describe('first start', () => {
 
     const published = response.json<{ keys: JWK[] }>().keys;
     expect(published).toEqual([
-      expect.objectContaining({ kid: key.kid, kty: 'OKP', crv: 'Ed25519', alg: 'EdDSA', use: 'sig' }),
+      expect.objectContaining({ kid: key.kid, kty: 'EC', crv: 'P-256', alg: 'ES256', use: 'sig' }),
     ]);
     for (const member of PRIVATE_MEMBERS) expect(published[0]).not.toHaveProperty(member);
   });
@@ -169,6 +177,57 @@ describe('rotation', () => {
     expect(keys.map((key) => [key.kid, key.state])).toEqual([[next.kid, 'current']]);
     expect(await publishedKids(app)).toEqual([next.kid]);
     expect(await privateKeyColumn(old.kid)).toBeUndefined();
+  });
+
+  it('an EdDSA key made before ES256 keeps signing, published as EdDSA, until a rotation hands over to ES256', async () => {
+    // A database from before the algorithm changed: its current key is Ed25519.
+    const legacy = await generateKeyPair('EdDSA', { extractable: true });
+    const legacyJwk = await exportJWK(legacy.publicKey);
+    const legacyKid = await calculateJwkThumbprint(legacyJwk);
+    const now = new Date();
+    await signingKeysRepository(pool).insert(
+      {
+        kid: legacyKid,
+        alg: 'EdDSA',
+        publicJwk: legacyJwk,
+        privateKey: JSON.stringify(await exportJWK(legacy.privateKey)),
+      },
+      'current',
+      now,
+      now,
+    );
+    const { app, config } = await buildTestApp(db());
+    const repo = app.repos.signingKeys;
+    const mint = await downloader(app);
+    const verifyWithJwks = async (token: string) =>
+      jwtVerify(token, createLocalJWKSet({ keys: await publishedJwks(app) }), {
+        issuer: 'http://a.test',
+        audience: 'http://b.test',
+        typ: 'dl+jwt',
+        algorithms: ['ES256', 'EdDSA'],
+      });
+
+    const before = await mint();
+    expect(before.kid).toBe(legacyKid);
+    expect((await verifyWithJwks(before.token)).protectedHeader.alg).toBe('EdDSA');
+
+    const next = (await repo.locked((keys) =>
+      lifecycleOf(config).rotate(keys, new Date()),
+    )) as SigningKeyRecord;
+    expect(next.alg).toBe('ES256');
+    expect((await publishedJwks(app)).map((key) => [key.kid, key.alg, key.kty]).sort()).toEqual(
+      [
+        [legacyKid, 'EdDSA', 'OKP'],
+        [next.kid, 'ES256', 'EC'],
+      ].sort(),
+    );
+    await repo.locked((keys) => lifecycleOf(config).advance(keys, next.activatesAt as Date));
+    // A's own poll picks up the new current key.
+    await vi.waitFor(async () => expect((await mint()).kid).toBe(next.kid), { timeout: 5000, interval: 100 });
+    const after = await mint();
+    expect((await verifyWithJwks(after.token)).protectedHeader.alg).toBe('ES256');
+    // The EdDSA key's tokens still verify while it is previous.
+    expect((await verifyWithJwks(before.token)).protectedHeader.kid).toBe(legacyKid);
   });
 
   it('scheduled: a next key once the current one is KEY_ROTATION_DAYS old, only one at a time', async () => {
@@ -405,7 +464,7 @@ describe('KEY_ENCRYPTION_KEY', () => {
     const { payload, protectedHeader } = await jwtVerify(
       token,
       createLocalJWKSet({ keys: await publishedJwks(app) }),
-      { issuer: 'http://a.test', audience: 'http://b.test', typ: 'dl+jwt', algorithms: ['EdDSA'] },
+      { issuer: 'http://a.test', audience: 'http://b.test', typ: 'dl+jwt', algorithms: ['ES256'] },
     );
     expect(protectedHeader.kid).toBe(current.kid);
     expect(payload.sub).toEqual(expect.any(String));
@@ -426,7 +485,7 @@ describe('KEY_ENCRYPTION_KEY', () => {
     const { app } = await buildTestApp(db());
     const current = (await app.repos.signingKeys.current()) as SigningKeyRecord;
     const stored = (await privateKeyColumn(current.kid)) as string;
-    expect(JSON.parse(stored)).toMatchObject({ kty: 'OKP', crv: 'Ed25519', d: expect.any(String) });
+    expect(JSON.parse(stored)).toMatchObject({ kty: 'EC', crv: 'P-256', d: expect.any(String) });
   });
 });
 
@@ -576,7 +635,13 @@ describe('ops CLI (npm run keys)', () => {
       const set = JSON.parse(await readFile(file, 'utf8')) as { keys: JWK[] };
       expect(set.keys.map((key) => key.kid).sort()).toEqual([current.kid, next.kid].sort());
       for (const key of set.keys) {
-        expect(key).toMatchObject({ kty: 'OKP', crv: 'Ed25519', alg: 'EdDSA', x: expect.any(String) });
+        expect(key).toMatchObject({
+          kty: 'EC',
+          crv: 'P-256',
+          alg: 'ES256',
+          x: expect.any(String),
+          y: expect.any(String),
+        });
         for (const member of PRIVATE_MEMBERS) expect(key).not.toHaveProperty(member);
       }
     } finally {

@@ -1,6 +1,7 @@
 import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
+import type { DestinationStream } from 'pino';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
@@ -9,18 +10,35 @@ import replayStore from './plugins/replay-store.ts';
 import downloadRoutes from './routes/download.ts';
 import healthRoutes from './routes/health.ts';
 
+const DEFENSIVE_HEADERS = {
+  'cache-control': 'private, no-store',
+  'x-content-type-options': 'nosniff',
+  'referrer-policy': 'no-referrer',
+  'content-security-policy': "default-src 'none'; sandbox",
+};
+
 // Tokens are bearer credentials: no log line may carry one.
 const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
 
+export interface BuildOptions {
+  /** Where JSON log lines go (default: stdout, a write per line). */
+  logStream?: DestinationStream;
+}
+
 /** Server B. Stateless apart from the replay store; holds no sessions and opens no database. */
-export async function buildApp(config: DownloadConfig): Promise<FastifyInstance> {
+export async function buildApp(config: DownloadConfig, options: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
-    ...logging('download', config, {
-      req: (req) => ({
-        method: req.method,
-        url: redactToken(req.url ?? ''),
-      }),
-    }),
+    ...logging(
+      'download',
+      config,
+      {
+        req: (req) => ({
+          method: req.method,
+          url: redactToken(req.url ?? ''),
+        }),
+      },
+      options.logStream,
+    ),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
     // the server accepts can hit the router's limit (414): long tokens reach the handler and get
     // 400 TOKEN_MALFORMED.
@@ -35,13 +53,9 @@ export async function buildApp(config: DownloadConfig): Promise<FastifyInstance>
   app.server.headersTimeout = config.REQUEST_TIMEOUT_SECONDS * 1000;
 
   // The same defensive headers on every answer, errors included.
-  app.addHook('onRequest', async (_request, reply) => {
-    reply.headers({
-      'cache-control': 'private, no-store',
-      'x-content-type-options': 'nosniff',
-      'referrer-policy': 'no-referrer',
-      'content-security-policy': "default-src 'none'; sandbox",
-    });
+  app.addHook('onRequest', (_request, reply, done) => {
+    reply.headers(DEFENSIVE_HEADERS);
+    done();
   });
 
   await app.register(errorHandler, { appOrigin: config.APP_PUBLIC_URL });

@@ -1,11 +1,25 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { announceReady, closeOnSignals, runMain } from '@sfh/lifecycle';
+import pino from 'pino';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
 
+// One log line per request stays, but a write(2) per line cost B about a tenth of its
+// small-file throughput: lines are gathered up to 4 KiB and written together, at the latest
+// 100 ms after they were logged, and whatever is left when the process exits.
+const LOG_BUFFER_BYTES = 4096;
+const LOG_FLUSH_MS = 100;
+
 runMain(async () => {
   const config = loadConfig(process.env);
-  const app = await buildApp(config);
+  const logStream = pino.destination({
+    dest: 1,
+    sync: true,
+    minLength: LOG_BUFFER_BYTES,
+    periodicFlush: LOG_FLUSH_MS,
+  });
+  process.on('exit', () => logStream.flushSync());
+  const app = await buildApp(config, { logStream });
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS);
   // An operator's "reload the keys now", e.g. right after an emergency revocation.
   process.on('SIGHUP', () => {

@@ -7,7 +7,7 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
-import { type FileClaims, signDownloadToken, TOKEN_TYPE } from '@sfh/download-token';
+import { type FileClaims, signDownloadToken, TOKEN_TYPE, type TokenAlgorithm } from '@sfh/download-token';
 import { LocalDiskStore } from '@sfh/storage';
 import type { FastifyInstance } from 'fastify';
 import { CompactSign, type CryptoKey, exportJWK, generateKeyPair, type JWK } from 'jose';
@@ -21,18 +21,26 @@ export const AUDIENCE = 'http://b.test';
 export const SUBJECT = 'user-1';
 export const TTL_SECONDS = 60;
 
-/** An Ed25519 signing key as A holds it: private half, public JWK, key id. */
+/** A signing key as A holds it: private half, public JWK, key id, algorithm. */
 export interface TestKey {
   kid: string;
+  alg: TokenAlgorithm;
   privateKey: CryptoKey;
   publicJwk: JWK;
 }
 
-/** A fresh Ed25519 key pair. Not published anywhere unless written to a JWKS file. */
-export async function createKey(kid = `k-${nanoid(8)}`): Promise<TestKey> {
-  const { privateKey, publicKey } = await generateKeyPair('EdDSA', { extractable: true });
-  return { kid, privateKey, publicJwk: await exportJWK(publicKey) };
+/**
+ * A fresh key pair (EdDSA unless told: the attack table's tokens are crafted for Ed25519; A's
+ * own ES256 keys are exercised by the e2e suites). Not published anywhere unless written to a
+ * JWKS file.
+ */
+export async function createKey(kid = `k-${nanoid(8)}`, alg: TokenAlgorithm = 'EdDSA'): Promise<TestKey> {
+  const { privateKey, publicKey } = await generateKeyPair(alg, { extractable: true });
+  return { kid, alg, privateKey, publicJwk: await exportJWK(publicKey) };
 }
+
+/** A key's entry in a JWKS, as A publishes it. */
+export const jwkOf = (key: TestKey) => ({ ...key.publicJwk, kid: key.kid, alg: key.alg, use: 'sig' });
 
 /** A key B has never seen (an attacker's), for forgery tests. `kid` may copy a real key's id. */
 export const createUnknownKey = (kid?: string): Promise<TestKey> => createKey(kid);
@@ -46,7 +54,7 @@ export async function tempDir(prefix = 'download-server-'): Promise<string> {
 
 /**
  * Signs an arbitrary payload as a compact JWS (jose's `CompactSign` validates no claims), for
- * hostile tokens. The header defaults to a download token's (`EdDSA`, the key's kid, `dl+jwt`).
+ * hostile tokens. The header defaults to a download token's (the key's alg and kid, `dl+jwt`).
  */
 export async function signRaw(
   payload: Record<string, unknown>,
@@ -54,7 +62,7 @@ export async function signRaw(
   header: Record<string, unknown> = {},
 ): Promise<string> {
   return new CompactSign(new TextEncoder().encode(JSON.stringify(payload)))
-    .setProtectedHeader({ alg: 'EdDSA', kid: key.kid, typ: TOKEN_TYPE, ...header })
+    .setProtectedHeader({ alg: key.alg, kid: key.kid, typ: TOKEN_TYPE, ...header })
     .sign(key.privateKey);
 }
 
@@ -94,7 +102,7 @@ export interface BuildOptions {
 }
 
 /**
- * Builds B on a fresh temp `DATA_DIR` with a JWKS file holding one fresh Ed25519 key.
+ * Builds B on a fresh temp `DATA_DIR` with a JWKS file holding one fresh key.
  * `overrides` are environment variables on top of the test defaults.
  */
 export async function buildTestApp(
@@ -104,7 +112,7 @@ export async function buildTestApp(
   const dir = options.dir ?? (await tempDir());
   const key = options.key ?? (await createKey());
   const jwksFile = join(dir, 'jwks.json');
-  const jwks = { keys: [{ ...key.publicJwk, kid: key.kid, alg: 'EdDSA', use: 'sig' }] };
+  const jwks = { keys: [jwkOf(key)] };
   await writeFile(jwksFile, JSON.stringify(jwks));
 
   const config = loadConfig({

@@ -2,16 +2,18 @@ import { rename, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
-import { buildTestApp, createKey, createUnknownKey, type TestKey } from './helpers.ts';
+import { buildTestApp, createKey, createUnknownKey, jwkOf, type TestKey } from './helpers.ts';
 
-const jwksOf = (...keys: TestKey[]) => ({
-  keys: keys.map((k) => ({ ...k.publicJwk, kid: k.kid, alg: 'EdDSA', use: 'sig' })),
-});
+const jwksOf = (...keys: TestKey[]) => ({ keys: keys.map(jwkOf) });
 
-/** A stand-in for A's JWKS endpoint that counts how often B reads it; `undefined` keys: 503. */
-async function jwksServer(keys: TestKey[] | undefined) {
+/**
+ * A stand-in for A's JWKS endpoint that counts how often B reads it; `undefined` keys: 503.
+ * `extra` entries go before the keys' own.
+ */
+async function jwksServer(keys: TestKey[] | undefined, extra: unknown[] = []) {
   let reads = 0;
-  let body = keys && JSON.stringify(jwksOf(...keys));
+  const bodyOf = (next: TestKey[]) => JSON.stringify({ keys: [...extra, ...jwksOf(...next).keys] });
+  let body = keys && bodyOf(keys);
   const server: Server = createServer((_request, response) => {
     reads += 1;
     if (body === undefined) response.statusCode = 503;
@@ -24,7 +26,7 @@ async function jwksServer(keys: TestKey[] | undefined) {
     url: `http://127.0.0.1:${(server.address() as AddressInfo).port}/.well-known/jwks.json`,
     reads: () => reads,
     publish: (...next: TestKey[]) => {
-      body = JSON.stringify(jwksOf(...next));
+      body = bodyOf(next);
     },
     stop: () => new Promise<void>((done) => server.close(() => done())),
   };
@@ -152,5 +154,89 @@ describe("B's key set", () => {
     expect(ready.json().missing).toContain('keys');
     const get = await t.app.inject({ method: 'GET', url: `/d/${token}` });
     expect(get.json()).toMatchObject({ error: 'KEYS_UNAVAILABLE' });
+  });
+
+  it('accepts each key under its own algorithm only; the allowlist is the algorithms of the set', async () => {
+    const es = await createKey(undefined, 'ES256');
+    const ed = await createKey(undefined, 'EdDSA');
+    const source = await jwksServer([es]);
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { key: es, jwksUrl: source.url });
+    const file = await t.putFile('algorithms');
+    expect((await head(t.app, await t.mint(file))).statusCode).toBe(200);
+
+    // Only ES256 keys in the set: an EdDSA token is refused before any key lookup, so even an
+    // unknown kid does not make B read the set again.
+    expect((await head(t.app, await t.mint(file, { key: ed.privateKey, kid: ed.kid }))).statusCode).toBe(403);
+    expect(source.reads()).toBe(1);
+
+    // Both algorithms in the set (an EdDSA key from before, an ES256 one now): both sign...
+    source.publish(es, ed);
+    await t.app.keys.refresh();
+    expect([...t.app.keys.algorithms()].sort()).toEqual(['ES256', 'EdDSA']);
+    expect((await head(t.app, await t.mint(file, { key: ed.privateKey, kid: ed.kid }))).statusCode).toBe(200);
+    expect((await head(t.app, await t.mint(file))).statusCode).toBe(200);
+    // ...but a kid never lends its key to the other algorithm: an ES256 token under the EdDSA
+    // key's kid (signed with the ES256 key) is refused.
+    const confused = await t.mint(file, { kid: ed.kid });
+    const answer = await t.app.inject({ method: 'GET', url: `/d/${confused}` });
+    expect(answer.statusCode).toBe(403);
+    expect(answer.json().error).toBe('TOKEN_INVALID');
+  });
+
+  it('skips a broken key in the set (logged and counted), so new keys still arrive', async () => {
+    const key = await createKey(undefined, 'ES256');
+    const broken = [
+      { kid: 'bad-point', kty: 'EC', crv: 'P-256', alg: 'ES256', x: 'AAAA', y: 'AAAA' },
+      { kid: 'wrong-curve', kty: 'OKP', crv: 'Ed25519', alg: 'ES256', x: key.publicJwk.x },
+      { kty: 'EC', crv: 'P-256', alg: 'ES256', x: key.publicJwk.x, y: key.publicJwk.y },
+      { ...jwkOf(key), x: 'not base64url!', kid: key.kid },
+      'not even an object',
+      // Not for us: ignored without a word.
+      { kid: 'rsa', kty: 'RSA', alg: 'RS256', n: 'AQAB', e: 'AQAB' },
+    ];
+    const source = await jwksServer([key], broken);
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { key, jwksUrl: source.url });
+    const file = await t.putFile('broken neighbours');
+    // The first broken entry with the real kid is skipped; the real key that follows is a duplicate
+    // of a kid that was never imported, so it is taken.
+    expect((await head(t.app, await t.mint(file))).statusCode).toBe(200);
+    expect(t.app.keys.status()).toMatchObject({ keys: 1, skipped: 4, usable: true });
+    expect((await t.app.inject({ method: 'GET', url: '/metrics' })).body).toMatch(/^jwks_keys_skipped 4$/m);
+
+    const next = await createKey(undefined, 'ES256');
+    source.publish(key, next);
+    await t.app.keys.refresh();
+    expect((await head(t.app, await t.mint(file, { key: next.privateKey, kid: next.kid }))).statusCode).toBe(
+      200,
+    );
+  });
+
+  it('stops reading a JWKS body at 1 MiB, whatever the server sends', async () => {
+    let sent = 0;
+    let closed = false;
+    const chunk = Buffer.alloc(64 * 1024, ' ');
+    const server = createServer((_request, response) => {
+      response.setHeader('content-type', 'application/json');
+      response.write('{"keys":[');
+      const pump = () => {
+        while (!closed && response.write(chunk)) sent += chunk.length;
+        if (!closed) response.once('drain', pump);
+      };
+      response.on('close', () => {
+        closed = true;
+      });
+      pump();
+    });
+    await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+    servers.push(server);
+    const url = `http://127.0.0.1:${(server.address() as AddressInfo).port}/jwks.json`;
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { jwksUrl: url });
+    expect(t.app.keys.status()).toMatchObject({
+      usable: false,
+      lastError: expect.stringMatching(/larger than 1048576 bytes/),
+    });
+    expect(await until(async () => closed, 2000)).toBe(true);
+    // What the server got into its socket before B hung up: the limit plus buffers, not gigabytes.
+    expect(sent).toBeLessThan(16 * 1024 * 1024);
   });
 });

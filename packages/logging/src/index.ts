@@ -1,5 +1,6 @@
 import type { FastifyLoggerOptions, FastifyReply, FastifyRequest, FastifyServerOptions } from 'fastify';
 import { LogController } from 'fastify';
+import type { DestinationStream } from 'pino';
 import pretty from 'pino-pretty';
 
 /** One line per request, when it completes, with the request id, the path and the outcome. */
@@ -22,11 +23,13 @@ export interface LogSettings {
  * A server's logging, for `Fastify({ ...logging(name, config, serializers) })`: one line per request
  * (when it completes), at `LOG_LEVEL`, as JSON lines or, with `LOG_FORMAT=pretty`, pino-pretty's
  * readable lines. `serializers.req` decides what of a request is written (B redacts tokens).
+ * JSON lines go to `stream` when one is given (B's buffered stdout), else to stdout.
  */
 export function logging(
   name: string,
   settings: LogSettings,
   serializers: FastifyLoggerOptions['serializers'],
+  stream?: DestinationStream,
 ): Pick<FastifyServerOptions, 'logger' | 'logController'> {
   return {
     logger: {
@@ -35,6 +38,7 @@ export function logging(
       serializers,
       // One line per entry, the request's method, path and status first. Synchronous, like
       // pino's default destination: nothing is lost when the process exits.
+      ...(stream && { stream }),
       ...(settings.LOG_FORMAT === 'pretty' && {
         stream: pretty({
           sync: true,

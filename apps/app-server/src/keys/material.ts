@@ -1,6 +1,13 @@
-import { createCipheriv, createDecipheriv, createPrivateKey, type KeyObject, randomBytes } from 'node:crypto';
-import { TOKEN_ALGORITHM } from '@sfh/download-token';
-import { calculateJwkThumbprint, exportJWK, generateKeyPair, type JWK } from 'jose';
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
+import { isTokenAlgorithm, TOKEN_ALGORITHM } from '@sfh/download-token';
+import {
+  type CryptoKey,
+  calculateJwkThumbprint,
+  exportJWK,
+  generateKeyPair,
+  importJWK,
+  type JWK,
+} from 'jose';
 
 /** A new signing key: its public JWK to publish and its private half, sealed for the database. */
 export interface NewSigningKey {
@@ -13,7 +20,7 @@ export interface NewSigningKey {
 const SEALED_PREFIX = 'aes256gcm.';
 
 /**
- * Generates an Ed25519 key. Its kid is the RFC 7638 thumbprint, a name derived from the key
+ * Generates a key for `TOKEN_ALGORITHM`, which the row records. Its kid is the RFC 7638 thumbprint, a name derived from the key
  * material itself. With a key-encryption key the private half is sealed with AES-256-GCM, so a
  * database dump alone cannot mint tokens.
  */
@@ -30,18 +37,28 @@ export async function createSigningKey(kek: Buffer | undefined): Promise<NewSign
   };
 }
 
-/** Imports a stored private key (sealed or, in development without a KEK, plain). */
-export function openSigningKey(stored: string, alg: string, kid: string, kek: Buffer | undefined): KeyObject {
+/**
+ * Imports a stored private key (sealed or, in development without a KEK, plain) with jose, for
+ * the algorithm its row records: keys made before the algorithm changed keep signing as they were
+ * made until they retire.
+ */
+export async function openSigningKey(
+  stored: string,
+  alg: string,
+  kid: string,
+  kek: Buffer | undefined,
+): Promise<CryptoKey> {
   let json = stored;
   if (stored.startsWith(SEALED_PREFIX)) {
     if (!kek) throw new Error(`Signing key ${kid} is encrypted; set KEY_ENCRYPTION_KEY`);
     json = unseal(stored, kek, kid);
   }
-  const key = createPrivateKey({ key: JSON.parse(json), format: 'jwk' });
-  if (alg !== TOKEN_ALGORITHM || key.asymmetricKeyType !== 'ed25519') {
-    throw new Error(`Signing key ${kid} is not an Ed25519 (${TOKEN_ALGORITHM}) key`);
+  if (!isTokenAlgorithm(alg)) throw new Error(`Signing key ${kid} is for ${alg}, which A does not sign with`);
+  try {
+    return (await importJWK(JSON.parse(json), alg)) as CryptoKey;
+  } catch (error) {
+    throw new Error(`Signing key ${kid} is not a private ${alg} key`, { cause: error });
   }
-  return key;
 }
 
 // The kid is authenticated data: a sealed key copied onto another row does not open.

@@ -1,7 +1,6 @@
-import type { KeyObject } from 'node:crypto';
 import { type FileClaims, type SignedToken, signDownloadToken } from '@sfh/download-token';
 import fp from 'fastify-plugin';
-import type { JWK } from 'jose';
+import type { CryptoKey, JWK } from 'jose';
 import { KeyLifecycle, type KeyPolicy } from '../keys/lifecycle.ts';
 import { createSigningKey, openSigningKey } from '../keys/material.ts';
 import type { SigningKeyRecord } from '../repositories/signing-keys.ts';
@@ -45,16 +44,16 @@ export default fp(
   async (app, options: KeysOptions) => {
     const repo = app.repos.signingKeys;
     const lifecycle = new KeyLifecycle(options.policy, () => createSigningKey(options.kek));
-    let signer: { kid: string; key: KeyObject } | undefined;
+    let signer: { kid: string; key: CryptoKey } | undefined;
 
     async function loadCurrent() {
       const current = await repo.current();
       if (current && current.kid !== signer?.kid) {
         signer = {
           kid: current.kid,
-          key: openSigningKey(current.privateKey, current.alg, current.kid, options.kek),
+          key: await openSigningKey(current.privateKey, current.alg, current.kid, options.kek),
         };
-        app.log.info({ kid: current.kid }, 'signing with key');
+        app.log.info({ kid: current.kid, alg: current.alg }, 'signing with key');
         app.stats.signingKeySwitched();
       }
     }
@@ -81,7 +80,7 @@ export default fp(
 
     app.decorate('tokens', {
       async mint(file, subject) {
-        const { kid, key } = signer as { kid: string; key: KeyObject };
+        const { kid, key } = signer as NonNullable<typeof signer>;
         return signDownloadToken(file, {
           key,
           kid,

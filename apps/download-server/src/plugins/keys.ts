@@ -1,14 +1,21 @@
-import { createPublicKey, type JsonWebKey, type KeyObject } from 'node:crypto';
 import { watch } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
-import { type KeyResolver, TOKEN_ALGORITHM } from '@sfh/download-token';
+import {
+  isTokenAlgorithm,
+  type KeyResolver,
+  TOKEN_ALGORITHMS,
+  type TokenAlgorithm,
+} from '@sfh/download-token';
 import fp from 'fastify-plugin';
+import { type CryptoKey, importJWK, type JWK } from 'jose';
 import { KeysUnavailable } from '../errors.ts';
 
 export interface KeyStatus {
   /** Keys in the current set. */
   keys: number;
+  /** Entries of the last read set that claimed to be signing keys for us but could not be used. */
+  skipped: number;
   /** When the set was last read successfully, if ever. */
   fetchedAt: Date | undefined;
   /** The set is usable: it was read, and not longer ago than the stale limit. */
@@ -23,6 +30,11 @@ declare module 'fastify' {
     keys: {
       /** For `verifyDownloadToken`: the key for a kid; throws KEYS_UNAVAILABLE when the set is unusable. */
       resolve: KeyResolver;
+      /**
+       * For `verifyDownloadToken`: the allowlist, exactly the algorithms of the keys in the set
+       * (all of `TOKEN_ALGORITHMS` while there is none, so the resolver can say why).
+       */
+      algorithms(): readonly TokenAlgorithm[];
       status(): KeyStatus;
       /** Re-reads the key set now (SIGHUP). Concurrent calls share one read. */
       refresh(): Promise<void>;
@@ -59,7 +71,9 @@ const ON_DEMAND_READ_INTERVAL_MS = 1_000;
  */
 export default fp(
   async (app, options: KeysOptions) => {
-    let keys = new Map<string, KeyObject>();
+    let keys = new Map<string, CryptoKey>();
+    let algorithms: readonly TokenAlgorithm[] = TOKEN_ALGORITHMS;
+    let skipped = 0;
     let fetchedAt: Date | undefined;
     let lastError: string | undefined;
     let timer: NodeJS.Timeout | undefined;
@@ -84,9 +98,12 @@ export default fp(
 
     async function read(): Promise<void> {
       try {
-        const next = importKeySet(await readKeySet(options.source));
-        logChange(keys, next, fetchedAt === undefined);
-        keys = next;
+        const set = await importKeySet(await readKeySet(options.source));
+        for (const entry of set.skipped) app.log.warn(entry, 'skipped an unusable key in the key set');
+        logChange(keys, set.keys, fetchedAt === undefined);
+        keys = set.keys;
+        skipped = set.skipped.length;
+        algorithms = keys.size ? [...set.algorithms] : TOKEN_ALGORITHMS;
         fetchedAt = new Date();
         becameReady();
         if (lastError) app.log.info({ keys: keys.size }, 'key set read again');
@@ -102,7 +119,7 @@ export default fp(
     }
 
     // Operators see B's first keys and every kid that comes or goes, e.g. to follow a rotation.
-    function logChange(before: Map<string, KeyObject>, after: Map<string, KeyObject>, first: boolean) {
+    function logChange(before: Map<string, CryptoKey>, after: Map<string, CryptoKey>, first: boolean) {
       const added = [...after.keys()].filter((kid) => !before.has(kid));
       const removed = [...before.keys()].filter((kid) => !after.has(kid));
       if (first) app.log.info({ kids: added }, 'key set read: B can verify tokens');
@@ -138,8 +155,10 @@ export default fp(
         }
         return keys.get(kid);
       },
+      algorithms: () => algorithms,
       status: () => ({
         keys: keys.size,
+        skipped,
         fetchedAt,
         usable: usable(),
         stale: lastError !== undefined,
@@ -183,30 +202,89 @@ async function readKeySet(source: KeysOptions['source']): Promise<unknown> {
     redirect: 'error',
   });
   if (!response.ok) throw new Error(`GET ${source.url} answered ${response.status}`);
-  const text = await response.text();
-  if (text.length > MAX_JWKS_BYTES) throw new Error('key set is too large');
-  return JSON.parse(text);
+  return JSON.parse(await readLimited(response, MAX_JWKS_BYTES));
 }
 
 /**
- * Imports the verification keys of a JWKS. Only the public members of Ed25519 keys for our one
- * algorithm are taken: a private member, another algorithm or a key type B does not use is
- * ignored, never trusted.
+ * The body as text, read as it streams and abandoned at `limit` bytes: a hostile or broken
+ * endpoint cannot make B hold more than that, whatever its Content-Length says or omits.
  */
-function importKeySet(set: unknown): Map<string, KeyObject> {
+async function readLimited(response: Response, limit: number): Promise<string> {
+  const tooLarge = () => new Error(`key set is larger than ${limit} bytes`);
+  if (Number(response.headers.get('content-length')) > limit) {
+    await response.body?.cancel();
+    throw tooLarge();
+  }
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for await (const chunk of response.body ?? []) {
+    size += chunk.byteLength;
+    if (size > limit) {
+      // Leaving the loop early cancels the stream, which closes the connection.
+      throw tooLarge();
+    }
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+// The curve of each algorithm's keys, and the public members B takes from a JWK: nothing else
+// (`d`, `jku`, `x5u`, `x5c`, ...) is ever read.
+const CURVES: Record<TokenAlgorithm, { kty: string; crv: string; members: string[] }> = {
+  ES256: { kty: 'EC', crv: 'P-256', members: ['x', 'y'] },
+  EdDSA: { kty: 'OKP', crv: 'Ed25519', members: ['x'] },
+};
+
+interface ImportedKeySet {
+  keys: Map<string, CryptoKey>;
+  algorithms: Set<TokenAlgorithm>;
+  /** Entries that looked like our signing keys but could not be used: logged and counted. */
+  skipped: { kid: unknown; reason: string }[];
+}
+
+/**
+ * Imports the verification keys of a JWKS with jose, each bound to its own algorithm (the JWK's
+ * `alg`, or the one its curve implies). Keys that are not for us (other types or algorithms,
+ * encryption keys) are ignored; a broken entry is skipped, so one bad key cannot keep new keys
+ * and revocations from reaching B. Only a set that is not a JWKS at all fails the read.
+ */
+async function importKeySet(set: unknown): Promise<ImportedKeySet> {
   const list = (set as { keys?: unknown })?.keys;
   if (!Array.isArray(list)) throw new Error('key set has no "keys" array');
-  const keys = new Map<string, KeyObject>();
-  for (const jwk of list as (JsonWebKey & { kid?: unknown })[]) {
-    if (
-      typeof jwk?.kid !== 'string' ||
-      jwk.kty !== 'OKP' ||
-      jwk.crv !== 'Ed25519' ||
-      typeof jwk.x !== 'string'
-    )
+  const imported: ImportedKeySet = { keys: new Map(), algorithms: new Set(), skipped: [] };
+  for (const entry of list) {
+    const jwk = (typeof entry === 'object' && entry !== null ? entry : {}) as JWK;
+    const alg = jwk.alg ?? algorithmOfCurve(jwk);
+    if (!isTokenAlgorithm(alg) || (jwk.use ?? 'sig') !== 'sig') continue;
+    const skip = (reason: string) => imported.skipped.push({ kid: jwk.kid, reason });
+    const { kty, crv, members } = CURVES[alg];
+    if (typeof jwk.kid !== 'string' || jwk.kid.length === 0) {
+      skip('no kid');
       continue;
-    if ((jwk.alg ?? TOKEN_ALGORITHM) !== TOKEN_ALGORITHM || (jwk.use ?? 'sig') !== 'sig') continue;
-    keys.set(jwk.kid, createPublicKey({ key: { kty: 'OKP', crv: 'Ed25519', x: jwk.x }, format: 'jwk' }));
+    }
+    if (imported.keys.has(jwk.kid)) {
+      skip('duplicate kid');
+      continue;
+    }
+    if (jwk.kty !== kty || jwk.crv !== crv) {
+      skip(`${alg} needs a ${kty} key on ${crv}`);
+      continue;
+    }
+    const publicJwk: Record<string, unknown> = { kty, crv };
+    for (const member of members) publicJwk[member] = (jwk as Record<string, unknown>)[member];
+    try {
+      imported.keys.set(jwk.kid, (await importJWK(publicJwk, alg)) as CryptoKey);
+      imported.algorithms.add(alg);
+    } catch (error) {
+      skip(error instanceof Error ? error.message : String(error));
+    }
   }
-  return keys;
+  return imported;
+}
+
+function algorithmOfCurve(jwk: JWK): TokenAlgorithm | undefined {
+  for (const alg of TOKEN_ALGORITHMS) {
+    if (CURVES[alg].kty === jwk.kty && CURVES[alg].crv === jwk.crv) return alg;
+  }
+  return undefined;
 }

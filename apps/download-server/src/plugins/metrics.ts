@@ -61,6 +61,14 @@ export default fp(
       },
     });
     new Gauge({
+      name: 'jwks_keys_skipped',
+      help: 'Entries of the key set that claim to be signing keys but cannot be used (logged when read)',
+      registers: [registry],
+      collect() {
+        this.set(app.keys.status().skipped);
+      },
+    });
+    new Gauge({
       name: 'jwks_stale',
       help: '1 while the last read of the key set failed and B serves on its last good set',
       registers: [registry],
