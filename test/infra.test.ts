@@ -674,7 +674,7 @@ describe.skipIf(nginx.skip)(
         );
 
         // A user of A under /files, with a cookie and the CSRF token, as the README's walkthrough.
-        const cookies = new CookieJar();
+        let cookies = new CookieJar();
         const a = async (path: string, init: RequestInit & { csrf?: string } = {}) => {
           const headers = new Headers(init.headers);
           if (cookies.header()) headers.set('cookie', cookies.header());
@@ -720,6 +720,23 @@ describe.skipIf(nginx.skip)(
         const location = renewed.headers.get('location') ?? '';
         expect(location.startsWith(`${urls.DOWNLOAD_PUBLIC_URL}/d/`)).toBe(true);
         expect(await (await fetch(location)).text()).toBe('behind a prefix\n');
+
+        // A's pages link, post and redirect under its prefix, so a browser stays behind the proxy.
+        const page = await a('/');
+        expect(page.status).toBe(200);
+        const html = await page.text();
+        const targets = [...html.matchAll(/(?:href|action|src)="([^"#]*)"/g)].map((m) => m[1] as string);
+        expect(targets).toContain('/files/sessions');
+        expect(targets).toContain(`/files/files/${file.id}/download`);
+        expect(targets.filter((target) => target.startsWith('/') && !target.startsWith('/files/'))).toEqual(
+          [],
+        );
+        expect(html).toContain('data-api="/files/api/files"');
+        expect((await a('/assets/app.css')).status).toBe(200);
+        cookies = new CookieJar();
+        const signedOut = await a('/sessions', { headers: { accept: 'text/html' } });
+        expect(signedOut.status).toBe(303);
+        expect(signedOut.headers.get('location')).toBe('/files/login?next=%2Fsessions');
 
         const accessLog = await readFile(join(dir, 'sfh-prefix-access.log'), 'utf8');
         expect(accessLog).toContain('/dl/d/[token]');

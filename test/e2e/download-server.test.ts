@@ -316,7 +316,9 @@ describe('B as a real process: start-up, and its key set in the log', () => {
       const token = await pretty.mint(file);
       expect((await fetch(pretty.url(token))).status).toBe(200);
       expect((await fetch(`${pretty.origin}/healthz`)).status).toBe(200);
-      await sleep(200);
+      // B writes its log in batches (at the latest 100 ms later).
+      const deadline = Date.now() + 5_000;
+      while (!pretty.server.output().includes('GET /healthz 200') && Date.now() < deadline) await sleep(50);
       const lines = pretty.server.output().trim().split('\n');
       expect(lines.filter((line) => line.startsWith('{'))).toEqual([]);
       expect(lines.filter((line) => / \/(d|healthz)\b/.test(line))).toEqual([

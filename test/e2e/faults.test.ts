@@ -348,6 +348,11 @@ describe.skipIf(noCluster.skip)(`Postgres stops while A serves${noCluster.reason
     expect(page.status).toBe(503);
     expect(page.headers.get('content-type')).toBe('text/html; charset=utf-8');
     expect(await page.text()).toContain('The database is unavailable; try again shortly.');
+    // Operators still get A's metrics, and they count the outage.
+    const metrics = await fetch(`${appOrigin}/metrics`);
+    expect(metrics.status).toBe(200);
+    const unavailable = /^database_errors_total\{kind="unavailable"\} (\d+)$/m.exec(await metrics.text());
+    expect(Number(unavailable?.[1])).toBeGreaterThanOrEqual(3);
 
     // A new upload during the outage: refused, nothing stored.
     const during = await timed(() => upload(user, randomBytes(200 * KIB), 'during.bin'));

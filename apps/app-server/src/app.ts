@@ -29,6 +29,16 @@ export interface BuildOptions {
   sessionSecret: string;
 }
 
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * The path prefix of `APP_PUBLIC_URL` ('' without one): A behind a proxy that strips it
+     * puts it in front of every link and redirect of its pages.
+     */
+    publicPath: string;
+  }
+}
+
 /** Server A. Takes its whole configuration as arguments and never reads `process.env`. */
 export async function buildApp(config: AppConfig, options: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
@@ -62,6 +72,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     request.raw.once('end', () => clearTimeout(timer)).once('close', () => clearTimeout(timer));
   });
 
+  app.decorate('publicPath', new URL(config.APP_PUBLIC_URL).pathname.replace(/\/$/, ''));
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);

@@ -69,7 +69,7 @@ export default fp(
                 title: 'Something went wrong',
                 message: mapped.message,
                 // A's own path only: `GET //evil.example/...` must not become a link to that host.
-                link: { href: safeNext(request.url), text: 'Try again' },
+                link: { href: `${app.publicPath}${safeNext(request.url)}`, text: 'Try again' },
               }),
             );
         }

@@ -62,6 +62,11 @@ export default fp(
       registers,
     });
     app.db.on('error', () => dbErrors.inc({ kind: 'idle_connection' }));
+    // The series read from the database keep their last value while it is down: /metrics must
+    // answer then most of all (database_errors_total and the pool say what is going on).
+    const fromDatabase = async (read: () => Promise<void>) => {
+      await read().catch((error: unknown) => app.log.debug({ err: error }, 'metrics: database unavailable'));
+    };
     const keySwitches = new Counter({
       name: 'signing_key_switches_total',
       help: 'Times this replica started signing with another key (start, rotation, revocation)',
@@ -83,7 +88,9 @@ export default fp(
       help: 'Signed-in sessions alive: not ended, not past their idle or absolute timeout',
       registers,
       async collect() {
-        this.set(await app.repos.sessions.countSignedIn(options.sessionIdleSeconds));
+        await fromDatabase(async () =>
+          this.set(await app.repos.sessions.countSignedIn(options.sessionIdleSeconds)),
+        );
       },
     });
     new Gauge({
@@ -92,9 +99,11 @@ export default fp(
       labelNames: ['state'],
       registers,
       async collect() {
-        this.reset();
-        for (const state of ['next', 'current', 'previous', 'revoked']) this.set({ state }, 0);
-        for (const key of await app.repos.signingKeys.list()) this.inc({ state: key.state });
+        await fromDatabase(async () => {
+          const keys = await app.repos.signingKeys.list();
+          for (const state of ['next', 'current', 'previous', 'revoked'])
+            this.set({ state }, keys.filter((key) => key.state === state).length);
+        });
       },
     });
 

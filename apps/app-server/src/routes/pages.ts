@@ -72,7 +72,7 @@ export function redirectToSignIn(request: FastifyRequest, reply: FastifyReply, n
     request.session.flash = { kind: 'error', text: SESSION_ENDED };
   return reply
     .header('cache-control', 'no-store')
-    .redirect(`/login?next=${encodeURIComponent(safeNext(next))}`, 303);
+    .redirect(`${request.server.publicPath}/login?next=${encodeURIComponent(safeNext(next))}`, 303);
 }
 
 /**
@@ -88,7 +88,7 @@ export function backToFileList(request: FastifyRequest, reply: FastifyReply, err
         ? `You started too many downloads in the last minute. Try again in ${humanWait(retryAfter ?? 60)}.`
         : 'That file does not exist (any more).',
   };
-  return reply.header('cache-control', 'no-store').redirect('/', 303);
+  return reply.header('cache-control', 'no-store').redirect(`${request.server.publicPath}/`, 303);
 }
 
 /** "1.4 MB" (a no-break space before the unit): decimal units, as file managers show them. */
@@ -207,12 +207,15 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       csrf: reply.generateCsrf(),
       username: request.username,
       path: request.url.split('?')[0],
+      // Every link and form action of a page starts with it (A behind a path prefix).
+      base: app.publicPath,
     });
     return reply.header('cache-control', 'no-store').type('text/html; charset=utf-8').send(html);
   }
 
+  // `to` is a path as A routes it; the browser needs it under A's public path.
   const back = (reply: FastifyReply, to: string) =>
-    reply.header('cache-control', 'no-store').redirect(to, 303);
+    reply.header('cache-control', 'no-store').redirect(`${app.publicPath}${to}`, 303);
 
   /** The message a person sees for each error the API can answer a form with. */
   function messageFor(error: FastifyError & { retryAfter?: number }, config: FormConfig): string {
@@ -368,7 +371,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         const descending = active ? !sort.descending : FIRST_DIRECTION[key] === '-';
         return {
           key,
-          href: `/?sort=${descending ? '-' : ''}${key}`,
+          href: `${app.publicPath}/?sort=${descending ? '-' : ''}${key}`,
           ariaSort: active ? (sort.descending ? 'descending' : 'ascending') : undefined,
         };
       });
