@@ -18,6 +18,7 @@ import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/database.ts';
+import { CookieJar } from '../support/http-client.ts';
 import {
   APP_SERVER,
   DOWNLOAD_SERVER,
@@ -49,7 +50,7 @@ function tokenHeader(token: string): { kid: string; alg: string; typ: string } {
  * Sends the CSRF token of the session on state-changing requests, as SessionClient does.
  */
 class Browser {
-  cookie = '';
+  readonly jar = new CookieJar();
 
   async fetch(origin: string, path: string, init: RequestInit = {}): Promise<Response> {
     const headers = new Headers(init.headers);
@@ -58,10 +59,10 @@ class Browser {
       const { body } = await this.json<{ token: string }>(origin, '/api/csrf');
       headers.set('x-csrf-token', body.token);
     }
-    if (this.cookie) headers.set('cookie', this.cookie);
+    const cookie = this.jar.header();
+    if (cookie) headers.set('cookie', cookie);
     const response = await fetch(new URL(path, origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
+    this.jar.update(response);
     return response;
   }
 
@@ -330,7 +331,7 @@ describe.skipIf(!process.env.TEST_DATABASE_URL)(
       expect(download.status).toBe(200);
       expect(sha256(download.bytes)).toBe(sha256(bytes));
 
-      const cookie = browser.cookie;
+      const cookie = browser.jar.header() ?? '';
       expect((await browser.fetch(a2, '/api/auth/logout', { method: 'POST' })).status).toBe(204);
       for (const replica of [a1, a2]) {
         const after = await fetch(`${replica}/api/me`, { headers: { cookie } });
