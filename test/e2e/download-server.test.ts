@@ -4,15 +4,16 @@
  * as A mints them. What only a real process shows: its log output, its metrics, its open file
  * descriptors, its socket timeouts, and files larger than 4 GiB.
  */
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { open, truncate } from 'node:fs/promises';
+import { open, readdir, truncate } from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
 import { generateKeyPair } from 'jose';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
 import { openFds } from '../support/process-stats.ts';
 
@@ -20,6 +21,7 @@ const KIB = 1024;
 const MIB = 1024 * KIB;
 const GIB = 1024 * MIB;
 
+const HAS_STRACE = spawnSync('strace', ['-V']).status === 0;
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -80,6 +82,38 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
   afterAll(async () => {
     await b?.stop();
   });
+
+  it.skipIf(!HAS_STRACE && !process.env.CI)(
+    'syncs the replay journal to disk (fdatasync) for a claim before the bytes go out',
+    async () => {
+      const file = await b.put(randomBytes(KIB));
+      const token = await b.mint(file);
+      // Every thread of B (the sync runs on libuv's pool), traced for fdatasync and fsync.
+      const pid = b.server.child.pid as number;
+      const tids = await readdir(`/proc/${pid}/task`);
+      const strace = spawn(
+        'strace',
+        ['-f', '-e', 'trace=fdatasync,fsync', ...tids.flatMap((tid) => ['-p', tid])],
+        {
+          stdio: ['ignore', 'ignore', 'pipe'],
+        },
+      );
+      let traced = '';
+      strace.stderr.on('data', (chunk) => {
+        traced += chunk;
+      });
+      try {
+        await vi.waitFor(() => expect(traced).toMatch(/attached/), { timeout: 5_000 });
+        const response = await fetch(b.url(token));
+        expect(response.status).toBe(200);
+        await response.arrayBuffer();
+        await vi.waitFor(() => expect(traced).toMatch(/fdatasync\(\d+\)\s+= 0/), { timeout: 5_000 });
+      } finally {
+        strace.kill('SIGINT');
+        await once(strace, 'exit');
+      }
+    },
+  );
 
   it('never logs a token that arrives in another shape: encoded, after a double slash, anywhere in the path', async () => {
     const file = await b.put(randomBytes(KIB));
