@@ -7,9 +7,10 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { open, readdir, truncate } from 'node:fs/promises';
+import { lstat, mkdir, mkdtemp, open, readdir, rm, symlink, truncate } from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
 import { generateKeyPair } from 'jose';
@@ -434,5 +435,23 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
     });
     expect(outcome.complete).toBe(false);
     expect(outcome.total).toBeLessThan(bytes.length);
+  });
+});
+
+describe('B as a real process: a replay journal it cannot read', () => {
+  it('stops B at start, naming the file, and leaves the journal alone', async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), 'sfh-e2e-journal-'));
+    try {
+      await mkdir(join(dataDir, 'replay'), { recursive: true });
+      // Unreadable (ELOOP; root reads through any file mode). Read as empty, it used to be
+      // rewritten, and every used token in it would have worked again.
+      await symlink('claims.log', join(dataDir, 'replay', 'claims.log'));
+      await expect(startB({ DATA_DIR: dataDir })).rejects.toThrow(
+        /exited with 1[\s\S]*Cannot read the replay journal/,
+      );
+      expect((await lstat(join(dataDir, 'replay', 'claims.log'))).isSymbolicLink()).toBe(true);
+    } finally {
+      await rm(dataDir, { recursive: true, force: true });
+    }
   });
 });
