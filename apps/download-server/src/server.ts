@@ -4,8 +4,9 @@ import { loadConfig } from './config.ts';
 
 runMain(async () => {
   const config = loadConfig(process.env);
-  // The replay journal lives here: other local users must not read or rewrite it.
-  await makePrivate(config.DATA_DIR);
+  // The replay journal lives here: other local users must not read or rewrite it. The storage
+  // is A's (B only reads it, often from a read-only mount): A sees to its modes.
+  await makePrivate(config.DATA_DIR, { skip: [config.storageDir] });
   const app = await buildApp(config);
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS);
   // An operator's "reload the keys now", e.g. right after an emergency revocation.
