@@ -27,8 +27,8 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { parse } from 'yaml';
 import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
-import { CookieJar } from './support/cookie-jar.ts';
 import { createTestDatabase, type TestDatabase } from './support/database.ts';
+import { CookieJar } from './support/http-client.ts';
 import { APP_SERVER, DOWNLOAD_SERVER, freePort, startServer } from './support/processes.ts';
 import { skipUnless } from './support/skip.ts';
 import { CHEAP_PASSWORDS } from './support/stack.ts';
@@ -677,14 +677,15 @@ describe.skipIf(nginx.skip)(
         let cookies = new CookieJar();
         const a = async (path: string, init: RequestInit & { csrf?: string } = {}) => {
           const headers = new Headers(init.headers);
-          if (cookies.header()) headers.set('cookie', cookies.header());
+          const cookie = cookies.header();
+          if (cookie) headers.set('cookie', cookie);
           if (init.csrf) headers.set('x-csrf-token', init.csrf);
           const response = await fetch(`${urls.APP_PUBLIC_URL}${path}`, {
             ...init,
             headers,
             redirect: 'manual',
           });
-          cookies.take(response);
+          cookies.update(response);
           return response;
         };
         const csrf = async () => ((await (await a('/api/csrf')).json()) as { token: string }).token;

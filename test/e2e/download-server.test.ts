@@ -4,15 +4,28 @@
  * as A mints them. What only a real process shows: its log output, its metrics, its open file
  * descriptors, its socket timeouts, and files larger than 4 GiB.
  */
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { open, rename, truncate, writeFile } from 'node:fs/promises';
+import {
+  lstat,
+  mkdir,
+  mkdtemp,
+  open,
+  readdir,
+  rename,
+  rm,
+  symlink,
+  truncate,
+  writeFile,
+} from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
 import { exportJWK, generateKeyPair } from 'jose';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
 import { openFds } from '../support/process-stats.ts';
 import { DOWNLOAD_SERVER, freePort, startServer } from '../support/processes.ts';
@@ -21,6 +34,7 @@ const KIB = 1024;
 const MIB = 1024 * KIB;
 const GIB = 1024 * MIB;
 
+const HAS_STRACE = spawnSync('strace', ['-V']).status === 0;
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -90,6 +104,38 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
   afterAll(async () => {
     await b?.stop();
   });
+
+  it.skipIf(!HAS_STRACE && !process.env.CI)(
+    'syncs the replay journal to disk (fdatasync) for a claim before the bytes go out',
+    async () => {
+      const file = await b.put(randomBytes(KIB));
+      const token = await b.mint(file);
+      // Every thread of B (the sync runs on libuv's pool), traced for fdatasync and fsync.
+      const pid = b.server.child.pid as number;
+      const tids = await readdir(`/proc/${pid}/task`);
+      const strace = spawn(
+        'strace',
+        ['-f', '-e', 'trace=fdatasync,fsync', ...tids.flatMap((tid) => ['-p', tid])],
+        {
+          stdio: ['ignore', 'ignore', 'pipe'],
+        },
+      );
+      let traced = '';
+      strace.stderr.on('data', (chunk) => {
+        traced += chunk;
+      });
+      try {
+        await vi.waitFor(() => expect(traced).toMatch(/attached/), { timeout: 5_000 });
+        const response = await fetch(b.url(token));
+        expect(response.status).toBe(200);
+        await response.arrayBuffer();
+        await vi.waitFor(() => expect(traced).toMatch(/fdatasync\(\d+\)\s+= 0/), { timeout: 5_000 });
+      } finally {
+        strace.kill('SIGINT');
+        await once(strace, 'exit');
+      }
+    },
+  );
 
   it('never logs a token that arrives in another shape: encoded, after a double slash, anywhere in the path', async () => {
     const file = await b.put(randomBytes(KIB));
@@ -482,5 +528,23 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
     });
     expect(outcome.complete).toBe(false);
     expect(outcome.total).toBeLessThan(bytes.length);
+  });
+});
+
+describe('B as a real process: a replay journal it cannot read', () => {
+  it('stops B at start, naming the file, and leaves the journal alone', async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), 'sfh-e2e-journal-'));
+    try {
+      await mkdir(join(dataDir, 'replay'), { recursive: true });
+      // Unreadable (ELOOP; root reads through any file mode). Read as empty, it used to be
+      // rewritten, and every used token in it would have worked again.
+      await symlink('claims.log', join(dataDir, 'replay', 'claims.log'));
+      await expect(startB({ DATA_DIR: dataDir })).rejects.toThrow(
+        /exited with 1[\s\S]*Cannot read the replay journal/,
+      );
+      expect((await lstat(join(dataDir, 'replay', 'claims.log'))).isSymbolicLink()).toBe(true);
+    } finally {
+      await rm(dataDir, { recursive: true, force: true });
+    }
   });
 });

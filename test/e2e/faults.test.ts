@@ -93,7 +93,7 @@ function openUpload(client: SignedInClient, content: Uint8Array, name = 'file.bi
     method: 'POST',
     agent: false,
     headers: {
-      cookie: client.cookies.header(),
+      cookie: client.jar.header() ?? '',
       'x-csrf-token': client.csrf,
       'content-type': contentType,
       'content-length': body.length,

@@ -17,8 +17,8 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CookieJar } from '../support/cookie-jar.ts';
 import { createTestDatabase, type TestDatabase } from '../support/database.ts';
+import { CookieJar } from '../support/http-client.ts';
 import {
   APP_SERVER,
   DOWNLOAD_SERVER,
@@ -51,7 +51,7 @@ function tokenHeader(token: string): { kid: string; alg: string; typ: string } {
  * Sends the CSRF token of the session on state-changing requests, as SessionClient does.
  */
 class Browser {
-  readonly cookies = new CookieJar();
+  readonly jar = new CookieJar();
 
   async fetch(origin: string, path: string, init: RequestInit = {}): Promise<Response> {
     const headers = new Headers(init.headers);
@@ -60,9 +60,10 @@ class Browser {
       const { body } = await this.json<{ token: string }>(origin, '/api/csrf');
       headers.set('x-csrf-token', body.token);
     }
-    if (this.cookies.header()) headers.set('cookie', this.cookies.header());
+    const cookie = this.jar.header();
+    if (cookie) headers.set('cookie', cookie);
     const response = await fetch(new URL(path, origin), { ...init, headers, redirect: 'manual' });
-    this.cookies.take(response);
+    this.jar.update(response);
     return response;
   }
 
@@ -336,7 +337,7 @@ describe.skipIf(postgres.skip)(
       expect(download.status).toBe(200);
       expect(sha256(download.bytes)).toBe(sha256(bytes));
 
-      const cookie = browser.cookies.header();
+      const cookie = browser.jar.header() ?? '';
       expect((await browser.fetch(a2, '/api/auth/logout', { method: 'POST' })).status).toBe(204);
       for (const replica of [a1, a2]) {
         const after = await fetch(`${replica}/api/me`, { headers: { cookie } });

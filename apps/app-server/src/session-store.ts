@@ -21,12 +21,25 @@ export interface SessionTimeouts {
 }
 
 /**
+ * An anonymous session (a CSRF secret for the sign-in form, a flash message) lives this long at
+ * most: every cookieless visit to a form creates one, and such rows must not pile up for days.
+ */
+export const ANONYMOUS_SESSION_SECONDS = 3600;
+
+/** How long a session row lives: the absolute timeout once signed in, an hour before. */
+export const sessionLifetimeSeconds = (timeouts: SessionTimeouts, signedIn: boolean) =>
+  signedIn
+    ? timeouts.absoluteSeconds
+    : Math.min(ANONYMOUS_SESSION_SECONDS, timeouts.idleSeconds, timeouts.absoluteSeconds);
+
+/**
  * @fastify/session store on Postgres.
  *
  * - `get` yields the session only while it is alive: not revoked, used within the idle timeout,
  *   younger than the absolute timeout. Otherwise nothing (the request is anonymous).
- * - `set` creates or updates it; the absolute timeout counts from creation (sign-in). A revoked
- *   session is never written back, whatever request was still in flight.
+ * - `set` creates or updates it; the absolute timeout counts from creation (sign-in), and an
+ *   anonymous session ends `ANONYMOUS_SESSION_SECONDS` after it began. A revoked session is
+ *   never written back, whatever request was still in flight.
  * - `destroy` revokes it at once, for every replica.
  *
  * Failures reach fastify as catalogue errors (`DATABASE_UNAVAILABLE`, or `INTERNAL` with the
@@ -63,7 +76,8 @@ export class PgSessionStore implements SessionStore {
     const data = JSON.parse(JSON.stringify(session), (_key, value) =>
       typeof value === 'string' ? storableText(value) : value,
     ) as Record<string, unknown>;
-    const expiresAt = new Date(Date.now() + this.#timeouts.absoluteSeconds * 1000);
+    const lifetime = sessionLifetimeSeconds(this.#timeouts, Boolean(session.userId));
+    const expiresAt = new Date(Date.now() + lifetime * 1000);
     this.#sessions.upsert(hashSessionId(sessionId), { userId: session.userId ?? null, data, expiresAt }).then(
       () => callback(),
       (error: unknown) => callback(Object.assign(fromDatabaseError(error), { sessionNotSaved: true })),

@@ -1,5 +1,6 @@
 import type { FastifyInstance, InjectOptions } from 'fastify';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
+import { createTestDatabase } from '../../../test/support/database.ts';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
 import {
   cookieAttributes,
@@ -427,7 +428,10 @@ describe('session cookie', () => {
   });
 
   it('is __Host-sid and Secure in production', async () => {
-    const { app } = await buildTestApp(db(), {
+    // A database of its own: with a KEK, A refuses the plain signing keys other tests left.
+    const own = await createTestDatabase();
+    onTestFinished(() => own.close());
+    const { app } = await buildTestApp(own, {
       NODE_ENV: 'production',
       SESSION_SECRET: 'production-session-secret-0123456789abcdef',
       KEY_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64url'),

@@ -115,6 +115,15 @@ describe('hostile strings in every string field get 4xx, never 5xx', () => {
             url,
           );
         }
+        // The CSRF token and the cookie are client strings too.
+        expectNo5xx(
+          await app.inject({
+            method: 'POST',
+            url: '/api/auth/logout',
+            headers: { 'x-csrf-token': userAgent, cookie: `sid=${userAgent.replace(/[;\s]/g, '')}` },
+          }),
+          'logout with hostile token and cookie',
+        );
         expectNo5xx(
           await client.request({
             method: 'POST',

@@ -711,6 +711,35 @@ describe('anonymous requests', () => {
   });
 });
 
+describe('anonymous forms', () => {
+  it('cost a session row (and cookie) of an hour at most, not of the absolute timeout', async () => {
+    const { app } = await buildTestApp(db());
+    const secondsLeft = async (idHash: string) => {
+      const { rows } = await app.db.query<{ seconds: number }>(
+        'SELECT extract(epoch FROM expires_at - now())::int AS seconds FROM sessions WHERE id_hash = $1',
+        [idHash],
+      );
+      return rows[0]?.seconds;
+    };
+    for (const url of ['/login', '/register', '/api/csrf']) {
+      const response = await app.inject({ method: 'GET', url });
+      const cookie = setCookie(response, 'sid') as string;
+      expect(cookie, url).toBeDefined();
+      const expires = Date.parse(/Expires=([^;]+)/i.exec(cookie)?.[1] ?? '');
+      expect(expires - Date.now(), url).toBeLessThanOrEqual(3600_000);
+      const id = sessionIdOf(cookie.slice('sid='.length, cookie.indexOf(';')));
+      const left = await secondsLeft(hashSessionId(id));
+      expect(left, url).toBeGreaterThan(3500);
+      expect(left, url).toBeLessThanOrEqual(3600);
+    }
+    // Signed in, a session lives for the absolute timeout (14 days by default).
+    const client = new TestClient(app);
+    await client.register(username(), PASSWORD);
+    const id = sessionIdOf(client.cookies.get('sid') as string);
+    expect(await secondsLeft(hashSessionId(id))).toBeGreaterThan(13 * 24 * 3600);
+  });
+});
+
 describe('TRUST_PROXY', () => {
   it('believes X-Forwarded-For only from the listed proxies: a client reaching A directly keeps its own IP', async () => {
     const { app } = await buildTestApp(db(), { TRUST_PROXY: '10.0.0.1' });

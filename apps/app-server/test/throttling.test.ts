@@ -479,3 +479,24 @@ describe('the owner is never locked out by an attacker', () => {
     expectThrottled(await forger.login(user.username, PASSWORD));
   });
 });
+
+describe('clean-up', () => {
+  it('drops failures and registrations past their window, keeps the recent ones', async () => {
+    const { app } = await freshApp();
+    await app.db.query('DELETE FROM registrations');
+    await attempt(app, username(), WRONG);
+    await attempt(app, username(), WRONG);
+    await new TestClient(app).register();
+    await new TestClient(app).register();
+    await app.db.query(
+      `UPDATE login_failures SET at = at - interval '16 minutes' WHERE id = (SELECT min(id) FROM login_failures)`,
+    );
+    await app.db.query(
+      `UPDATE registrations SET at = at - interval '61 minutes' WHERE id = (SELECT min(id) FROM registrations)`,
+    );
+    await app.repos.loginFailures.deleteOlderThan(15 * 60);
+    await app.repos.registrations.deleteOlderThan(3600);
+    expect(await count(app, 'login_failures')).toBe(1);
+    expect(await count(app, 'registrations')).toBe(1);
+  });
+});

@@ -12,8 +12,9 @@ const LOG_FLUSH_MS = 100;
 
 runMain(async () => {
   const config = loadConfig(process.env);
-  // The replay journal lives here: other local users must not read or rewrite it.
-  await makePrivate(config.DATA_DIR);
+  // The replay journal lives here: other local users must not read or rewrite it. The storage
+  // is A's (B only reads it, often from a read-only mount): A sees to its modes.
+  await makePrivate(config.DATA_DIR, { skip: [config.storageDir] });
   const logStream = pino.destination({
     dest: 1,
     sync: true,

@@ -1,5 +1,5 @@
 import { chmod, lstat, mkdir, readdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { ConfigError } from '@sfh/config';
 import type { FastifyInstance } from 'fastify';
 
@@ -90,12 +90,16 @@ export function announceReady(
  * 0600), and everything the process creates from now on too (umask 077). Defends the embedded
  * database (whose write-ahead log can hold a plain private signing key), the session secret,
  * the replay journal and stored files against other local users, also in a `DATA_DIR` left by
- * an earlier version with world-readable modes. Symbolic links are not followed.
+ * an earlier version with world-readable modes. Symbolic links are not followed; `skip` names
+ * folders left alone (another server's, such as the storage B only reads), and so is anything
+ * on a read-only mount.
  */
-export async function makePrivate(dir: string): Promise<void> {
+export async function makePrivate(dir: string, options: { skip?: string[] } = {}): Promise<void> {
   process.umask(0o077);
   await mkdir(dir, { recursive: true, mode: 0o700 });
+  const skip = new Set((options.skip ?? []).map((path) => resolve(path)));
   async function visit(path: string): Promise<void> {
+    if (skip.has(resolve(path))) return;
     try {
       const info = await lstat(path);
       if (info.isSymbolicLink()) return;
@@ -104,8 +108,10 @@ export async function makePrivate(dir: string): Promise<void> {
         for (const entry of await readdir(path)) await visit(join(path, entry));
       }
     } catch (error) {
-      // Gone meanwhile (a temporary file of the other server): nothing left to protect.
-      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+      // Gone meanwhile (a temporary file of the other server): nothing left to protect. On a
+      // read-only mount nobody writes through this process, and modes cannot change.
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code !== 'ENOENT' && code !== 'EROFS') throw error;
     }
   }
   await visit(dir);

@@ -6,7 +6,12 @@ import fastifySession from '@fastify/session';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { CsrfInvalid, Unauthenticated } from '../errors.ts';
-import { hashSessionId, PgSessionStore, type SessionTimeouts } from '../session-store.ts';
+import {
+  hashSessionId,
+  PgSessionStore,
+  type SessionTimeouts,
+  sessionLifetimeSeconds,
+} from '../session-store.ts';
 
 declare module 'fastify' {
   interface Session {
@@ -108,6 +113,13 @@ export default fp(
       if (cookie && request.session.userId && cookie !== request.session.encryptedSessionId) {
         request.session.resignedAt = Date.now();
       }
+    });
+
+    // An anonymous session's cookie lasts as long as its row (a signed-in session, regenerated
+    // at sign-in, gets the configured maxAge again).
+    app.addHook('onRequest', async (request) => {
+      if (!request.session.userId)
+        request.session.cookie.maxAge = sessionLifetimeSeconds(options.timeouts, false) * 1000;
     });
 
     // Every state-changing request, in every scope, must come from A's own pages (Origin) and

@@ -61,6 +61,10 @@ export function filesRepository(db: Pool) {
     ): Promise<{ id: string; bytes: number } | undefined> {
       return inTransaction(async (client) => {
         await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [userId]);
+        // Lapsed reservations (of a replica that crashed mid-upload) go here, user by user.
+        await client.query('DELETE FROM upload_reservations WHERE user_id = $1 AND expires_at <= now()', [
+          userId,
+        ]);
         const { rows } = await client.query<{ id: string; bytes: number }>(
           `INSERT INTO upload_reservations (user_id, bytes, expires_at)
            SELECT $1, granted, now() + make_interval(secs => $4)

@@ -56,5 +56,12 @@ export function loginFailuresRepository(db: Pool) {
         [username, device],
       );
     },
+
+    /** Drops failures older than the window: they count for nothing any more. */
+    async deleteOlderThan(windowSeconds: number): Promise<void> {
+      await db.query('DELETE FROM login_failures WHERE at < now() - make_interval(secs => $1)', [
+        windowSeconds,
+      ]);
+    },
   };
 }

@@ -24,5 +24,12 @@ export function registrationsRepository(db: Pool) {
     async remove(id: string): Promise<void> {
       await db.query('DELETE FROM registrations WHERE id = $1', [id]);
     },
+
+    /** Drops registrations older than the window. */
+    async deleteOlderThan(windowSeconds: number): Promise<void> {
+      await db.query('DELETE FROM registrations WHERE at < now() - make_interval(secs => $1)', [
+        windowSeconds,
+      ]);
+    },
   };
 }

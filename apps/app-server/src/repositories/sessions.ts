@@ -53,7 +53,10 @@ export function sessionsRepository(db: Pool) {
     ) {
       await db.query(
         `INSERT INTO sessions (id_hash, user_id, data, expires_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (id_hash) DO UPDATE SET user_id = EXCLUDED.user_id, data = EXCLUDED.data, last_seen_at = now()
+         ON CONFLICT (id_hash) DO UPDATE SET user_id = EXCLUDED.user_id, data = EXCLUDED.data, last_seen_at = now(),
+           -- Signing in (an anonymous row gets a user) starts the absolute timeout.
+           expires_at = CASE WHEN sessions.user_id IS DISTINCT FROM EXCLUDED.user_id
+                             THEN EXCLUDED.expires_at ELSE sessions.expires_at END
           WHERE sessions.revoked_at IS NULL`,
         [idHash, row.userId, row.data, row.expiresAt],
       );

@@ -29,6 +29,9 @@ export interface AuthOptions {
   registrationsPerIpPerHour: number;
 }
 
+const REGISTRATION_WINDOW_SECONDS = 3600;
+const CLEANUP_MS = 10 * 60_000;
+
 const rateLimited = (freeAt: number) => {
   const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
   return Object.assign(new RateLimited(seconds), { retryAfter: seconds });
@@ -109,7 +112,7 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
       if (await app.repos.users.findByUsername(username)) throw new UsernameTaken();
       const limit = options.registrationsPerIpPerHour;
       if (limit > 0) {
-        const recent = await app.repos.registrations.record(request.ip, 3600);
+        const recent = await app.repos.registrations.record(request.ip, REGISTRATION_WINDOW_SECONDS);
         if (recent.count > limit) {
           await app.repos.registrations.remove(recent.id);
           throw rateLimited(recent.freeAt.getTime());
@@ -182,6 +185,16 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
 /** Register, sign in, sign out, who am I, change password. */
 export default async function authRoutes(app: FastifyInstance, options: AuthOptions) {
   const auth = authActions(app, options);
+
+  // Throttling rows past their window count for nothing: any replica may drop them.
+  const cleanup = setInterval(() => {
+    Promise.all([
+      app.repos.loginFailures.deleteOlderThan(options.throttle.windowSeconds),
+      app.repos.registrations.deleteOlderThan(REGISTRATION_WINDOW_SECONDS),
+    ]).catch((error) => app.log.warn({ err: error }, 'throttle cleanup failed'));
+  }, CLEANUP_MS);
+  cleanup.unref();
+  app.addHook('onClose', async () => clearInterval(cleanup));
   type CredentialsBody = { username: string; password: string };
 
   app.get('/api/csrf', async (_request, reply) => ({ token: reply.generateCsrf() }));

@@ -226,9 +226,10 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         return `That upload would go over your storage quota of ${humanBytes(options.files.quotaBytes)}. Delete some files first.`;
       case 'RATE_LIMITED':
         return `${
-          config.back === '/register'
-            ? 'Too many accounts were created from your network.'
-            : 'Too many failed password attempts.'
+          {
+            '/register': 'Too many accounts were created from your network.',
+            '/password': 'Too many wrong passwords.',
+          }[config.back] ?? 'Too many failed sign-in attempts.'
         } Try again in ${humanWait(error.retryAfter ?? 60)}.`;
       case 'INVALID_CREDENTIALS':
         return config.back === '/password'
