@@ -242,7 +242,7 @@ cmd_up() {
     DATABASE_URL="$DATABASE_URL"
     SESSION_SECRET="$session_secret"
     KEY_ENCRYPTION_KEY="$kek"
-    TRUST_PROXY=true
+    TRUST_PROXY=loopback
     "${app_storage[@]}"
   )
   local download=(

@@ -12,28 +12,48 @@
  * nginx is Debian's (`apt-get install -y nginx`); CI installs it, a developer machine without it
  * skips those checks. CI without nginx fails them.
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { createServer, get as httpGet } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decodeJwt } from 'jose';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { parse } from 'yaml';
 import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
 import { createTestDatabase, type TestDatabase } from './support/database.ts';
-import { freePort } from './support/processes.ts';
+import { CookieJar } from './support/http-client.ts';
+import { APP_SERVER, DOWNLOAD_SERVER, freePort, startServer } from './support/processes.ts';
+import { skipUnless } from './support/skip.ts';
+import { CHEAP_PASSWORDS } from './support/stack.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const INFRA = join(ROOT, 'infra');
 const CLUSTER_SCRIPT = join(INFRA, 'local-cluster.sh');
-const IN_CI = Boolean(process.env.CI);
 
 const nginxBinary = ['nginx', '/usr/sbin/nginx'].find((bin) => spawnSync(bin, ['-v']).status === 0);
 const nginxAvailable = nginxBinary !== undefined;
 const systemdAnalyze = spawnSync('systemd-analyze', ['--version']).status === 0;
+const nginx = skipUnless(
+  'the nginx checks of test/infra.test.ts',
+  !nginxAvailable && 'no nginx (apt-get install -y nginx)',
+);
+// Not in CI's image either: this check runs where systemd is.
+const systemd = skipUnless(
+  'systemd-analyze verify',
+  !systemdAnalyze && 'no systemd-analyze (a machine with systemd)',
+  false,
+);
+const postgres = skipUnless(
+  'infra/local-cluster.sh up and down',
+  !process.env.TEST_DATABASE_URL && 'needs Postgres: set TEST_DATABASE_URL (and Redis on 127.0.0.1:6379)',
+);
 
 interface Run {
   code: number | null;
@@ -129,8 +149,8 @@ describe('infra/ files', () => {
     expect(usage.stderr).toContain('usage: infra/local-cluster.sh up|down|status');
   });
 
-  it.skipIf(!nginxAvailable && !IN_CI)(
-    'nginx -t accepts the local cluster config the script renders',
+  it.skipIf(nginx.skip)(
+    `nginx -t accepts the local cluster config the script renders${nginx.reason}`,
     async () => {
       const dir = join(temp, 'cluster');
       const rendered = await run('bash', [CLUSTER_SCRIPT, 'render'], {
@@ -160,8 +180,8 @@ describe('infra/ files', () => {
     },
   );
 
-  it.skipIf(!nginxAvailable && !IN_CI)(
-    'nginx -t accepts the production examples for A and B together',
+  it.skipIf(nginx.skip)(
+    `nginx -t accepts the production examples for A and B together${nginx.reason}`,
     async () => {
       const dir = join(temp, 'production');
       await mkdir(dir, { recursive: true });
@@ -246,9 +266,14 @@ describe('infra/ files', () => {
       expect(format).not.toMatch(/\$request\b|\$request_uri|\$args|\$query_string/);
     const app = await readFile(join(INFRA, 'nginx', 'app.conf'), 'utf8');
     expect(app).toMatch(/client_max_body_size \d+[mg];/);
+    // The internal endpoints stay off the public side (the compose file's nginx runs for real below).
+    for (const conf of [download, app]) {
+      expect(conf).toMatch(/location = \/metrics \{ return 404; \}/);
+      expect(conf).toMatch(/location = \/readyz \{ return 404; \}/);
+    }
   });
 
-  it.skipIf(!nginxAvailable && !IN_CI)("nginx -t accepts the compose file's nginx config", async () => {
+  it.skipIf(nginx.skip)(`nginx -t accepts the compose file's nginx config${nginx.reason}`, async () => {
     const dir = join(temp, 'compose-nginx');
     await mkdir(dir, { recursive: true });
     const original = await readFile(join(INFRA, 'docker', 'nginx.conf'), 'utf8');
@@ -263,6 +288,65 @@ describe('infra/ files', () => {
     const result = await nginxTest(dir, await wrapper(dir, [copy]));
     expect(result.code, result.stderr).toBe(0);
   });
+
+  it.skipIf(nginx.skip)(
+    `the compose file's nginx keeps /metrics and /readyz off the public side, in any spelling${nginx.reason}`,
+    async () => {
+      const dir = join(temp, 'compose-nginx-internal');
+      await mkdir(dir, { recursive: true });
+      // One stand-in upstream that answers every path, so only nginx can refuse one.
+      const upstream = createServer((request, response) => response.end(`upstream ${request.url}`));
+      upstream.listen(0, '127.0.0.1');
+      await once(upstream, 'listening');
+      const upstreamPort = (upstream.address() as AddressInfo).port;
+      const [appPort, downloadPort] = [await freePort(), await freePort()];
+      const original = await readFile(join(INFRA, 'docker', 'nginx.conf'), 'utf8');
+      const copy = join(dir, 'default.conf');
+      await writeFile(
+        copy,
+        original
+          .replace(/server [a-z0-9-]+:(\d+)/g, `server 127.0.0.1:${upstreamPort}`)
+          .replace('listen 8080;', `listen 127.0.0.1:${appPort};`)
+          .replace('listen 8081;', `listen 127.0.0.1:${downloadPort};`)
+          .replaceAll('/var/log/nginx/', `${dir}/`),
+      );
+      const conf = await wrapper(dir, [copy]);
+      const nginx = spawn(
+        requireNginx(),
+        ['-p', `${dir}/`, '-e', join(dir, 'error.log'), '-c', conf, '-g', 'daemon off;'],
+        {
+          stdio: 'ignore',
+        },
+      );
+      try {
+        const get = (port: number, path: string) =>
+          new Promise<number>((resolve, reject) => {
+            // node:http sends the path exactly as written (fetch would normalise it).
+            httpGet({ host: '127.0.0.1', port, path }, (response) => {
+              response.resume();
+              resolve(response.statusCode as number);
+            }).on('error', reject);
+          });
+        await expect.poll(() => get(appPort, '/healthz').catch(() => 0), { timeout: 10_000 }).toBe(200);
+        for (const port of [appPort, downloadPort]) {
+          expect(await get(port, '/healthz')).toBe(200);
+          for (const path of [
+            '/metrics',
+            '/readyz',
+            '//metrics',
+            '/%6Detrics',
+            '/readyz?full=1',
+            '/./readyz',
+          ])
+            expect(await get(port, path), `${path} on ${port}`).toBe(404);
+        }
+      } finally {
+        nginx.kill('SIGTERM');
+        await once(nginx, 'exit');
+        upstream.close();
+      }
+    },
+  );
 
   it('compose.yaml parses; services, volumes, files and hosts it names exist; env is what each server reads', async () => {
     const dockerDir = join(INFRA, 'docker');
@@ -422,27 +506,30 @@ describe('infra/ files', () => {
     if (unit.startsWith('sfh-download')) expect(keys.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
   });
 
-  it.skipIf(!systemdAnalyze)('systemd-analyze verify accepts both units (as instances)', async () => {
-    const dir = join(temp, 'systemd');
-    await mkdir(dir, { recursive: true });
-    const instances: string[] = [];
-    for (const [unit, port] of [
-      ['sfh-app-server@.service', '3000'],
-      ['sfh-download-server@.service', '3001'],
-    ] as const) {
-      await writeFile(join(dir, unit), await readFile(join(INFRA, 'systemd', unit)));
-      const instance = join(dir, unit.replace('@.', `@${port}.`));
-      await symlink(join(dir, unit), instance);
-      instances.push(instance);
-    }
-    const result = await run('systemd-analyze', ['verify', ...instances]);
-    // verify prints what it ignores (unknown keys, bad values) without failing: no output at all.
-    expect(result, result.stderr).toMatchObject({ code: 0, stderr: '' });
-  });
+  it.skipIf(systemd.skip)(
+    `systemd-analyze verify accepts both units (as instances)${systemd.reason}`,
+    async () => {
+      const dir = join(temp, 'systemd');
+      await mkdir(dir, { recursive: true });
+      const instances: string[] = [];
+      for (const [unit, port] of [
+        ['sfh-app-server@.service', '3000'],
+        ['sfh-download-server@.service', '3001'],
+      ] as const) {
+        await writeFile(join(dir, unit), await readFile(join(INFRA, 'systemd', unit)));
+        const instance = join(dir, unit.replace('@.', `@${port}.`));
+        await symlink(join(dir, unit), instance);
+        instances.push(instance);
+      }
+      const result = await run('systemd-analyze', ['verify', ...instances]);
+      // verify prints what it ignores (unknown keys, bad values) without failing: no output at all.
+      expect(result, result.stderr).toMatchObject({ code: 0, stderr: '' });
+    },
+  );
 });
 
-describe.skipIf(!process.env.TEST_DATABASE_URL || (!nginxAvailable && !IN_CI))(
-  'infra/local-cluster.sh up → both origins ready through nginx → down, nothing left',
+describe.skipIf(postgres.skip || nginx.skip)(
+  `infra/local-cluster.sh up → both origins ready through nginx → down, nothing left${postgres.reason}${nginx.reason}`,
   () => {
     let db: TestDatabase;
     let clusterDir: string;
@@ -550,5 +637,142 @@ describe.skipIf(!process.env.TEST_DATABASE_URL || (!nginxAvailable && !IN_CI))(
       expect((await run('bash', [CLUSTER_SCRIPT, 'status'], { env })).code).toBe(3);
       console.log(`local cluster: up ${Math.round(upMs)} ms, down ${Math.round(downMs)} ms`);
     }, 240_000);
+  },
+);
+
+describe.skipIf(nginx.skip)(
+  `public URLs with a path prefix, through infra/nginx/prefix.conf${nginx.reason}`,
+  () => {
+    it('A and B under /files and /dl: links, tokens, renewal and keys all carry the prefix', async () => {
+      const dir = await mkdtemp(join(tmpdir(), 'sfh-prefix-'));
+      const started: { stop(): Promise<unknown> }[] = [];
+      try {
+        await cp(inject('pgliteTemplate'), join(dir, 'data', 'pg'), { recursive: true });
+        const [proxyPort, appPort, downloadPort] = [await freePort(), await freePort(), await freePort()];
+        const proxy = `http://127.0.0.1:${proxyPort}`;
+        const original = await readFile(join(INFRA, 'nginx', 'prefix.conf'), 'utf8');
+        const conf = join(dir, 'prefix.conf');
+        await writeFile(
+          conf,
+          original
+            .replace('server 127.0.0.1:3000;', `server 127.0.0.1:${appPort};`)
+            .replace('server 127.0.0.1:3001;', `server 127.0.0.1:${downloadPort};`)
+            .replace('listen 80;', `listen 127.0.0.1:${proxyPort};`)
+            .replaceAll('/var/log/nginx/', `${dir}/`),
+        );
+        const nginx = spawn(
+          requireNginx(),
+          [
+            '-p',
+            `${dir}/`,
+            '-e',
+            join(dir, 'error.log'),
+            '-c',
+            await wrapper(dir, [conf]),
+            '-g',
+            'daemon off;',
+          ],
+          { stdio: 'ignore' },
+        );
+        started.push({
+          async stop() {
+            if (nginx.exitCode !== null) return;
+            nginx.kill('SIGQUIT');
+            await once(nginx, 'exit');
+          },
+        });
+
+        const urls = { APP_PUBLIC_URL: `${proxy}/files`, DOWNLOAD_PUBLIC_URL: `${proxy}/dl` };
+        const shared = { ...urls, DATA_DIR: join(dir, 'data'), LOG_LEVEL: 'warn' };
+        started.push(
+          await startServer(
+            APP_SERVER,
+            { ...shared, ...CHEAP_PASSWORDS, APP_PORT: String(appPort) },
+            `${urls.APP_PUBLIC_URL}/readyz`,
+          ),
+        );
+        // B reads A's keys at its default JWKS_URL, through the proxy, and is ready through it.
+        started.push(
+          await startServer(
+            DOWNLOAD_SERVER,
+            { ...shared, DOWNLOAD_PORT: String(downloadPort) },
+            `${urls.DOWNLOAD_PUBLIC_URL}/readyz`,
+          ),
+        );
+
+        // A user of A under /files, with a cookie and the CSRF token, as the README's walkthrough.
+        let cookies = new CookieJar();
+        const a = async (path: string, init: RequestInit & { csrf?: string } = {}) => {
+          const headers = new Headers(init.headers);
+          const cookie = cookies.header();
+          if (cookie) headers.set('cookie', cookie);
+          if (init.csrf) headers.set('x-csrf-token', init.csrf);
+          const response = await fetch(`${urls.APP_PUBLIC_URL}${path}`, {
+            ...init,
+            headers,
+            redirect: 'manual',
+          });
+          cookies.update(response);
+          return response;
+        };
+        const csrf = async () => ((await (await a('/api/csrf')).json()) as { token: string }).token;
+        const register = await a('/api/auth/register', {
+          method: 'POST',
+          csrf: await csrf(),
+          headers: { 'content-type': 'application/json', origin: proxy },
+          body: JSON.stringify({ username: 'prefixed', password: 'correct horse battery' }),
+        });
+        expect(register.status, await register.clone().text()).toBe(201);
+        const token = await csrf();
+        const form = new FormData();
+        form.append('file', new Blob(['behind a prefix\n']), 'prefix.txt');
+        const upload = await a('/api/files', { method: 'POST', csrf: token, body: form });
+        expect(upload.status).toBe(201);
+        const { file } = (await upload.json()) as { file: { id: string } };
+        const minted = await a(`/api/files/${file.id}/download-token`, { method: 'POST', csrf: token });
+        const { url, token: jwt } = (await minted.json()) as { url: string; token: string };
+
+        expect(url.startsWith(`${urls.DOWNLOAD_PUBLIC_URL}/d/`)).toBe(true);
+        expect(decodeJwt(jwt)).toMatchObject({ iss: urls.APP_PUBLIC_URL, aud: urls.DOWNLOAD_PUBLIC_URL });
+        const first = await fetch(url);
+        expect(first.status).toBe(200);
+        expect(await first.text()).toBe('behind a prefix\n');
+
+        // Used: B's renewal link goes back to A under its prefix, and A's redirect to B under its.
+        const again = await fetch(url, { headers: { accept: 'application/json' } });
+        expect(again.status).toBe(410);
+        const { renewUrl } = (await again.json()) as { renewUrl: string };
+        expect(renewUrl).toBe(`${urls.APP_PUBLIC_URL}/files/${file.id}/download`);
+        const renewed = await a(renewUrl.slice(urls.APP_PUBLIC_URL.length));
+        expect(renewed.status).toBe(303);
+        const location = renewed.headers.get('location') ?? '';
+        expect(location.startsWith(`${urls.DOWNLOAD_PUBLIC_URL}/d/`)).toBe(true);
+        expect(await (await fetch(location)).text()).toBe('behind a prefix\n');
+
+        // A's pages link, post and redirect under its prefix, so a browser stays behind the proxy.
+        const page = await a('/');
+        expect(page.status).toBe(200);
+        const html = await page.text();
+        const targets = [...html.matchAll(/(?:href|action|src)="([^"#]*)"/g)].map((m) => m[1] as string);
+        expect(targets).toContain('/files/sessions');
+        expect(targets).toContain(`/files/files/${file.id}/download`);
+        expect(targets.filter((target) => target.startsWith('/') && !target.startsWith('/files/'))).toEqual(
+          [],
+        );
+        expect(html).toContain('data-api="/files/api/files"');
+        expect((await a('/assets/app.css')).status).toBe(200);
+        cookies = new CookieJar();
+        const signedOut = await a('/sessions', { headers: { accept: 'text/html' } });
+        expect(signedOut.status).toBe(303);
+        expect(signedOut.headers.get('location')).toBe('/files/login?next=%2Fsessions');
+
+        const accessLog = await readFile(join(dir, 'sfh-prefix-access.log'), 'utf8');
+        expect(accessLog).toContain('/dl/d/[token]');
+        expect(accessLog).not.toContain(jwt.split('.')[2] as string);
+      } finally {
+        for (const server of started.reverse()) await server.stop();
+        await rm(dir, { recursive: true, force: true });
+      }
+    }, 90_000);
   },
 );

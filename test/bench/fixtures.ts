@@ -12,9 +12,9 @@ import { Readable } from 'node:stream';
 import { type FileClaims, signDownloadToken } from '@sfh/download-token';
 import { LocalDiskStore } from '@sfh/storage';
 import { nanoid } from 'nanoid';
+import { CookieJar } from '../support/http-client.ts';
 import { DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
 import type { SigningKey } from '../support/signing-key.ts';
-
 import { MIB, ROOT, type Server, startProcess } from './lib.ts';
 
 export const APP_PUBLIC_URL = 'http://a.bench';
@@ -188,20 +188,20 @@ export async function mintMany(
 // ---------------------------------------------------------------------------------------------
 // A signed-in user on A
 
-/** A browser's view of A: one session cookie, and a CSRF token for it. */
+/** A browser's view of A: its cookies (session, device), and a CSRF token for the session. */
 export class AppUser {
-  cookie = '';
+  readonly jar = new CookieJar();
   csrf = '';
 
   constructor(readonly origin: string) {}
 
   async request(path: string, init: RequestInit = {}): Promise<Response> {
     const headers = new Headers(init.headers);
-    if (this.cookie) headers.set('cookie', this.cookie);
+    const cookie = this.jar.header();
+    if (cookie) headers.set('cookie', cookie);
     if (this.csrf && init.method && init.method !== 'GET') headers.set('x-csrf-token', this.csrf);
     const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
+    this.jar.update(response);
     return response;
   }
 
@@ -250,7 +250,7 @@ export async function mintingUsers(origin: string, count: number, bytes: Buffer)
       const { user, fileId } = users[turn++ % users.length] as { user: AppUser; fileId: string };
       return {
         path: `/api/files/${fileId}/download-token`,
-        headers: { cookie: user.cookie, 'x-csrf-token': user.csrf },
+        headers: { cookie: user.jar.header() ?? '', 'x-csrf-token': user.csrf },
       };
     },
   };

@@ -884,7 +884,7 @@ async function appScenario(
     if (config.only.includes('e2e')) {
       log(`end to end: ${config.clicks} sequential clicks (${database})`);
       const { user, fileId } = users.first;
-      const times = await clicks(appOrigin, `/files/${fileId}/download`, user.cookie);
+      const times = await clicks(appOrigin, `/files/${fileId}/download`, user.jar.header() ?? '');
       record(
         'e2e',
         `e2e.${database}.median`,

@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SessionClient } from '../support/http-client.ts';
 import type { ServerProcess } from '../support/processes.ts';
 import { S3_SKIP } from '../support/s3.ts';
+import { skipUnless } from '../support/skip.ts';
 import { type Stack, startStack } from '../support/stack.ts';
 
 const CURL = '/usr/bin/curl';
@@ -48,9 +49,12 @@ const clientsInstalled = existsSync(CURL) && existsSync(WGET);
 
 // On the local disk, and with the bytes in S3 (A and B sharing nothing but the bucket).
 const storages: ('local' | 's3')[] = ['local', ...(S3_SKIP ? [] : (['s3'] as const))];
-
-describe.skipIf(!clientsInstalled && !process.env.CI).each(storages)(
-  'real clients resume downloads across single-use tokens (%s storage)',
+const clients = skipUnless(
+  'real download clients',
+  !clientsInstalled && 'no curl or wget (apt-get install -y curl wget)',
+);
+describe.skipIf(clients.skip).each(storages)(
+  `real clients resume downloads across single-use tokens (%s storage)${clients.reason}`,
   (storage) => {
     let stack: Stack;
     let work: string;

@@ -4,22 +4,37 @@
  * as A mints them. What only a real process shows: its log output, its metrics, its open file
  * descriptors, its socket timeouts, and files larger than 4 GiB.
  */
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
-import { open, truncate } from 'node:fs/promises';
+import {
+  lstat,
+  mkdir,
+  mkdtemp,
+  open,
+  readdir,
+  rename,
+  rm,
+  symlink,
+  truncate,
+  writeFile,
+} from 'node:fs/promises';
 import { get, type IncomingMessage, request } from 'node:http';
 import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
-import { generateKeyPair } from 'jose';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { exportJWK, generateKeyPair } from 'jose';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
 import { openFds } from '../support/process-stats.ts';
+import { DOWNLOAD_SERVER, freePort, startServer } from '../support/processes.ts';
 
 const KIB = 1024;
 const MIB = 1024 * KIB;
 const GIB = 1024 * MIB;
 
+const HAS_STRACE = spawnSync('strace', ['-V']).status === 0;
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -88,6 +103,64 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
 
   afterAll(async () => {
     await b?.stop();
+  });
+
+  it.skipIf(!HAS_STRACE && !process.env.CI)(
+    'syncs the replay journal to disk (fdatasync) for a claim before the bytes go out',
+    async () => {
+      const file = await b.put(randomBytes(KIB));
+      const token = await b.mint(file);
+      // Every thread of B (the sync runs on libuv's pool), traced for fdatasync and fsync.
+      const pid = b.server.child.pid as number;
+      const tids = await readdir(`/proc/${pid}/task`);
+      const strace = spawn(
+        'strace',
+        ['-f', '-e', 'trace=fdatasync,fsync', ...tids.flatMap((tid) => ['-p', tid])],
+        {
+          stdio: ['ignore', 'ignore', 'pipe'],
+        },
+      );
+      let traced = '';
+      strace.stderr.on('data', (chunk) => {
+        traced += chunk;
+      });
+      try {
+        await vi.waitFor(() => expect(traced).toMatch(/attached/), { timeout: 5_000 });
+        const response = await fetch(b.url(token));
+        expect(response.status).toBe(200);
+        await response.arrayBuffer();
+        await vi.waitFor(() => expect(traced).toMatch(/fdatasync\(\d+\)\s+= 0/), { timeout: 5_000 });
+      } finally {
+        strace.kill('SIGINT');
+        await once(strace, 'exit');
+      }
+    },
+  );
+
+  it('never logs a token that arrives in another shape: encoded, after a double slash, anywhere in the path', async () => {
+    const file = await b.put(randomBytes(KIB));
+    const before = requestLines(b);
+    const tokens = await Promise.all(Array.from({ length: 6 }, () => b.mint(file)));
+    const [routed, encoded, doubleSlash, elsewhere, asName, inQuery] = tokens as [string, ...string[]];
+    const percent = (text: string) => [...text].map((c) => `%${c.charCodeAt(0).toString(16)}`).join('');
+    const paths = [
+      `/%64/${routed}`, // the router decodes %64 to d: the download handler serves it
+      `/d/${percent(encoded as string)}`,
+      `//d/${doubleSlash}`,
+      `/x/${elsewhere}`,
+      `/d/not-a-token/${asName}`,
+      `/nothing?t=${inQuery}`,
+    ];
+    for (const path of paths) {
+      const response = await fetch(`${b.origin}${path}`, { headers: { accept: 'application/json' } });
+      await response.body?.cancel();
+    }
+    await logLines(b, before, paths.length);
+    const output = b.server.output();
+    for (const token of tokens) {
+      const signature = token.split('.')[2] as string;
+      expect(output.includes(signature), `signature in output: ${output.slice(-2000)}`).toBe(false);
+    }
   });
 
   it('never writes a token to its output; request lines carry /d/[token] and a reqId', async () => {
@@ -244,6 +317,82 @@ describe('B as a real process: logs, metrics, descriptors, large files', () => {
   });
 });
 
+describe('B as a real process: start-up, and its key set in the log', () => {
+  let b: B;
+
+  beforeAll(async () => {
+    b = await startB();
+  }, 60_000);
+
+  afterAll(async () => {
+    await b?.stop();
+  });
+
+  const logged = (msg: string) =>
+    b.server
+      .output()
+      .split('\n')
+      .filter((line) => line.includes(`"msg":"${msg}"`))
+      .map((line) => JSON.parse(line) as Record<string, unknown>);
+
+  it('a second B on the same DATA_DIR (memory store) refuses to start and says to use Redis', async () => {
+    const port = await freePort();
+    const second = startServer(
+      DOWNLOAD_SERVER,
+      {
+        DATA_DIR: join(b.dir, 'data'),
+        JWKS_FILE: b.jwksFile,
+        APP_PUBLIC_URL: 'http://a.test',
+        DOWNLOAD_PUBLIC_URL: `http://127.0.0.1:${port}`,
+        DOWNLOAD_PORT: String(port),
+      },
+      `http://127.0.0.1:${port}/readyz`,
+    );
+    await expect(second).rejects.toThrow(
+      /exited with 1:\n.*Another download server \(B\) uses the replay journal.*REDIS_URL/s,
+    );
+    // The first one is unaffected.
+    expect((await fetch(`${b.origin}/readyz`)).status).toBe(200);
+  });
+
+  it('LOG_FORMAT=pretty: one readable line per request, tokens still redacted', async () => {
+    const pretty = await startB({ LOG_FORMAT: 'pretty' });
+    try {
+      const file = await pretty.put(Buffer.from('pretty'));
+      const token = await pretty.mint(file);
+      expect((await fetch(pretty.url(token))).status).toBe(200);
+      expect((await fetch(`${pretty.origin}/healthz`)).status).toBe(200);
+      // B writes its log in batches (at the latest 100 ms later).
+      const deadline = Date.now() + 5_000;
+      while (!pretty.server.output().includes('GET /healthz 200') && Date.now() < deadline) await sleep(50);
+      const lines = pretty.server.output().trim().split('\n');
+      expect(lines.filter((line) => line.startsWith('{'))).toEqual([]);
+      expect(lines.filter((line) => / \/(d|healthz)\b/.test(line))).toEqual([
+        expect.stringMatching(/INFO \(download\/\d+\): GET \/d\/\[token\] 200 request completed/),
+        expect.stringMatching(/INFO \(download\/\d+\): GET \/healthz 200 request completed/),
+      ]);
+      expect(pretty.server.output()).not.toContain(token.split('.')[2] as string);
+    } finally {
+      await pretty.stop();
+    }
+  });
+
+  it('logs its first key set, then every kid added and removed', async () => {
+    expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
+    const { publicKey } = await generateKeyPair('EdDSA');
+    const jwk = { ...(await exportJWK(publicKey)), kid: 'k-next', alg: 'EdDSA', use: 'sig' };
+    await writeFile(`${b.jwksFile}.tmp`, JSON.stringify({ keys: [jwk] }));
+    await rename(`${b.jwksFile}.tmp`, b.jwksFile);
+    const deadline = Date.now() + 5_000;
+    while (logged('key set changed').length === 0 && Date.now() < deadline) await sleep(50);
+    expect(logged('key set changed')).toMatchObject([{ added: ['k-next'], removed: [b.kid] }]);
+    // Re-reading an unchanged set says nothing.
+    b.server.child.kill('SIGHUP');
+    await sleep(300);
+    expect(logged('key set changed')).toHaveLength(1);
+  });
+});
+
 describe('B as a real process: slowloris timeouts that spare slow downloads', () => {
   let b: B;
   let port: number;
@@ -379,5 +528,23 @@ describe('B as a real process: slowloris timeouts that spare slow downloads', ()
     });
     expect(outcome.complete).toBe(false);
     expect(outcome.total).toBeLessThan(bytes.length);
+  });
+});
+
+describe('B as a real process: a replay journal it cannot read', () => {
+  it('stops B at start, naming the file, and leaves the journal alone', async () => {
+    const dataDir = await mkdtemp(join(tmpdir(), 'sfh-e2e-journal-'));
+    try {
+      await mkdir(join(dataDir, 'replay'), { recursive: true });
+      // Unreadable (ELOOP; root reads through any file mode). Read as empty, it used to be
+      // rewritten, and every used token in it would have worked again.
+      await symlink('claims.log', join(dataDir, 'replay', 'claims.log'));
+      await expect(startB({ DATA_DIR: dataDir })).rejects.toThrow(
+        /exited with 1[\s\S]*Cannot read the replay journal/,
+      );
+      expect((await lstat(join(dataDir, 'replay', 'claims.log'))).isSymbolicLink()).toBe(true);
+    } finally {
+      await rm(dataDir, { recursive: true, force: true });
+    }
   });
 });

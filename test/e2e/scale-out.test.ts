@@ -18,6 +18,7 @@ import { promisify } from 'node:util';
 import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../support/database.ts';
+import { CookieJar } from '../support/http-client.ts';
 import {
   APP_SERVER,
   DOWNLOAD_SERVER,
@@ -27,6 +28,7 @@ import {
 } from '../support/processes.ts';
 import { killRedis, startRedis } from '../support/redis.ts';
 import { freshPrefix, S3_SKIP, s3Env } from '../support/s3.ts';
+import { skipUnless } from '../support/skip.ts';
 import { CHEAP_PASSWORDS } from '../support/stack.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
@@ -50,7 +52,7 @@ function tokenHeader(token: string): { kid: string; alg: string; typ: string } {
  * Sends the CSRF token of the session on state-changing requests, as SessionClient does.
  */
 class Browser {
-  cookie = '';
+  readonly jar = new CookieJar();
 
   async fetch(origin: string, path: string, init: RequestInit = {}): Promise<Response> {
     const headers = new Headers(init.headers);
@@ -59,10 +61,10 @@ class Browser {
       const { body } = await this.json<{ token: string }>(origin, '/api/csrf');
       headers.set('x-csrf-token', body.token);
     }
-    if (this.cookie) headers.set('cookie', this.cookie);
+    const cookie = this.jar.header();
+    if (cookie) headers.set('cookie', cookie);
     const response = await fetch(new URL(path, origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
+    this.jar.update(response);
     return response;
   }
 
@@ -95,9 +97,13 @@ async function pool<T>(count: number, limit: number, task: (i: number) => Promis
 // On a shared local volume, and with the bytes in S3: then the replicas share nothing but the
 // bucket (each on a DATA_DIR of its own), the B replicas with read-only credentials.
 const storages: ('local' | 's3')[] = ['local', ...(S3_SKIP ? [] : (['s3'] as const))];
-
-describe.skipIf(!process.env.TEST_DATABASE_URL).each(storages)(
-  'scale-out: two A on one Postgres, two B on one Redis (%s storage)',
+const postgres = skipUnless(
+  'scale-out',
+  !process.env.TEST_DATABASE_URL &&
+    'needs Postgres: set TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test (and Redis on 127.0.0.1:6379)',
+);
+describe.skipIf(postgres.skip).each(storages)(
+  `scale-out: two A on one Postgres, two B on one Redis (%s storage)${postgres.reason}`,
   (storage) => {
     let dataDir: string;
     let storageDir: string;
@@ -346,7 +352,7 @@ describe.skipIf(!process.env.TEST_DATABASE_URL).each(storages)(
       expect(download.status).toBe(200);
       expect(sha256(download.bytes)).toBe(sha256(bytes));
 
-      const cookie = browser.cookie;
+      const cookie = browser.jar.header() ?? '';
       expect((await browser.fetch(a2, '/api/auth/logout', { method: 'POST' })).status).toBe(204);
       for (const replica of [a1, a2]) {
         const after = await fetch(`${replica}/api/me`, { headers: { cookie } });

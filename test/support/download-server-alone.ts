@@ -22,6 +22,9 @@ export interface B {
   dir: string;
   store: LocalDiskStore;
   storageDir: string;
+  /** The signing key's id, and the JWKS file B reads it from. */
+  kid: string;
+  jwksFile: string;
   /** Every token minted or sent to this B, so the log check covers them all. */
   tokens: string[];
   put(bytes: Buffer, name?: string): Promise<FileClaims>;
@@ -58,6 +61,8 @@ export async function startB(env: Record<string, string> = {}): Promise<B> {
     dir,
     store,
     storageDir,
+    kid,
+    jwksFile,
     tokens,
     async put(bytes, name = 'file.bin') {
       const stored = await store.put(Readable.from(bytes.length > 0 ? [bytes] : []));

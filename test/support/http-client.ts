@@ -1,9 +1,34 @@
 /**
+ * The cookies a browser keeps for A: every `Set-Cookie` of a response (A sets the session cookie
+ * and, at sign-in, the device cookie), sent back on every request.
+ */
+export class CookieJar {
+  readonly #cookies = new Map<string, string>();
+
+  /** The `Cookie` header to send, or `undefined` while the jar is empty. */
+  header(): string | undefined {
+    if (this.#cookies.size === 0) return undefined;
+    return [...this.#cookies].map(([name, value]) => `${name}=${value}`).join('; ');
+  }
+
+  /** Keeps the cookies `response` sets (an empty value removes one). */
+  update(response: Response): void {
+    for (const line of response.headers.getSetCookie()) {
+      const pair = line.split(';')[0] as string;
+      const eq = pair.indexOf('=');
+      const [name, value] = [pair.slice(0, eq), pair.slice(eq + 1)];
+      if (value === '') this.#cookies.delete(name);
+      else this.#cookies.set(name, value);
+    }
+  }
+}
+
+/**
  * A browser-like client for A over real HTTP: keeps the session cookie and sends the CSRF
  * token on state-changing requests, as the README's curl walkthrough does.
  */
 export class SessionClient {
-  #cookie = '';
+  readonly #jar = new CookieJar();
 
   constructor(readonly origin: string) {}
 
@@ -12,10 +37,10 @@ export class SessionClient {
     const method = (init.method ?? 'GET').toUpperCase();
     // First: fetching the token may start the session, and so set the cookie.
     if (!['GET', 'HEAD'].includes(method)) headers.set('x-csrf-token', await this.#csrf());
-    if (this.#cookie) headers.set('cookie', this.#cookie);
+    const cookie = this.#jar.header();
+    if (cookie) headers.set('cookie', cookie);
     const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.#cookie = setCookie.split(';')[0] as string;
+    this.#jar.update(response);
     return response;
   }
 
@@ -36,7 +61,7 @@ export class SessionClient {
  * no extra request per upload.
  */
 export class SignedInClient {
-  cookie = '';
+  readonly jar = new CookieJar();
   csrf = '';
 
   constructor(readonly origin: string) {}
@@ -65,10 +90,10 @@ export class SignedInClient {
     const headers = new Headers(init.headers);
     if (!['GET', 'HEAD'].includes((init.method ?? 'GET').toUpperCase()) && this.csrf)
       headers.set('x-csrf-token', this.csrf);
-    if (this.cookie) headers.set('cookie', this.cookie);
+    const cookie = this.jar.header();
+    if (cookie) headers.set('cookie', cookie);
     const response = await fetch(new URL(path, this.origin), { ...init, headers, redirect: 'manual' });
-    const setCookie = response.headers.get('set-cookie');
-    if (setCookie) this.cookie = setCookie.split(';')[0] as string;
+    this.jar.update(response);
     return response;
   }
 

@@ -101,7 +101,7 @@ function enhanceUpload(uploadForm) {
     if (file.size > remaining) return Promise.resolve(fail('Not enough space left in your quota'));
     return new Promise((resolve) => {
       const request = new XMLHttpRequest();
-      request.open('POST', '/api/files');
+      request.open('POST', uploadForm.dataset.api);
       request.setRequestHeader('x-csrf-token', token);
       request.setRequestHeader('accept', 'application/json');
       request.upload.addEventListener('progress', (event) => {

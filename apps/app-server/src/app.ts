@@ -1,15 +1,19 @@
 import helmet from '@fastify/helmet';
 import fastifyMultipart from '@fastify/multipart';
+import swagger from '@fastify/swagger';
+import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance } from 'fastify';
 import type { AppConfig } from './config.ts';
 import db from './plugins/db.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
+import metrics from './plugins/metrics.ts';
 import objectDeletions from './plugins/object-deletions.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
 import authRoutes from './routes/auth.ts';
+import docsRoutes from './routes/docs.ts';
 import fileRoutes from './routes/files.ts';
 import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
@@ -26,22 +30,54 @@ export interface BuildOptions {
   sessionSecret: string;
 }
 
+declare module 'fastify' {
+  interface FastifyInstance {
+    /**
+     * The path prefix of `APP_PUBLIC_URL` ('' without one): A behind a proxy that strips it
+     * puts it in front of every link and redirect of its pages.
+     */
+    publicPath: string;
+  }
+}
+
 /** Server A. Takes its whole configuration as arguments and never reads `process.env`. */
 export async function buildApp(config: AppConfig, options: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: {
-      level: config.LOG_LEVEL,
+    ...logging('app', config, {
       // Paths without query strings: the no-JavaScript upload form carries its CSRF token there.
-      serializers: {
-        req: (req) => ({ method: req.method, url: req.url?.split('?')[0], remoteAddress: req.ip }),
-      },
-    },
-    trustProxy: config.TRUST_PROXY,
+      req: (req) => ({
+        method: req.method,
+        url: req.url?.split('?')[0],
+        remoteAddress: req.ip,
+      }),
+    }),
+    trustProxy: config.trustProxy,
+    // Slowloris, as on B: REQUEST_TIMEOUT_SECONDS for the request head, IDLE_TIMEOUT_SECONDS for a
+    // connection on which nothing moves. Node checks these every second instead of every 30.
+    connectionTimeout: config.IDLE_TIMEOUT_SECONDS * 1000,
+    http: { connectionsCheckingInterval: 1000 },
+  });
+  app.server.headersTimeout = config.REQUEST_TIMEOUT_SECONDS * 1000;
+  // And a deadline for the body: REQUEST_TIMEOUT_SECONDS for a form or JSON (a few kB),
+  // UPLOAD_TIMEOUT_SECONDS for an upload. One byte now and then keeps a connection from being
+  // idle, so without it a trickled body stays open for good, also after A has answered early
+  // (a refused upload whose bytes keep coming).
+  app.addHook('onRequest', async (request) => {
+    if (request.raw.complete) return;
+    const upload = request.headers['content-type']?.startsWith('multipart/form-data');
+    const seconds = upload ? config.UPLOAD_TIMEOUT_SECONDS : config.REQUEST_TIMEOUT_SECONDS;
+    const timer = setTimeout(() => {
+      if (!request.raw.complete) request.raw.destroy();
+    }, seconds * 1000);
+    timer.unref();
+    request.raw.once('end', () => clearTimeout(timer)).once('close', () => clearTimeout(timer));
   });
 
+  app.decorate('publicPath', new URL(config.APP_PUBLIC_URL).pathname.replace(/\/$/, ''));
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
+  await app.register(metrics, { sessionIdleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
   await app.register(storagePlugin, { dir: config.storageDir, s3: config.s3 });
   await app.register(objectDeletions, { sweepSeconds: config.OBJECT_DELETE_RETRY_SECONDS });
   await app.register(helmet, {
@@ -57,7 +93,7 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
         frameAncestors: ["'none'"],
         // Signing in with `next=/files/:id/download` ends in a redirect to B, and browsers apply
         // form-action to every redirect after a form post.
-        formAction: ["'self'", config.DOWNLOAD_PUBLIC_URL],
+        formAction: ["'self'", new URL(config.DOWNLOAD_PUBLIC_URL).origin],
         // B is another origin: downloads are navigations there, not fetches from A's pages.
         connectSrc: ["'self'"],
         upgradeInsecureRequests: config.NODE_ENV === 'production' ? [] : null,
@@ -73,7 +109,8 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       absoluteSeconds: config.SESSION_ABSOLUTE_TIMEOUT_SECONDS,
     },
     production: config.NODE_ENV === 'production',
-    appOrigin: config.APP_PUBLIC_URL,
+    // What browsers send as Origin: never a path, also when A is served under a prefix.
+    appOrigin: new URL(config.APP_PUBLIC_URL).origin,
   });
   await app.register(keys, {
     issuer: config.APP_PUBLIC_URL,
@@ -84,7 +121,22 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     pollMs: KEY_POLL_MS,
   });
   await app.register(fastifyMultipart);
+  // Before any route: it describes every route registered after it, from the route's own schema.
+  await app.register(swagger, {
+    // A behind a prefix never sees it (the proxy strips it): paths stay as A routes them.
+    stripBasePath: false,
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'Split file hosting: app server (A)',
+        description: 'JSON API of A. State-changing requests need the session cookie and x-csrf-token.',
+        version: '1',
+      },
+      servers: [{ url: config.APP_PUBLIC_URL }],
+    },
+  });
 
+  await app.register(docsRoutes);
   await app.register(healthRoutes);
   await app.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
   const authOptions = {
@@ -94,12 +146,14 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
       maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
       windowSeconds: config.LOGIN_WINDOW_SECONDS,
     },
+    registrationsPerIpPerHour: config.REGISTRATIONS_PER_IP_PER_HOUR,
   };
   const fileOptions = {
     maxUploadBytes: config.MAX_UPLOAD_BYTES,
     quotaBytes: config.USER_QUOTA_BYTES,
     downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
     mintRatePerMinute: config.MINT_RATE_PER_MINUTE,
+    uploadTimeoutSeconds: config.UPLOAD_TIMEOUT_SECONDS,
   };
   await app.register(authRoutes, authOptions);
   await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });

@@ -1,4 +1,13 @@
-import { ConfigError, Port, parseEnv, s3Settings, sharedEnv, storageDir } from '@sfh/config';
+import { isIP } from 'node:net';
+import {
+  ConfigError,
+  type PublicUrls,
+  parseEnv,
+  publicUrls,
+  s3Settings,
+  sharedEnv,
+  storageDir,
+} from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 import type { KeyPolicy } from './keys/lifecycle.ts';
 
@@ -6,7 +15,6 @@ const GiB = 1024 ** 3;
 
 export const AppEnv = Type.Object({
   ...sharedEnv,
-  APP_PORT: Port(3000),
   /** Unset: embedded PGlite in `DATA_DIR/pg` (server.ts fills this in before building the app). */
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://' })),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 100, default: 10 }),
@@ -27,26 +35,66 @@ export const AppEnv = Type.Object({
   LOGIN_MAX_FAILURES_PER_ACCOUNT: Type.Integer({ minimum: 1, default: 5 }),
   LOGIN_MAX_FAILURES_PER_IP: Type.Integer({ minimum: 1, default: 50 }),
   LOGIN_WINDOW_SECONDS: Type.Integer({ minimum: 1, default: 15 * 60 }),
+  /** Registrations from one client IP per hour, counted across replicas; 0: no limit. */
+  REGISTRATIONS_PER_IP_PER_HOUR: Type.Integer({ minimum: 0, default: 60 }),
   MAX_UPLOAD_BYTES: Type.Integer({ minimum: 1, default: GiB }),
+  /** The longest an upload may take, head to last byte (1 GiB at about 300 kB/s). */
+  UPLOAD_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 86_400, default: 3600 }),
   /** Bytes a user may store in all; 0: no quota. */
   USER_QUOTA_BYTES: Type.Integer({ minimum: 0, default: 10 * GiB }),
   /** Objects whose deletion failed (the bucket was down) are retried this often, backing off. */
   OBJECT_DELETE_RETRY_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 30 }),
-  TRUST_PROXY: Type.Boolean({ default: false }),
+  /**
+   * Whose `X-Forwarded-*` A believes: `false`; the proxies' addresses or CIDR ranges, comma
+   * separated (proxy-addr's `loopback`, `linklocal`, `uniquelocal` too); or the number of proxies
+   * in front of A. Never "everyone" (`true`): a client reaching A directly would pick its own IP.
+   */
+  TRUST_PROXY: Type.String({ default: 'false', minLength: 1 }),
   // argon2id cost. The defaults are OWASP's minimum for argon2id; tests lower them through config.
   ARGON2_MEMORY_KIB: Type.Integer({ minimum: 8, default: 19456 }),
   ARGON2_TIME_COST: Type.Integer({ minimum: 1, default: 2 }),
 });
 
-export type AppConfig = Static<typeof AppEnv> & {
-  /** Absolute path of the object store. */
-  storageDir: string;
-  /** The bucket holding the file bytes; `undefined`: `storageDir` on local disk. */
-  s3: ReturnType<typeof s3Settings>;
-  /** `KEY_ENCRYPTION_KEY` decoded. */
-  kek: Buffer | undefined;
-  keyPolicy: KeyPolicy;
-};
+export type AppConfig = Omit<Static<typeof AppEnv>, keyof PublicUrls> &
+  PublicUrls & {
+    /** Absolute path of the object store. */
+    storageDir: string;
+    /** The bucket holding the file bytes; `undefined`: `storageDir` on local disk. */
+    s3: ReturnType<typeof s3Settings>;
+    /** `KEY_ENCRYPTION_KEY` decoded. */
+    kek: Buffer | undefined;
+    keyPolicy: KeyPolicy;
+    /** `TRUST_PROXY` as fastify's `trustProxy` takes it (a hop count as proxy-addr's function). */
+    trustProxy: false | string[] | ((address: string, hop: number) => boolean);
+  };
+
+const PROXY_NAMES = new Set(['loopback', 'linklocal', 'uniquelocal']);
+
+function parseTrustProxy(value: string): AppConfig['trustProxy'] {
+  if (value === 'false') return false;
+  if (/^\d+$/.test(value)) {
+    const hops = Number(value);
+    return (_address, hop) => hop < hops;
+  }
+  const entries = value.split(',').map((entry) => entry.trim());
+  const valid = (entry: string) => {
+    if (PROXY_NAMES.has(entry)) return true;
+    const [address = '', prefix, ...rest] = entry.split('/');
+    const family = isIP(address);
+    const bits = family === 4 ? 32 : 128;
+    return (
+      family !== 0 &&
+      rest.length === 0 &&
+      (prefix === undefined || (/^\d+$/.test(prefix) && Number(prefix) <= bits))
+    );
+  };
+  if (value === 'true' || !entries.every(valid)) {
+    throw new ConfigError(
+      `Invalid configuration: TRUST_PROXY must be false, the addresses of A's proxies (such as 127.0.0.1 or 10.0.0.0/8, comma separated; or loopback, linklocal, uniquelocal) or their number, not ${JSON.stringify(value)}: true would trust X-Forwarded-For from any client that reaches A directly`,
+    );
+  }
+  return entries;
+}
 
 // A retired key stays published this much longer than its last token can live: room for
 // replicas that still signed with it for a poll interval, and for B's clock tolerance.
@@ -63,9 +111,11 @@ export function loadConfig(env: Record<string, string | undefined>): AppConfig {
   }
   return {
     ...parsed,
+    ...publicUrls(parsed),
     storageDir: storageDir(parsed),
     s3: s3Settings(parsed),
     kek: parsed.KEY_ENCRYPTION_KEY ? Buffer.from(parsed.KEY_ENCRYPTION_KEY, 'base64url') : undefined,
+    trustProxy: parseTrustProxy(parsed.TRUST_PROXY),
     keyPolicy: {
       // One B refresh, plus one more for a cache honouring the JWKS max-age in between.
       activationDelayMs: 2 * parsed.JWKS_REFRESH_SECONDS * 1000,

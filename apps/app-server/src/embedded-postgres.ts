@@ -77,6 +77,8 @@ async function closeServer(server: Server, wire: WireServer): Promise<void> {
   await closed;
 }
 
+/** Postgres' own limit (MAX_STARTUP_PACKET_LENGTH). */
+const MAX_STARTUP_LENGTH = 10_000;
 const SSL_REQUEST = 80877103;
 const GSSENC_REQUEST = 80877104;
 const CANCEL_REQUEST = 80877102;
@@ -180,6 +182,13 @@ class WireServer {
       if (!conn.started) {
         if (buffer.length < 8) return;
         const length = buffer.readInt32BE(0);
+        // A length below the header's own 8 bytes would never consume anything: this loop would
+        // spin on it for good (8 bytes from any local user froze A). Postgres refuses those, and
+        // startup packets over 10,000 bytes, by closing the connection; so does this.
+        if (length < 8 || length > MAX_STARTUP_LENGTH) {
+          conn.socket.destroy();
+          return;
+        }
         if (buffer.length < length) return;
         const code = buffer.readInt32BE(4);
         conn.buffer = buffer.subarray(length);
@@ -195,6 +204,11 @@ class WireServer {
         continue;
       }
       if (buffer.length < 5) return;
+      // The length counts itself (4 bytes): anything less is a broken or hostile client.
+      if (buffer.readInt32BE(1) < 4) {
+        conn.socket.destroy();
+        return;
+      }
       const length = 1 + buffer.readInt32BE(1);
       if (buffer.length < length) return;
       conn.buffer = buffer.subarray(length);

@@ -42,3 +42,30 @@ export const StorageUnavailable = define(
 );
 export const InsufficientStorage = define('INSUFFICIENT_STORAGE', 'The server is out of storage space', 507);
 export const Internal = define('INTERNAL', 'Internal server error', 500);
+
+// Connection-level failures of pg (and of the embedded database's socket): the database is
+// down or unreachable, which the client should hear as 503, not 500.
+const DATABASE_DOWN = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ENOENT',
+  'ETIMEDOUT',
+  'EPIPE',
+  '57P01',
+  '57P03',
+  '08000',
+  '08001',
+  '08003',
+  '08006',
+]);
+
+/** Whether `error` says the database is down or unreachable (rather than refusing a statement). */
+export const isDatabaseDown = (error: { code?: string; message: string }) =>
+  DATABASE_DOWN.has(error.code ?? '') ||
+  /Connection terminated|timeout exceeded when trying to connect|Query read timeout/.test(error.message);
+
+/** A database failure as the catalogue error a client may see; the original is its cause. */
+export const fromDatabaseError = (error: unknown) =>
+  error instanceof Error && isDatabaseDown(error)
+    ? new DatabaseUnavailable({ cause: error })
+    : new Internal({ cause: error });

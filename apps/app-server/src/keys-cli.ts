@@ -1,10 +1,11 @@
 import { rename, writeFile } from 'node:fs/promises';
+import { makePrivate } from '@sfh/lifecycle';
 import { Command, CommanderError } from 'commander';
 import pg from 'pg';
 import { loadConfig } from './config.ts';
 import { openEmbeddedPostgres } from './embedded-postgres.ts';
 import { KeyLifecycle } from './keys/lifecycle.ts';
-import { createSigningKey } from './keys/material.ts';
+import { checkKeyEncryption, createSigningKey } from './keys/material.ts';
 import { migrate } from './plugins/db.ts';
 import { publicJwk } from './plugins/keys.ts';
 import { type SigningKeyRecord, signingKeysRepository } from './repositories/signing-keys.ts';
@@ -32,7 +33,9 @@ async function main(argv: string[]): Promise<number> {
     .option('--json', 'print JSON instead of text')
     .exitOverride()
     .configureOutput({ writeErr: (text) => process.stderr.write(text) });
-  let run: ((keys: Keys, lifecycle: KeyLifecycle, json: boolean) => Promise<number>) | undefined;
+  let run:
+    | ((keys: Keys, lifecycle: KeyLifecycle, json: boolean, kek: Buffer | undefined) => Promise<number>)
+    | undefined;
 
   program
     .command('list')
@@ -66,7 +69,8 @@ async function main(argv: string[]): Promise<number> {
     .command('rotate')
     .description('publish a new key now (state next); it becomes current once B can know it')
     .action(() => {
-      run = async (keys, lifecycle, json) => {
+      run = async (keys, lifecycle, json, kek) => {
+        checkKeyEncryption(await keys.list(), kek);
         const key = (await keys.locked((tx) => lifecycle.rotate(tx, new Date()))) as SigningKeyRecord;
         if (json) return print(view(key));
         console.log(`published ${key.kid} (next); it signs from ${time(key.activatesAt)}`);
@@ -79,7 +83,12 @@ async function main(argv: string[]): Promise<number> {
     .argument('<kid>', 'the key to revoke')
     .description('remove a key at once; if it was current, the next key (or a new one) takes over at once')
     .action((kid: string) => {
-      run = async (keys, lifecycle, json) => {
+      run = async (keys, lifecycle, json, kek) => {
+        // Revoking a plain key under a KEK is how such a key is got rid of: only the others count.
+        checkKeyEncryption(
+          (await keys.list()).filter((key) => key.kid !== kid),
+          kek,
+        );
         const was = await keys.locked((tx) => lifecycle.revoke(tx, kid, new Date()));
         if (!was) {
           process.stderr.write(`no published key ${kid}\n`);
@@ -120,6 +129,8 @@ async function main(argv: string[]): Promise<number> {
   }
 
   const config = loadConfig(process.env);
+  // With A stopped the CLI opens the embedded database itself: what it writes stays private too.
+  if (!config.DATABASE_URL) await makePrivate(config.DATA_DIR);
   const embedded = config.DATABASE_URL ? undefined : await openEmbeddedPostgres(config.DATA_DIR);
   const pool = new pg.Pool({
     connectionString: config.DATABASE_URL ?? embedded?.url,
@@ -129,7 +140,7 @@ async function main(argv: string[]): Promise<number> {
   try {
     await migrate(pool);
     const lifecycle = new KeyLifecycle(config.keyPolicy, () => createSigningKey(config.kek));
-    return await run(signingKeysRepository(pool), lifecycle, Boolean(program.opts().json));
+    return await run(signingKeysRepository(pool), lifecycle, Boolean(program.opts().json), config.kek);
   } finally {
     await pool.end();
     await embedded?.close();

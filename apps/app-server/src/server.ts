@@ -1,28 +1,31 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { announceReady, closeOnSignals, makePrivate, runMain } from '@sfh/lifecycle';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
 import { startEmbeddedPostgres } from './embedded-postgres.ts';
 
 runMain(async () => {
   const config = loadConfig(process.env);
-  await mkdir(config.DATA_DIR, { recursive: true });
+  await makePrivate(config.DATA_DIR);
   const embedded = config.DATABASE_URL ? undefined : await startEmbeddedPostgres(config.DATA_DIR);
   const app = await buildApp(config, {
     databaseUrl: config.DATABASE_URL ?? (embedded?.url as string),
     sessionSecret: config.SESSION_SECRET ?? (await developmentSecret(config.DATA_DIR)),
   });
+  if (!config.kek) {
+    // Production refuses to start without it (config.ts); development must not pass unnoticed.
+    app.log.warn(
+      'KEY_ENCRYPTION_KEY is not set: the private signing keys are stored UNENCRYPTED in the database. Anyone who can read it can mint download tokens for every file. Development only: set KEY_ENCRYPTION_KEY (32 random bytes, base64url) for anything else.',
+    );
+  }
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS, async () => embedded?.close());
   await app.listen({ port: config.APP_PORT, host: config.HOST });
-  app.log.info(
-    {
-      database: embedded ? 'embedded PGlite' : 'Postgres',
-      storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,
-    },
-    `app server (A) ready at ${config.APP_PUBLIC_URL}`,
-  );
+  announceReady(app, 'app server (A)', config.APP_PUBLIC_URL, {
+    database: embedded ? 'embedded PGlite' : 'Postgres',
+    storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,
+  });
 });
 
 /** Development only (production requires SESSION_SECRET): one random secret kept in DATA_DIR. */

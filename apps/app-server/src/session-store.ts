@@ -1,7 +1,9 @@
 import { createHash } from 'node:crypto';
 import type { SessionStore } from '@fastify/session';
 import type { Session } from 'fastify';
+import { fromDatabaseError } from './errors.ts';
 import type { Repositories } from './plugins/repositories.ts';
+import { storableText } from './text.ts';
 
 type Callback = (error?: unknown) => void;
 
@@ -19,13 +21,30 @@ export interface SessionTimeouts {
 }
 
 /**
+ * An anonymous session (a CSRF secret for the sign-in form, a flash message) lives this long at
+ * most: every cookieless visit to a form creates one, and such rows must not pile up for days.
+ */
+export const ANONYMOUS_SESSION_SECONDS = 3600;
+
+/** How long a session row lives: the absolute timeout once signed in, an hour before. */
+export const sessionLifetimeSeconds = (timeouts: SessionTimeouts, signedIn: boolean) =>
+  signedIn
+    ? timeouts.absoluteSeconds
+    : Math.min(ANONYMOUS_SESSION_SECONDS, timeouts.idleSeconds, timeouts.absoluteSeconds);
+
+/**
  * @fastify/session store on Postgres.
  *
  * - `get` yields the session only while it is alive: not revoked, used within the idle timeout,
  *   younger than the absolute timeout. Otherwise nothing (the request is anonymous).
- * - `set` creates or updates it; the absolute timeout counts from creation (sign-in). A revoked
- *   session is never written back, whatever request was still in flight.
+ * - `set` creates or updates it; the absolute timeout counts from creation (sign-in), and an
+ *   anonymous session ends `ANONYMOUS_SESSION_SECONDS` after it began. A revoked session is
+ *   never written back, whatever request was still in flight.
  * - `destroy` revokes it at once, for every replica.
+ *
+ * Failures reach fastify as catalogue errors (`DATABASE_UNAVAILABLE`, or `INTERNAL` with the
+ * cause). A failed save is marked `sessionNotSaved`: it happens in `onSend`, and the error
+ * handler must answer without saving the session again.
  */
 export class PgSessionStore implements SessionStore {
   readonly #sessions: Repositories['sessions'];
@@ -45,18 +64,30 @@ export class PgSessionStore implements SessionStore {
         if (row && Date.now() - row.lastSeenAt.getTime() > touchAfterMs) await this.#sessions.touch(idHash);
         return row ? (row.data as unknown as Session) : null;
       })
-      .then((session) => callback(null, session), callback);
+      .then(
+        (session) => callback(null, session),
+        (error: unknown) => callback(fromDatabaseError(error)),
+      );
   }
 
   set(sessionId: string, session: Session, callback: Callback): void {
-    const data = JSON.parse(JSON.stringify(session)) as Record<string, unknown>;
-    const expiresAt = new Date(Date.now() + this.#timeouts.absoluteSeconds * 1000);
-    this.#sessions
-      .upsert(hashSessionId(sessionId), { userId: session.userId ?? null, data, expiresAt })
-      .then(() => callback(), callback);
+    // Strings in a session come from clients (the User-Agent, a username kept for a form): what
+    // Postgres cannot store must not turn the response into a 500 when it is saved.
+    const data = JSON.parse(JSON.stringify(session), (_key, value) =>
+      typeof value === 'string' ? storableText(value) : value,
+    ) as Record<string, unknown>;
+    const lifetime = sessionLifetimeSeconds(this.#timeouts, Boolean(session.userId));
+    const expiresAt = new Date(Date.now() + lifetime * 1000);
+    this.#sessions.upsert(hashSessionId(sessionId), { userId: session.userId ?? null, data, expiresAt }).then(
+      () => callback(),
+      (error: unknown) => callback(Object.assign(fromDatabaseError(error), { sessionNotSaved: true })),
+    );
   }
 
   destroy(sessionId: string, callback: Callback): void {
-    this.#sessions.revoke(hashSessionId(sessionId)).then(() => callback(), callback);
+    this.#sessions.revoke(hashSessionId(sessionId)).then(
+      () => callback(),
+      (error: unknown) => callback(fromDatabaseError(error)),
+    );
   }
 }

@@ -1,5 +1,6 @@
 import type { FastifyInstance, InjectOptions } from 'fastify';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, onTestFinished } from 'vitest';
+import { createTestDatabase } from '../../../test/support/database.ts';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
 import {
   cookieAttributes,
@@ -427,11 +428,14 @@ describe('session cookie', () => {
   });
 
   it('is __Host-sid and Secure in production', async () => {
-    const { app } = await buildTestApp(db(), {
+    // A database of its own: with a KEK, A refuses the plain signing keys other tests left.
+    const own = await createTestDatabase();
+    onTestFinished(() => own.close());
+    const { app } = await buildTestApp(own, {
       NODE_ENV: 'production',
       SESSION_SECRET: 'production-session-secret-0123456789abcdef',
       KEY_ENCRYPTION_KEY: Buffer.alloc(32, 7).toString('base64url'),
-      TRUST_PROXY: 'true',
+      TRUST_PROXY: 'loopback',
     });
     const client = new HttpsProxiedClient(app);
     const csrf = await client.request({ method: 'GET', url: '/api/csrf' });
@@ -450,7 +454,8 @@ describe('session cookie', () => {
     const who = await client.request({ method: 'GET', url: '/api/me' });
     expect(who.statusCode).toBe(200);
     expect(who.json().user.id).toBe(user.id);
-    expect([...client.cookies.keys()]).toEqual(['__Host-sid']);
+    // The device cookie (sign-in throttling) is __Host- prefixed and Secure too.
+    expect([...client.cookies.keys()]).toEqual(['__Host-sid', '__Host-device']);
   });
 
   it('keeps working across a SESSION_SECRET rotation', async () => {

@@ -26,7 +26,7 @@ describe('loadConfig', () => {
     expect(config.HOST).toBe('127.0.0.1');
     expect(config.APP_PUBLIC_URL).toBe('http://localhost:3000');
     expect(config.DOWNLOAD_PUBLIC_URL).toBe('http://localhost:3001');
-    expect(config.TRUST_PROXY).toBe(false);
+    expect(config.trustProxy).toBe(false);
     expect(config.DATABASE_URL).toBeUndefined();
     expect(config.SESSION_SECRET).toBeUndefined();
     expect(config.storageDir).toBe(resolve('data', 'files'));
@@ -84,8 +84,48 @@ describe('loadConfig', () => {
     expect(loadConfig({ DATABASE_URL: 'postgresql://u@h/db' }).DATABASE_URL).toBe('postgresql://u@h/db');
   });
 
+  it('unset public URLs follow the ports, so changing only a port keeps A and B pointing at each other', () => {
+    const config = loadConfig({ APP_PORT: '4000', DOWNLOAD_PORT: '4001' });
+    expect(config.APP_PUBLIC_URL).toBe('http://localhost:4000');
+    expect(config.DOWNLOAD_PUBLIC_URL).toBe('http://localhost:4001');
+    expect(loadConfig({ APP_PORT: '4000', APP_PUBLIC_URL: 'https://a.example' }).APP_PUBLIC_URL).toBe(
+      'https://a.example',
+    );
+  });
+
+  it('accepts public URLs with a path prefix (a server behind a proxy under a path)', () => {
+    const config = loadConfig({
+      APP_PUBLIC_URL: 'https://example.com/files',
+      DOWNLOAD_PUBLIC_URL: 'https://cdn.example.com/dl/v1',
+    });
+    expect(config.APP_PUBLIC_URL).toBe('https://example.com/files');
+    expect(config.DOWNLOAD_PUBLIC_URL).toBe('https://cdn.example.com/dl/v1');
+  });
+
+  it('refuses public URLs with a trailing slash, a query, a fragment or another scheme', () => {
+    expectRefused({ DOWNLOAD_PUBLIC_URL: 'https://cdn.example.com/dl/' }, 'DOWNLOAD_PUBLIC_URL');
+    expectRefused({ APP_PUBLIC_URL: 'https://example.com/files?x=1' }, 'APP_PUBLIC_URL');
+    expectRefused({ APP_PUBLIC_URL: 'https://example.com/files#top' }, 'APP_PUBLIC_URL');
+    expectRefused({ APP_PUBLIC_URL: 'https://example.com//files' }, 'APP_PUBLIC_URL');
+  });
+
   it('refuses public URLs that are not bare origins', () => {
     expectRefused({ APP_PUBLIC_URL: 'http://a.test/' }, 'APP_PUBLIC_URL');
     expectRefused({ DOWNLOAD_PUBLIC_URL: 'ftp://b.test' }, 'DOWNLOAD_PUBLIC_URL');
+  });
+
+  it('TRUST_PROXY: false, proxy addresses or a hop count; never "true" (everyone)', () => {
+    expectRefused({ TRUST_PROXY: 'true' }, 'TRUST_PROXY');
+    expectRefused({ TRUST_PROXY: '10.0.0.1,not-an-address' }, 'TRUST_PROXY');
+    expectRefused({ TRUST_PROXY: '10.0.0.0/33' }, 'TRUST_PROXY');
+    expect(loadConfig({ TRUST_PROXY: 'false' }).trustProxy).toBe(false);
+    expect(loadConfig({ TRUST_PROXY: '10.0.0.1, 192.168.0.0/16,::1,loopback' }).trustProxy).toEqual([
+      '10.0.0.1',
+      '192.168.0.0/16',
+      '::1',
+      'loopback',
+    ]);
+    const hops = loadConfig({ TRUST_PROXY: '2' }).trustProxy as (address: string, hop: number) => boolean;
+    expect([hops('1.2.3.4', 0), hops('1.2.3.4', 1), hops('1.2.3.4', 2)]).toEqual([true, true, false]);
   });
 });

@@ -70,6 +70,17 @@ describe('Origin check (second layer)', () => {
     expectError(await client.request({ method: 'GET', url: '/api/me' }), 401, 'UNAUTHENTICATED');
   });
 
+  it('allows its own origin when APP_PUBLIC_URL has a path prefix (browsers send no path)', async () => {
+    const { app } = await buildTestApp(db(), { APP_PUBLIC_URL: `${OWN_ORIGIN}/files` });
+    const { client, token } = await signedIn(app);
+    const logout = await client.request({
+      method: 'POST',
+      url: '/api/auth/logout',
+      headers: { origin: OWN_ORIGIN, 'x-csrf-token': token },
+    });
+    expect(logout.statusCode).toBe(204);
+  });
+
   it("still needs the token from A's own origin", async () => {
     const { app } = await buildTestApp(db());
     const { client, user } = await signedIn(app);

@@ -1,6 +1,8 @@
+import { spawn } from 'node:child_process';
 import { cp, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 import { expect, inject, it, onTestFinished } from 'vitest';
 import { startEmbeddedPostgres } from '../src/embedded-postgres.ts';
@@ -110,3 +112,57 @@ it('refuses a second server on the same data folder', async () => {
   const { dir } = await embedded();
   await expect(startEmbeddedPostgres(dir)).rejects.toThrow(/already in use/);
 });
+
+// A hostile or broken local client: 8 bytes whose length field is below the header's own size
+// used to send the wire server into an endless loop, freezing A (and this test with it). So the
+// database runs in a child process here, which the test kills if it hangs.
+it.each([
+  ['0 with an SSL request code', '00000000' + '04d2162f'],
+  ['4 (shorter than its header)', '00000004' + '00030000'],
+])(
+  'closes a connection whose startup length is %s, and keeps serving the others',
+  async (_case, hex) => {
+    const dir = await mkdtemp(join(tmpdir(), 'sfh-embedded-'));
+    onTestFinished(() => rm(dir, { recursive: true, force: true }));
+    await cp(inject('pgliteTemplate'), join(dir, 'pg'), { recursive: true });
+    const module = fileURLToPath(new URL('../src/embedded-postgres.ts', import.meta.url));
+    const script = `
+    import { connect } from 'node:net';
+    import pg from 'pg';
+    import { startEmbeddedPostgres } from ${JSON.stringify(module)};
+    const db = await startEmbeddedPostgres(${JSON.stringify(dir)});
+    const host = new URL(db.url).searchParams.get('host');
+    const hostile = connect(host + '/.s.PGSQL.5432');
+    hostile.on('error', () => {});
+    hostile.on('connect', () => hostile.write(Buffer.from(${JSON.stringify(hex)}, 'hex')));
+    const closed = new Promise((resolve) => hostile.on('close', resolve));
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    const client = new pg.Client({ connectionString: db.url });
+    await client.connect();
+    const { rows } = await client.query('SELECT 41 + 1 AS answer');
+    await client.end();
+    await closed;
+    console.log('answer', rows[0].answer);
+    await db.close();
+  `;
+    const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    onTestFinished(() => {
+      child.kill('SIGKILL');
+    });
+    let output = '';
+    child.stdout.on('data', (chunk) => {
+      output += chunk;
+    });
+    child.stderr.on('data', (chunk) => {
+      output += chunk;
+    });
+    const code = await Promise.race([
+      new Promise<number | null>((resolve) => child.on('exit', resolve)),
+      new Promise<string>((resolve) => setTimeout(() => resolve('hung'), 20_000)),
+    ]);
+    expect({ code, output }).toMatchObject({ code: 0, output: expect.stringContaining('answer 42') });
+  },
+  30_000,
+);

@@ -481,6 +481,34 @@ describe('KEY_ENCRYPTION_KEY', () => {
     expect((await (await downloader(again.app))()).kid).toBe(current.kid);
   });
 
+  it('with a KEK, A refuses a plain private key (one written without the KEK)', async () => {
+    await buildTestApp(db()).then(({ app }) => app.close()); // a plain current key, as without a KEK
+    const refused = await startFails({ KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64url') });
+    expect(refused.message).toMatch(/stored unencrypted although KEY_ENCRYPTION_KEY is set/);
+  });
+
+  it('no replica removes the key it still signs with, even past its retirement', async () => {
+    const config = loadConfig({ JWKS_REFRESH_SECONDS: '1' });
+    const lifecycle = lifecycleOf(config);
+    const repo = signingKeysRepository(pool);
+    const start = new Date();
+    await repo.locked((keys) => lifecycle.advance(keys, start));
+    const old = (await repo.current()) as SigningKeyRecord;
+    await repo.locked((keys) => lifecycle.rotate(keys, start));
+    // The successor becomes current; the old key is previous until its retention is over.
+    const promoted = new Date(start.getTime() + config.keyPolicy.activationDelayMs + 1_000);
+    await repo.locked((keys) => lifecycle.advance(keys, promoted));
+    expect(byKid(await repo.list(), old.kid)?.state).toBe('previous');
+    // Long past its retention, but this replica could not open the successor and still signs
+    // with the old key: it stays published.
+    const later = new Date(promoted.getTime() + config.keyPolicy.retentionMs + 60_000);
+    await repo.locked((keys) => lifecycle.advance(keys, later, old.kid));
+    expect(byKid(await repo.list(), old.kid)?.state).toBe('previous');
+    // Once no one signs with it, it goes.
+    await repo.locked((keys) => lifecycle.advance(keys, later));
+    expect(byKid(await repo.list(), old.kid)).toBeUndefined();
+  });
+
   it('without a KEK keys are stored in plain JSON (development)', async () => {
     const { app } = await buildTestApp(db());
     const current = (await app.repos.signingKeys.current()) as SigningKeyRecord;
@@ -504,6 +532,11 @@ describe('ops CLI (npm run keys)', () => {
 
   /** Runs the CLI as `npm run keys` does, with A's environment pointing at the test database. */
   function cli(...args: string[]): Promise<CliResult> {
+    return cliWith({}, ...args);
+  }
+
+  /** The CLI with more environment (a KEY_ENCRYPTION_KEY). */
+  function cliWith(env: Record<string, string>, ...args: string[]): Promise<CliResult> {
     return new Promise((resolve, reject) => {
       execFile(
         process.execPath,
@@ -515,6 +548,7 @@ describe('ops CLI (npm run keys)', () => {
             JWKS_REFRESH_SECONDS: '1',
             PATH: process.env.PATH,
             HOME: process.env.HOME,
+            ...env,
           },
           timeout: 30_000,
         },
@@ -595,6 +629,31 @@ describe('ops CLI (npm run keys)', () => {
     expect(now[0]?.kid).not.toBe(current.kid);
     expect(await privateKeyColumn(current.kid)).toBe('');
   }, 60_000);
+
+  it('refuses to write without the KEK, or with a wrong one, while the keys are sealed', async () => {
+    const kek = randomBytes(32).toString('base64url');
+    const sealed = lifecycleOf(loadConfig({ JWKS_REFRESH_SECONDS: '1', KEY_ENCRYPTION_KEY: kek }));
+    await repo().locked((keys) => sealed.advance(keys, new Date()));
+    const current = (await repo().current()) as SigningKeyRecord;
+    const before = (await repo().list()).map((key) => key.kid);
+
+    const without = await cli('rotate');
+    expect(without.code).toBe(1);
+    expect(without.stderr).toMatch(/encrypted; set KEY_ENCRYPTION_KEY/);
+    const wrong = await cliWith({ KEY_ENCRYPTION_KEY: randomBytes(32).toString('base64url') }, 'rotate');
+    expect(wrong.code).toBe(1);
+    expect(wrong.stderr).toMatch(/wrong KEY_ENCRYPTION_KEY/);
+    const revoke = await cli('revoke', 'no-such-kid');
+    expect(revoke.code).toBe(1);
+    expect((await repo().list()).map((key) => key.kid)).toEqual(before);
+
+    // With the right KEK it writes, and what it writes is sealed.
+    const right = await cliWith({ KEY_ENCRYPTION_KEY: kek }, '--json', 'rotate');
+    expect(right.code).toBe(0);
+    const added = JSON.parse(right.stdout) as KeyView;
+    expect((await privateKeyColumn(added.kid))?.startsWith('aes256gcm.')).toBe(true);
+    expect((await repo().current())?.kid).toBe(current.kid);
+  });
 
   it('exit 1 on a failure, 2 on wrong usage', async () => {
     await seeded();

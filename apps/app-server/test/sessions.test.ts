@@ -258,6 +258,49 @@ describe('DELETE /api/sessions (sign out everywhere else)', () => {
 });
 
 describe('POST /api/auth/password', () => {
+  it('ends a sign-in with the old password that raced the change, even one saved after it', async () => {
+    const { app } = await buildTestApp(db());
+    const owner = new TestClient(app);
+    const user = await owner.register(username(), PASSWORD);
+    const racer = new TestClient(app);
+    await racer.csrfToken();
+
+    // Hold the racer's session save (the last step of its sign-in, in onSend) until the password
+    // change is over: the order in which the old code left the racer signed in.
+    const sessions = app.repos.sessions;
+    const upsert = sessions.upsert;
+    let release = () => {};
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let reached = () => {};
+    const waiting = new Promise<void>((resolve) => {
+      reached = resolve;
+    });
+    sessions.upsert = async (idHash, row) => {
+      if (row.userId === user.id && sessions.upsert !== upsert) {
+        sessions.upsert = upsert;
+        reached();
+        await held;
+      }
+      return upsert(idHash, row);
+    };
+    const signIn = login(racer, user.username);
+    await waiting;
+    const change = await owner.request({
+      method: 'POST',
+      url: '/api/auth/password',
+      payload: { currentPassword: PASSWORD, newPassword: 'a brand new password' },
+    });
+    expect(change.statusCode).toBe(204);
+    release();
+    expect((await signIn).statusCode).toBe(200);
+
+    // The racer's session was saved after the change ended the others: it must be dead anyway.
+    expectError(await racer.request({ method: 'GET', url: '/api/me' }), 401, 'UNAUTHENTICATED');
+    expect((await owner.request({ method: 'GET', url: '/api/me' })).statusCode).toBe(200);
+  });
+
   const NEW_PASSWORD = 'a brand new passphrase';
 
   it('changes the password, renews this session and ends all the others', async () => {
@@ -665,5 +708,58 @@ describe('anonymous requests', () => {
     expect(Object.fromEntries(statuses)).toEqual({ 200: TOTAL / 2, 401: TOTAL / 2 });
     expect(cookies).toBe(0);
     expect(await count(app, 'sessions')).toBe(rows);
+  });
+});
+
+describe('anonymous forms', () => {
+  it('cost a session row (and cookie) of an hour at most, not of the absolute timeout', async () => {
+    const { app } = await buildTestApp(db());
+    const secondsLeft = async (idHash: string) => {
+      const { rows } = await app.db.query<{ seconds: number }>(
+        'SELECT extract(epoch FROM expires_at - now())::int AS seconds FROM sessions WHERE id_hash = $1',
+        [idHash],
+      );
+      return rows[0]?.seconds;
+    };
+    for (const url of ['/login', '/register', '/api/csrf']) {
+      const response = await app.inject({ method: 'GET', url });
+      const cookie = setCookie(response, 'sid') as string;
+      expect(cookie, url).toBeDefined();
+      const expires = Date.parse(/Expires=([^;]+)/i.exec(cookie)?.[1] ?? '');
+      expect(expires - Date.now(), url).toBeLessThanOrEqual(3600_000);
+      const id = sessionIdOf(cookie.slice('sid='.length, cookie.indexOf(';')));
+      const left = await secondsLeft(hashSessionId(id));
+      expect(left, url).toBeGreaterThan(3500);
+      expect(left, url).toBeLessThanOrEqual(3600);
+    }
+    // Signed in, a session lives for the absolute timeout (14 days by default).
+    const client = new TestClient(app);
+    await client.register(username(), PASSWORD);
+    const id = sessionIdOf(client.cookies.get('sid') as string);
+    expect(await secondsLeft(hashSessionId(id))).toBeGreaterThan(13 * 24 * 3600);
+  });
+});
+
+describe('TRUST_PROXY', () => {
+  it('believes X-Forwarded-For only from the listed proxies: a client reaching A directly keeps its own IP', async () => {
+    const { app } = await buildTestApp(db(), { TRUST_PROXY: '10.0.0.1' });
+    const ipSeenFrom = async (remoteAddress: string) => {
+      const client = new TestClient(app);
+      const headers = { 'x-forwarded-for': '203.0.113.7' };
+      const token = (await client.request({ method: 'GET', url: '/api/csrf', remoteAddress, headers })).json<{
+        token: string;
+      }>().token;
+      await client.request({
+        method: 'POST',
+        url: '/api/auth/register',
+        payload: { username: username(), password: PASSWORD },
+        remoteAddress,
+        headers: { ...headers, 'x-csrf-token': token },
+      });
+      const list = await client.request({ method: 'GET', url: '/api/sessions', remoteAddress, headers });
+      return list.json<{ sessions: SessionView[] }>().sessions[0]?.ip;
+    };
+    expect(await ipSeenFrom('10.0.0.1')).toBe('203.0.113.7');
+    expect(await ipSeenFrom('198.51.100.9')).toBe('198.51.100.9');
   });
 });

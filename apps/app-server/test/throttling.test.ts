@@ -350,3 +350,153 @@ describe('minting download tokens (MINT_RATE_PER_MINUTE, counted across replicas
     expect(config.MINT_RATE_PER_MINUTE).toBe(600);
   });
 });
+
+/** A form post of a browser that loaded the form first (its session's CSRF token in `_csrf`). */
+async function formPost(client: TestClient, url: string, fields: Record<string, string>) {
+  const token = await client.csrfToken();
+  return client.request({
+    method: 'POST',
+    url,
+    payload: new URLSearchParams({ ...fields, _csrf: token }).toString(),
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+  });
+}
+
+describe('one account, one throttle bucket', () => {
+  it('the sign-in form refuses a username the API refuses, before it is counted or looked up', async () => {
+    const { app } = await freshApp();
+    const user = await registered(app);
+    // Letters that case-fold differently in JavaScript and in Postgres ("İ", the Kelvin sign):
+    // each spelling used to be a bucket of its own, so an account had several allowances.
+    for (const spelling of [`${user.username}İ`, `${user.username.slice(0, -1)}\u212a`, 'İstanbul']) {
+      const response = await formPost(new TestClient(app), '/login', { username: spelling, password: WRONG });
+      expect(response.statusCode).toBe(303);
+      expect(response.headers.location).toBe('/login');
+    }
+    expect(await count(app, 'login_failures')).toBe(0);
+  });
+
+  it('counts the account under the name Postgres folds it to', async () => {
+    const { app } = await freshApp();
+    const user = await registered(app);
+    await attempt(app, user.username.toUpperCase(), WRONG);
+    const { rows } = await app.db.query<{ username: string }>('SELECT username FROM login_failures');
+    const folded = await app.db.query<{ name: string }>('SELECT lower($1) AS name', [user.username]);
+    expect(rows.map((row) => row.username)).toEqual([folded.rows[0]?.name]);
+  });
+});
+
+describe('password change', () => {
+  it('counts wrong current passwords like failed sign-ins: the 6th attempt is 429', async () => {
+    const { app } = await freshApp();
+    const client = new TestClient(app);
+    await client.register(username(), PASSWORD);
+    const change = (currentPassword: string) =>
+      client.request({
+        method: 'POST',
+        url: '/api/auth/password',
+        payload: { currentPassword, newPassword: 'a brand new password' },
+      });
+    for (let i = 0; i < 5; i++) expectError(await change(WRONG), 401, 'INVALID_CREDENTIALS');
+    // A stolen session cannot go on guessing: refused even with the right password now.
+    expectThrottled(await change(PASSWORD));
+    await app.db.query(`UPDATE login_failures SET at = at - interval '16 minutes'`);
+    expect((await change(PASSWORD)).statusCode).toBe(204);
+  });
+});
+
+describe('registration', () => {
+  it('is limited per client IP (REGISTRATIONS_PER_IP_PER_HOUR), across replicas', async () => {
+    const { app: one } = await freshApp({ REGISTRATIONS_PER_IP_PER_HOUR: '3' });
+    const { app: two } = await buildTestApp(db(), { REGISTRATIONS_PER_IP_PER_HOUR: '3' });
+    await one.db.query('DELETE FROM registrations');
+    const register = (app: FastifyInstance, ip: string) =>
+      new TestClient(app).request({
+        method: 'POST',
+        url: '/api/auth/register',
+        payload: { username: username(), password: PASSWORD },
+        remoteAddress: ip,
+      });
+    expect((await register(one, '10.3.3.3')).statusCode).toBe(201);
+    expect((await register(two, '10.3.3.3')).statusCode).toBe(201);
+    expect((await register(one, '10.3.3.3')).statusCode).toBe(201);
+    const seconds = expectThrottled(await register(two, '10.3.3.3'), 3600);
+    expect(seconds).toBeGreaterThan(3500);
+    expect((await register(one, '10.4.4.4')).statusCode).toBe(201);
+    // An hour later the IP may register again.
+    await one.db.query(`UPDATE registrations SET at = at - interval '61 minutes'`);
+    expect((await register(one, '10.3.3.3')).statusCode).toBe(201);
+  });
+
+  it('checks whether the name is taken before it spends time hashing the password', async () => {
+    // A high hashing cost, so that the hash dominates the time of a registration.
+    const { app } = await freshApp({ ARGON2_MEMORY_KIB: '65536', ARGON2_TIME_COST: '6' });
+    const register = async (name: string) => {
+      const start = performance.now();
+      const response = await new TestClient(app).request({
+        method: 'POST',
+        url: '/api/auth/register',
+        payload: { username: name, password: PASSWORD },
+      });
+      return { status: response.statusCode, ms: performance.now() - start };
+    };
+    // Warm: the dummy hashes A computes at start are done.
+    expect((await register(username())).status).toBe(201);
+    const name = username();
+    const created = await register(name);
+    expect(created.status).toBe(201);
+    const taken = await register(name);
+    expect(taken.status).toBe(409);
+    expect(taken.ms, `taken ${taken.ms} ms, created ${created.ms} ms`).toBeLessThan(created.ms / 3);
+  });
+});
+
+describe('the owner is never locked out by an attacker', () => {
+  it('a browser that signed in before gets in past a full account count; others stay throttled', async () => {
+    const { app } = await freshApp();
+    const owner = new TestClient(app);
+    const user = await owner.register(username(), PASSWORD);
+    expect((await owner.request({ method: 'POST', url: '/api/auth/logout' })).statusCode).toBe(204);
+
+    // The attacker keeps the account's count full.
+    for (let i = 0; i < 5; i++)
+      expectError(await attempt(app, user.username, WRONG), 401, 'INVALID_CREDENTIALS');
+    expectThrottled(await attempt(app, user.username, PASSWORD));
+
+    // The owner's browser (its device cookie) is not subject to the account's count.
+    expect((await owner.login(user.username, PASSWORD)).statusCode).toBe(200);
+    expect((await owner.request({ method: 'GET', url: '/api/me' })).statusCode).toBe(200);
+
+    // A device cookie is no free pass for guessing: it has an allowance of its own.
+    await owner.request({ method: 'POST', url: '/api/auth/logout' });
+    for (let i = 0; i < 5; i++)
+      expectError(await owner.login(user.username, WRONG), 401, 'INVALID_CREDENTIALS');
+    expectThrottled(await owner.login(user.username, PASSWORD));
+
+    // A forged or another account's device cookie counts as none.
+    const forger = new TestClient(app);
+    forger.cookies.set('device', `${user.id}.forged`);
+    expectThrottled(await forger.login(user.username, PASSWORD));
+  });
+});
+
+describe('clean-up', () => {
+  it('drops failures and registrations past their window, keeps the recent ones', async () => {
+    const { app } = await freshApp();
+    await app.db.query('DELETE FROM registrations');
+    await attempt(app, username(), WRONG);
+    await attempt(app, username(), WRONG);
+    await new TestClient(app).register();
+    await new TestClient(app).register();
+    await app.db.query(
+      `UPDATE login_failures SET at = at - interval '16 minutes' WHERE id = (SELECT min(id) FROM login_failures)`,
+    );
+    await app.db.query(
+      `UPDATE registrations SET at = at - interval '61 minutes' WHERE id = (SELECT min(id) FROM registrations)`,
+    );
+    await app.repos.loginFailures.deleteOlderThan(15 * 60);
+    await app.repos.registrations.deleteOlderThan(3600);
+    expect(await count(app, 'login_failures')).toBe(1);
+    expect(await count(app, 'registrations')).toBe(1);
+  });
+});

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { stat } from 'node:fs/promises';
 import { request as httpRequest } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -96,9 +97,12 @@ describe('per-user quota', () => {
     const responses = await Promise.all(
       Array.from({ length: 5 }, (_, i) => uploadWith(client, token, `c${i}.bin`, randomBytes(300))),
     );
-    const statuses = responses.map((response) => response.statusCode).sort();
-    // Any 3 fit; a 4th would not, whichever order they finish in.
-    expect(statuses).toEqual([201, 201, 201, 413, 413]);
+    const created = responses.filter((r) => r.statusCode === 201).length;
+    // Each upload reserves its body's size (300 bytes plus the multipart framing) while it runs:
+    // two fit side by side for sure, a third only if others finished before it started; never
+    // a fourth.
+    expect(created).toBeGreaterThanOrEqual(2);
+    expect(created).toBeLessThanOrEqual(3);
     for (const response of responses.filter((r) => r.statusCode !== 201)) {
       expectError(response, 413, 'QUOTA_EXCEEDED');
     }
@@ -107,8 +111,63 @@ describe('per-user quota', () => {
       [user.id],
     );
     expect(Number(rows[0]?.total)).toBeLessThanOrEqual(1000);
-    expect(rows[0]?.n).toBe(3);
-    await expectStored(app, config, user.id, 3);
+    expect(rows[0]?.n).toBe(created);
+    await expectStored(app, config, user.id, created);
+    expect(await count(app, 'upload_reservations')).toBe(0);
+  });
+
+  it('six uploads side by side never put more than the quota on disk', async () => {
+    const { app, config } = await buildTestApp(db(), { USER_QUOTA_BYTES: '100000' });
+    const { client } = await signedIn(app);
+    const token = await client.csrfToken();
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = app.server.address() as AddressInfo;
+    const cookie = [...client.cookies].map(([name, value]) => `${name}=${value}`).join('; ');
+
+    // Each sends 90 kB of a 100 kB file, then waits: all six are in flight at once.
+    const body = multipart([{ name: 'file', filename: 'big.bin', content: randomBytes(100_000) }]);
+    const cut = body.payload.length - 10_100;
+    const uploads = Array.from({ length: 6 }, () => {
+      const request = httpRequest({
+        port,
+        host: '127.0.0.1',
+        method: 'POST',
+        path: '/api/files',
+        headers: { ...body.headers, 'content-length': body.payload.length, cookie, 'x-csrf-token': token },
+      });
+      const response = new Promise<number>((resolve, reject) => {
+        request.on('response', (res) => {
+          res.resume();
+          resolve(res.statusCode as number);
+        });
+        request.on('error', reject);
+      });
+      request.write(body.payload.subarray(0, cut));
+      return { request, response };
+    });
+    // Wait until the bytes have arrived (those that A accepts).
+    await expect
+      .poll(async () => {
+        const sizes = await Promise.all(
+          (await tempFiles(config)).map((name) =>
+            stat(join(config.storageDir, '.tmp', name)).then((s) => s.size),
+          ),
+        );
+        return sizes.reduce((a, b) => a + b, 0);
+      })
+      .toBeGreaterThanOrEqual(80_000);
+    const onDisk = await Promise.all(
+      (await tempFiles(config)).map((name) =>
+        stat(join(config.storageDir, '.tmp', name)).then((s) => s.size),
+      ),
+    );
+    expect(onDisk.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual(100_000);
+
+    for (const { request } of uploads) request.end(body.payload.subarray(cut));
+    const statuses = (await Promise.all(uploads.map((u) => u.response.catch(() => 0)))).sort();
+    // One fits; the others were refused at once (413) or cut off after the refusal (0).
+    expect(statuses.filter((status) => status === 201)).toHaveLength(1);
+    expect(statuses.filter((status) => status !== 201 && status !== 413 && status !== 0)).toEqual([]);
   });
 });
 
@@ -179,6 +238,22 @@ describe('file names', () => {
     const objects = await storedObjects(config);
     expect(objects).toHaveLength(1);
     expect(objects[0]).toMatch(/^[A-Za-z0-9_-]{2}[/\\][A-Za-z0-9_-]{21}$/);
+  });
+
+  it("refuses a name with NUL (filename*=UTF-8''a%00b.txt: Postgres cannot store it) with 400", async () => {
+    const { app, config } = await buildTestApp(db());
+    const { client, user } = await signedIn(app);
+    const body = Buffer.from(
+      `--b\r\nContent-Disposition: form-data; name="file"; filename*=UTF-8''a%00b.txt\r\n\r\ncontent\r\n--b--\r\n`,
+    );
+    const response = await client.request({
+      method: 'POST',
+      url: '/api/files',
+      payload: body,
+      headers: { 'content-type': 'multipart/form-data; boundary=b' },
+    });
+    expectError(response, 400, 'VALIDATION_FAILED');
+    await expectStored(app, config, user.id, 0);
   });
 
   it('keeps names with slashes as given, never as a path', async () => {

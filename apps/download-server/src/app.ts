@@ -1,11 +1,8 @@
+import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
-import Fastify, {
-  type FastifyInstance,
-  type FastifyReply,
-  type FastifyRequest,
-  LogController,
-} from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify';
 import type { DestinationStream } from 'pino';
+import { replayWindowMs } from './acceptance.ts';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
@@ -21,33 +18,37 @@ const DEFENSIVE_HEADERS = {
   'content-security-policy': "default-src 'none'; sandbox",
 };
 
-// Tokens are bearer credentials: no log line may carry one.
-const redactToken = (url: string) => url.replace(/^\/d\/[^/?]*/, '/d/[token]');
-
-/** One line per request, when it completes, with the request id, the redacted path and the outcome. */
-class RequestLog extends LogController {
-  override incomingRequest() {}
-  override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply) {
-    const line = { req: request, res: reply, responseTime: reply.elapsedTime };
-    if (error) reply.log.error({ ...line, err: error }, 'request errored');
-    else reply.log.info(line, 'request completed');
+// Tokens are bearer credentials: no log line may carry one, whatever the URL looks like. A
+// request the router sent to the download handler is logged by its route (`/%64/<token>` is
+// `/d/<token>` to the router); and every URL loses what is shaped like a JWS (three base64url
+// segments), percent-encoded or not, wherever it stands (`//d/<token>`, `/x/<token>`).
+const JWS_SHAPED = /[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*/g;
+function redactToken(request: FastifyRequest): string {
+  const name = (request.params as { name?: string } | undefined)?.name;
+  let url = request.url ?? '';
+  if (request.routeOptions?.url?.startsWith('/d/')) url = `/d/[token]${name === undefined ? '' : `/${name}`}`;
+  try {
+    url = decodeURIComponent(url);
+  } catch {
+    // Not valid percent-encoding: redact it as it is.
   }
+  return url.replace(JWS_SHAPED, '[token]').replace(/^\/d\/[^/?]*/, '/d/[token]');
 }
 
 export interface BuildOptions {
-  /** Where log lines go (default: stdout, a write per line). */
+  /** Where JSON log lines go (default: stdout, a write per line). */
   logStream?: DestinationStream;
 }
 
 /** Server B. Stateless apart from the replay store; holds no sessions and opens no database. */
 export async function buildApp(config: DownloadConfig, options: BuildOptions = {}): Promise<FastifyInstance> {
   const app = Fastify({
-    logger: {
-      level: config.LOG_LEVEL,
-      serializers: { req: (req) => ({ method: req.method, url: redactToken(req.url ?? '') }) },
-      ...(options.logStream && { stream: options.logStream }),
-    },
-    logController: new RequestLog(),
+    ...logging(
+      'download',
+      config,
+      { req: (req: FastifyRequest) => ({ method: req.method, url: redactToken(req) }) },
+      options.logStream,
+    ),
     // Tokens travel in the path. Node refuses request heads over 16 KiB (431) anyway, so no URL
     // the server accepts can hit the router's limit (414): long tokens reach the handler and get
     // 400 TOKEN_MALFORMED.
@@ -84,7 +85,10 @@ export async function buildApp(config: DownloadConfig, options: BuildOptions = {
       },
     }),
     journalDir: `${config.DATA_DIR}/replay`,
-    windowMs: (config.TOKEN_MAX_AGE_SECONDS + 2 * config.CLOCK_TOLERANCE_SECONDS) * 1000,
+    windowMs: replayWindowMs({
+      maxTokenAgeSeconds: config.TOKEN_MAX_AGE_SECONDS,
+      clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS,
+    }),
   });
   await app.register(metrics);
   await app.register(healthRoutes);

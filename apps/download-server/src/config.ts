@@ -1,9 +1,16 @@
-import { ConfigError, Port, parseEnv, s3Settings, sharedEnv, storageDir } from '@sfh/config';
+import {
+  ConfigError,
+  type PublicUrls,
+  parseEnv,
+  publicUrls,
+  s3Settings,
+  sharedEnv,
+  storageDir,
+} from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 
 export const DownloadEnv = Type.Object({
   ...sharedEnv,
-  DOWNLOAD_PORT: Port(3001),
   /** Default: `APP_PUBLIC_URL/.well-known/jwks.json`. */
   JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$' })),
   /** Read keys from this file instead of `JWKS_URL` (a B that cannot reach A). */
@@ -18,36 +25,31 @@ export const DownloadEnv = Type.Object({
   REDIS_TIMEOUT_MS: Type.Integer({ minimum: 10, maximum: 60_000, default: 1000 }),
   /** B refuses to start on a Redis that may evict its keys (used tokens forgotten), unless this is true. */
   REDIS_ALLOW_EVICTION: Type.Boolean({ default: false }),
-  /** Time a client has to send its request head; stops slowloris clients. */
-  REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
-  /**
-   * A connection with no traffic either way for this long is closed; a download that keeps
-   * moving never is. (Node lets one timeout pass while a write is pending, so a stalled transfer
-   * is cut after up to twice this.)
-   */
-  IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
 });
 
-export type DownloadConfig = Static<typeof DownloadEnv> & {
-  storageDir: string;
-  /** The bucket holding the file bytes; `undefined`: `storageDir` on local disk. */
-  s3: ReturnType<typeof s3Settings>;
-  /** Where the key set comes from: an http(s) URL or a file path. */
-  jwksSource: { url: string } | { file: string };
-};
+export type DownloadConfig = Omit<Static<typeof DownloadEnv>, keyof PublicUrls> &
+  PublicUrls & {
+    storageDir: string;
+    /** The bucket holding the file bytes; `undefined`: `storageDir` on local disk. */
+    s3: ReturnType<typeof s3Settings>;
+    /** Where the key set comes from: an http(s) URL or a file path. */
+    jwksSource: { url: string } | { file: string };
+  };
 
 /** Validates B's environment; throws `ConfigError` naming the variable. */
 export function loadConfig(env: Record<string, string | undefined>): DownloadConfig {
   const parsed = parseEnv(DownloadEnv, env);
+  const urls = publicUrls(parsed);
   if (parsed.JWKS_URL && parsed.JWKS_FILE) {
     throw new ConfigError('Invalid configuration: set JWKS_URL or JWKS_FILE, not both');
   }
   return {
     ...parsed,
+    ...urls,
     storageDir: storageDir(parsed),
     s3: s3Settings(parsed),
     jwksSource: parsed.JWKS_FILE
       ? { file: parsed.JWKS_FILE }
-      : { url: parsed.JWKS_URL ?? `${parsed.APP_PUBLIC_URL}/.well-known/jwks.json` },
+      : { url: parsed.JWKS_URL ?? `${urls.APP_PUBLIC_URL}/.well-known/jwks.json` },
   };
 }

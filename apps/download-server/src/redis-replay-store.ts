@@ -25,6 +25,11 @@ export interface RedisReplayStoreOptions {
 
 /** After this long, a refused eviction policy is read again (ops may have fixed it live). */
 const RECHECK_REFUSED_MS = 1_000;
+/**
+ * After this long, an accepted policy is read again: `CONFIG SET maxmemory-policy` needs no
+ * restart, so a Redis may start evicting while B runs. Claims are refused within this of it.
+ */
+export const POLICY_RECHECK_MS = 5_000;
 /** Reconnect backoff: 100 ms more per failed attempt, never more than this. */
 const MAX_RECONNECT_DELAY_MS = 2_000;
 
@@ -58,8 +63,9 @@ const MAX_RECONNECT_DELAY_MS = 2_000;
  * expires, which breaks single use silently. With `noeviction` Redis refuses writes instead,
  * the claim rejects and B fails closed. The policy is read with `CONFIG GET` at open (a wrong
  * policy with `requireNoEviction` makes `open` throw) and again after every reconnect (Redis may
- * have been restarted with other settings); until it has been read on the current connection,
- * a store that requires `noeviction` rejects every call. Managed services that disable `CONFIG`
+ * have been restarted with other settings), every `POLICY_RECHECK_MS` while B runs (`CONFIG SET`
+ * changes it live) and on every `ping` (/readyz); until it has been read on the current
+ * connection, a store that requires `noeviction` rejects every call. Managed services that disable `CONFIG`
  * get a warning and are trusted.
  */
 export class RedisReplayStore implements ReplayStore {
@@ -139,6 +145,8 @@ export class RedisReplayStore implements ReplayStore {
   }
 
   async ping(): Promise<void> {
+    // /readyz reads the policy afresh: readiness must not trail a change by the recheck period.
+    if (this.#requireNoEviction) await this.#checkPolicy();
     await this.#usable();
     await this.#client.ping();
   }
@@ -165,9 +173,10 @@ export class RedisReplayStore implements ReplayStore {
   /** Resolves when a store that requires `noeviction` has seen it on the current connection. */
   async #usable(): Promise<void> {
     if (!this.#requireNoEviction) return;
+    const age = Date.now() - this.#checkedAt;
     const stale =
       this.#checkedOn !== this.#connection ||
-      (this.#refusal !== undefined && Date.now() - this.#checkedAt > RECHECK_REFUSED_MS);
+      age > (this.#refusal === undefined ? POLICY_RECHECK_MS : RECHECK_REFUSED_MS);
     if (stale) await this.#checkPolicy();
     if (this.#refusal) throw this.#refusal;
   }

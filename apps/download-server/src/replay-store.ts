@@ -1,6 +1,8 @@
 import { writeSync } from 'node:fs';
 import { type FileHandle, mkdir, open, readFile, rename, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { ConfigError } from '@sfh/config';
+import lockfile from 'proper-lockfile';
 
 /**
  * Remembers which download tokens (by `jti`) were used. The single-use guarantee rests on it.
@@ -21,36 +23,73 @@ export interface ReplayStore {
   close(): Promise<void>;
 }
 
+/** Where the memory store reports trouble with its journal (a pino logger fits). */
+export interface JournalLog {
+  warn(obj: object, msg: string): void;
+}
+
+/** A failed compaction is tried again on a claim at least this much later. */
+const COMPACTION_RETRY_MS = 1_000;
+
 /**
  * In-process replay store for a single B. Claims survive a restart through a journal,
- * `dir/claims.log`: every claim is appended before the first byte is sent and read back at
- * start. Every `windowMs` (the longest a token can stay acceptable) the journal is rewritten
- * with only the claims that still matter, so memory and disk stay bounded.
+ * `dir/claims.log`: every claim is appended and synced to disk (fdatasync) before the first
+ * byte is sent, and read back at start. Every `windowMs` (the longest a used token stays
+ * recorded) the journal is rewritten with only the claims that still matter, so memory and
+ * disk stay bounded.
  *
- * Several B replicas cannot share it: they need the Redis store.
+ * Fail-closed: a journal that exists but cannot be read stops `open` (only "no such file"
+ * means no claims yet), since treating it as empty would make used tokens valid again. A
+ * failed compaction is logged and retried, and claims go on into the current journal
+ * meanwhile; `ping` rejects while the last write or compaction failed, so /readyz says so.
+ *
+ * Several B replicas cannot share it: they need the Redis store. Two B on one folder would each
+ * accept a token once, and one's compaction would leave the other appending to a deleted file,
+ * so the store holds an exclusive lock on its folder (`dir/claims.lock`, kept fresh while it
+ * runs): a second B refuses to start. The lock of a B that died expires after LOCK_STALE_MS.
  */
+const LOCK_STALE_MS = 10_000;
+
 export class MemoryReplayStore implements ReplayStore {
   readonly #claims = new Map<string, number>();
   readonly #file: string | undefined;
   readonly #windowMs: number;
+  readonly #log: JournalLog | undefined;
   #journal: FileHandle | undefined;
   #compactedAt = 0;
+  #compactionFailedAt = 0;
   #compacting: Promise<void> | undefined;
+  /** Why the journal cannot be trusted right now (the last write or compaction failed). */
+  #writeError: Error | undefined;
+  #compactionError: Error | undefined;
   /** Claims waiting for the next journal write, and that write. */
   #batch: { lines: string; written: Promise<void> } | undefined;
   /** The last journal write started (never rejects): the next batch waits for it. */
   #writing: Promise<void> = Promise.resolve();
+  #unlock: (() => Promise<void>) | undefined;
+  /** Set if the lock was lost (another process took the folder): the store then fails closed. */
+  #lockLost: Error | undefined;
 
-  private constructor(file: string | undefined, windowMs: number) {
+  private constructor(file: string | undefined, windowMs: number, log: JournalLog | undefined) {
     this.#file = file;
     this.#windowMs = windowMs;
+    this.#log = log;
   }
 
   /** Opens the store; with `dir`, claims are journalled there and reloaded from it. */
-  static async open(options: { dir?: string; windowMs: number }): Promise<MemoryReplayStore> {
-    const store = new MemoryReplayStore(options.dir && join(options.dir, 'claims.log'), options.windowMs);
+  static async open(options: {
+    dir?: string;
+    windowMs: number;
+    log?: JournalLog;
+  }): Promise<MemoryReplayStore> {
+    const store = new MemoryReplayStore(
+      options.dir && join(options.dir, 'claims.log'),
+      options.windowMs,
+      options.log,
+    );
     if (options.dir) {
       await mkdir(options.dir, { recursive: true });
+      await store.#lock(options.dir);
       await store.#load();
       await store.#compact();
     }
@@ -58,6 +97,7 @@ export class MemoryReplayStore implements ReplayStore {
   }
 
   async claim(jti: string, keepUntil: number): Promise<boolean> {
+    if (this.#lockLost) throw this.#lockLost;
     const now = Date.now();
     const until = this.#claims.get(jti);
     if (until !== undefined && until > now) return false;
@@ -65,17 +105,20 @@ export class MemoryReplayStore implements ReplayStore {
     // in this process can slip in between the check and the set.
     this.#claims.set(jti, keepUntil);
     if (this.#file) {
-      if (!this.#compacting && now - this.#compactedAt > this.#windowMs) this.#compacting = this.#compact();
+      const due = now - this.#compactedAt > this.#windowMs;
+      if (!this.#compacting && due && now - this.#compactionFailedAt > COMPACTION_RETRY_MS)
+        this.#compacting = this.#retryableCompaction();
       await this.#append(`${jti} ${keepUntil}\n`);
     }
     return true;
   }
 
-  // Group commit: the claims made during one turn of the event loop go out together, in one
-  // append once the turn is over (setImmediate), and each claim resolves only once its own line
-  // is written. The append is synchronous: a page-cache write costs a few microseconds, while an
-  // asynchronous one costs a promise and a trip through libuv's thread pool, which on B's hot
-  // path is busy checking signatures for jose (WebCrypto).
+  // Group commit: one batch at a time, and the claims made while it is written and synced go out
+  // together in the next (at the earliest after the current turn of the event loop, setImmediate).
+  // Each claim resolves only once its own line is on disk. The append itself is synchronous: a
+  // page-cache write costs a few microseconds, while an asynchronous one costs another promise and
+  // trip through libuv's thread pool, which on B's hot path is busy checking signatures for jose
+  // (WebCrypto); only the fdatasync, one per batch, goes there.
   #append(line: string): Promise<void> {
     if (!this.#batch) {
       const batch = { lines: '', written: Promise.resolve() };
@@ -83,7 +126,18 @@ export class MemoryReplayStore implements ReplayStore {
         await this.#compacting;
         await new Promise(setImmediate);
         this.#batch = undefined;
-        if (this.#journal) appendAll(this.#journal.fd, Buffer.from(batch.lines));
+        try {
+          // Synced: a claim the client got bytes for survives a power loss too.
+          if (this.#journal) {
+            appendAll(this.#journal.fd, Buffer.from(batch.lines));
+            await this.#journal.datasync();
+          }
+          this.#writeError = undefined;
+        } catch (error) {
+          this.#writeError = error as Error;
+          this.#log?.warn({ err: error }, 'replay journal: write failed; downloads are refused (503)');
+          throw error;
+        }
       });
       this.#writing = batch.written.catch(() => {});
       this.#batch = batch;
@@ -93,21 +147,53 @@ export class MemoryReplayStore implements ReplayStore {
   }
 
   async isClaimed(jti: string): Promise<boolean> {
+    if (this.#lockLost) throw this.#lockLost;
     const until = this.#claims.get(jti);
     return until !== undefined && until > Date.now();
   }
 
-  async ping(): Promise<void> {}
+  async ping(): Promise<void> {
+    if (this.#lockLost) throw this.#lockLost;
+    const error = this.#writeError ?? this.#compactionError;
+    if (error) throw new Error(`replay journal: ${error.message}`, { cause: error });
+  }
 
   async close(): Promise<void> {
     await this.#compacting;
     await this.#writing;
     await this.#journal?.close();
     this.#journal = undefined;
+    await this.#unlock?.().catch(() => {});
+    this.#unlock = undefined;
+  }
+
+  async #lock(dir: string): Promise<void> {
+    try {
+      this.#unlock = await lockfile.lock(dir, {
+        lockfilePath: join(dir, 'claims.lock'),
+        stale: LOCK_STALE_MS,
+        onCompromised: (error) => {
+          this.#lockLost = new Error('lost the lock on the replay journal', { cause: error });
+        },
+      });
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'ELOCKED') throw error;
+      throw new ConfigError(
+        `Another download server (B) uses the replay journal in ${dir}: two B on one DATA_DIR would ` +
+          'each accept a token once. Give each B its own DATA_DIR, or run several B with a shared ' +
+          `REDIS_URL. (A B that crashed releases it ${LOCK_STALE_MS / 1000} s after it stopped.)`,
+        { cause: error },
+      );
+    }
   }
 
   async #load(): Promise<void> {
-    const text = await readFile(this.#file as string, 'utf8').catch(() => '');
+    // Only a journal that does not exist is empty. One that cannot be read (permissions, an I/O
+    // error) must stop B: read as empty and then rewritten, it would forget every used token.
+    const text = await readFile(this.#file as string, 'utf8').catch((error: NodeJS.ErrnoException) => {
+      if (error.code === 'ENOENT') return '';
+      throw new Error(`Cannot read the replay journal ${this.#file}: ${error.message}`, { cause: error });
+    });
     const now = Date.now();
     for (const line of text.split('\n')) {
       const [jti, until] = line.split(' ');
@@ -116,8 +202,24 @@ export class MemoryReplayStore implements ReplayStore {
     }
   }
 
+  // A compaction that fails leaves the current journal in place (claims go on into it), is
+  // logged, and is tried again later; it never rejects, so no claim waits on a dead promise.
+  async #retryableCompaction(): Promise<void> {
+    try {
+      await this.#compact();
+      this.#compactionError = undefined;
+    } catch (error) {
+      this.#compactionError = error as Error;
+      this.#compactionFailedAt = Date.now();
+      this.#log?.warn({ err: error }, 'replay journal: compaction failed; will retry');
+    } finally {
+      this.#compacting = undefined;
+    }
+  }
+
   // Rewrites the journal with the live claims. Claims made meanwhile wait for it and are
-  // appended to the new file; claims made before are in the snapshot.
+  // appended to the new file; claims made before are in the snapshot. The new file is opened
+  // before it replaces the old one, so the store never appends to a file that is gone.
   async #compact(): Promise<void> {
     const file = this.#file as string;
     const now = Date.now();
@@ -127,12 +229,17 @@ export class MemoryReplayStore implements ReplayStore {
       else live += `${jti} ${until}\n`;
     }
     await writeFile(`${file}.tmp`, live, { mode: 0o600, flush: true });
-    await rename(`${file}.tmp`, file);
+    const next = await open(`${file}.tmp`, 'a', 0o600);
+    try {
+      await rename(`${file}.tmp`, file);
+    } catch (error) {
+      await next.close();
+      throw error;
+    }
     const previous = this.#journal;
-    this.#journal = await open(file, 'a', 0o600);
+    this.#journal = next;
     await previous?.close();
     this.#compactedAt = now;
-    this.#compacting = undefined;
   }
 }
 

@@ -1,4 +1,5 @@
-import { closeOnSignals, runMain } from '@sfh/lifecycle';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { announceReady, closeOnSignals, makePrivate, runMain } from '@sfh/lifecycle';
 import pino from 'pino';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
@@ -11,6 +12,9 @@ const LOG_FLUSH_MS = 100;
 
 runMain(async () => {
   const config = loadConfig(process.env);
+  // The replay journal lives here: other local users must not read or rewrite it. The storage
+  // is A's (B only reads it, often from a read-only mount): A sees to its modes.
+  await makePrivate(config.DATA_DIR, { skip: [config.storageDir] });
   const logStream = pino.destination({
     dest: 1,
     sync: true,
@@ -26,11 +30,20 @@ runMain(async () => {
     void app.keys.refresh();
   });
   await app.listen({ port: config.DOWNLOAD_PORT, host: config.HOST });
-  app.log.info(
-    {
-      keys: config.jwksSource,
-      storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,
-    },
-    `download server (B) ready at ${config.DOWNLOAD_PUBLIC_URL}`,
-  );
+  // Ready means what /readyz means: B can verify tokens (it has keys) and remember them (the
+  // replay store answers). Until then it only listens, and answers 503.
+  if (!app.keys.status().usable)
+    app.log.info({ keys: config.jwksSource }, 'download server (B) listening, not ready: waiting for keys');
+  await app.keys.ready;
+  while (
+    !(await app.replayStore.ping().then(
+      () => true,
+      () => false,
+    ))
+  )
+    await sleep(1_000);
+  announceReady(app, 'download server (B)', config.DOWNLOAD_PUBLIC_URL, {
+    keys: config.jwksSource,
+    storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,
+  });
 });

@@ -274,38 +274,35 @@ describe('ranges', () => {
     return { ...t, res };
   }
 
-  it.each([
-    ['bytes=0-4', 0, 4],
-    ['bytes=0-0', 0, 0],
-    ['bytes=-3', 7, 9],
-    ['bytes=5-', 5, 9],
-    ['bytes=5-100', 5, 9],
-    ['bytes=-100', 0, 9],
-  ])('%s → 206 bytes %i-%i', async (range, start, end) => {
-    const { res } = await rangeOf(range);
+  // Which range a header selects is range.test.ts (property-based, against RFC 9110); here, what
+  // the route does with it.
+  it('bytes=5-100 → 206 with the clamped range, exact bytes and headers', async () => {
+    const { res } = await rangeOf('bytes=5-100');
     expect(res.statusCode, res.body).toBe(206);
-    expect(res.headers['content-range']).toBe(`bytes ${start}-${end}/${TEN.length}`);
-    expect(res.headers['content-length']).toBe(String(end - start + 1));
-    expect(res.rawPayload.equals(TEN.subarray(start, end + 1))).toBe(true);
+    expect(res.headers['content-range']).toBe(`bytes 5-9/${TEN.length}`);
+    expect(res.headers['content-length']).toBe('5');
+    expect(res.rawPayload.equals(TEN.subarray(5))).toBe(true);
     expect(res.headers['accept-ranges']).toBe('bytes');
     expect(res.headers.etag).toBeDefined();
   });
 
-  it('a range that starts past the end → 416 with bytes */size, and the token is not consumed', async () => {
-    const { app, token, res } = await rangeOf('bytes=10-20');
-    expectError(res, 416, 'RANGE_NOT_SATISFIABLE');
-    expect(res.headers['content-range']).toBe(`bytes */${TEN.length}`);
-    expect(await app.replayStore.isClaimed(jtiOf(token))).toBe(false);
-    const after = await download(app, token);
-    expect(after.statusCode).toBe(200);
-    expect(after.rawPayload.equals(TEN)).toBe(true);
-  });
-
-  it('any range of an empty file → 416 bytes */0', async () => {
-    const { res } = await rangeOf('bytes=0-0', {}, Buffer.alloc(0));
-    expectError(res, 416, 'RANGE_NOT_SATISFIABLE');
-    expect(res.headers['content-range']).toBe('bytes */0');
-  });
+  it.each([
+    ['starts past the end', 'bytes=10-20', TEN],
+    ['starts exactly at the end (curl -C -, wget -c on a complete file)', 'bytes=10-', TEN],
+    ['is open on an empty file', 'bytes=0-', Buffer.alloc(0)],
+    ['is any int-range of an empty file', 'bytes=0-0', Buffer.alloc(0)],
+  ])(
+    'a range that %s → 416 with bytes */size, and the token is not consumed',
+    async (_label, range, bytes) => {
+      const { app, token, res } = await rangeOf(range, {}, bytes);
+      expectError(res, 416, 'RANGE_NOT_SATISFIABLE');
+      expect(res.headers['content-range']).toBe(`bytes */${bytes.length}`);
+      expect(await app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+      const after = await download(app, token);
+      expect(after.statusCode).toBe(200);
+      expect(after.rawPayload.equals(bytes)).toBe(true);
+    },
+  );
 
   it('HEAD with a range answers 206 like GET, without consuming the token', async () => {
     const { app, token } = await withFile();
@@ -318,16 +315,6 @@ describe('ranges', () => {
     expect(get.statusCode).toBe(206);
     expect(get.rawPayload.toString()).toBe('2345');
   });
-
-  it.each(['bytes=abc', 'bytes=', 'bytes=5-2', 'items=0-1', 'items=abc', '0-1'])(
-    'an invalid Range header (%s) is ignored: 200, whole file',
-    async (range) => {
-      const { res } = await rangeOf(range);
-      expect(res.statusCode, res.body).toBe(200);
-      expect(res.headers['content-range']).toBeUndefined();
-      expect(res.rawPayload.equals(TEN)).toBe(true);
-    },
-  );
 
   it('several ranges get the whole file (documented policy: never multipart)', async () => {
     const { res } = await rangeOf('bytes=0-1,5-6');

@@ -6,15 +6,19 @@ import { buildTestApp, createKey, createUnknownKey, jwkOf, type TestKey } from '
 
 const jwksOf = (...keys: TestKey[]) => ({ keys: keys.map(jwkOf) });
 
-/** A stand-in for A's JWKS endpoint that counts how often B reads it. */
-async function jwksServer(keys: TestKey[], extra: unknown[] = []) {
+/**
+ * A stand-in for A's JWKS endpoint that counts how often B reads it; `undefined` keys: 503.
+ * `extra` entries go before the keys' own.
+ */
+async function jwksServer(keys: TestKey[] | undefined, extra: unknown[] = []) {
   let reads = 0;
   const bodyOf = (next: TestKey[]) => JSON.stringify({ keys: [...extra, ...jwksOf(...next).keys] });
-  let body = bodyOf(keys);
+  let body = keys && bodyOf(keys);
   const server: Server = createServer((_request, response) => {
     reads += 1;
+    if (body === undefined) response.statusCode = 503;
     response.setHeader('content-type', 'application/json');
-    response.end(body);
+    response.end(body ?? '{}');
   });
   await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
   servers.push(server);
@@ -49,6 +53,36 @@ const until = async (check: () => Promise<boolean>, ms: number) => {
 };
 
 describe("B's key set", () => {
+  it('with no usable set, a request reads it right then: one read in flight, at most one per second', async () => {
+    const key = await createKey();
+    // B starts before A is ready (npm start): its first read fails.
+    const source = await jwksServer(undefined);
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { key, jwksUrl: source.url });
+    expect(source.reads()).toBe(1);
+    const file = await t.putFile('on demand');
+    const token = await t.mint(file);
+
+    // A burst while A is still down: one read for all of it, then nothing for a second.
+    const get = () => t.app.inject({ method: 'GET', url: `/d/${token}` });
+    const burst = await Promise.all(Array.from({ length: 20 }, get));
+    expect(burst.map((r) => r.statusCode)).toEqual(burst.map(() => 503));
+    expect(burst[0]?.json()).toMatchObject({ error: 'KEYS_UNAVAILABLE' });
+    expect(source.reads()).toBe(2);
+    expect((await head(t.app, token)).statusCode).toBe(503);
+    expect(source.reads()).toBe(2);
+
+    // A is ready: the first request after the interval is served, long before B's retry timer.
+    source.publish(key);
+    await new Promise((resolve) => setTimeout(resolve, 1_050));
+    const started = Date.now();
+    const served = await get();
+    expect(served.statusCode, served.body).toBe(200);
+    expect(served.body).toBe('on demand');
+    expect(source.reads()).toBe(3);
+    expect(Date.now() - started).toBeLessThan(1_000);
+    await t.app.keys.ready;
+  });
+
   it('a flood of tokens with unknown kids costs at most one extra fetch per cooldown', async () => {
     const key = await createKey();
     const source = await jwksServer([key]);

@@ -15,7 +15,12 @@ import { nanoid } from 'nanoid';
 import { beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { freePort } from '../../../test/support/processes.ts';
 import { killRedis, startRedis } from '../../../test/support/redis.ts';
-import { RedisReplayStore, type RedisReplayStoreOptions } from '../src/redis-replay-store.ts';
+import { skipUnless } from '../../../test/support/skip.ts';
+import {
+  POLICY_RECHECK_MS,
+  RedisReplayStore,
+  type RedisReplayStoreOptions,
+} from '../src/redis-replay-store.ts';
 import { replayStoreContract } from './replay-store.contract.ts';
 
 const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -79,7 +84,12 @@ async function rejectsWithin(promise: Promise<unknown>): Promise<number> {
 
 const fakeLog = () => ({ warn: vi.fn(), error: vi.fn() });
 
-describe.skipIf(!REACHABLE && !REQUIRED)(`RedisReplayStore against ${REDIS_URL}`, () => {
+const against = skipUnless(
+  'RedisReplayStore',
+  !REACHABLE && `no Redis answers at ${REDIS_URL} (start redis-server, or set TEST_REDIS_URL)`,
+  REQUIRED,
+);
+describe.skipIf(against.skip)(`RedisReplayStore against ${REDIS_URL}${against.reason}`, () => {
   beforeAll(() => {
     if (!REACHABLE) throw new Error(`Redis does not answer at ${REDIS_URL}; CI and TEST_REDIS_URL need it`);
   });
@@ -127,7 +137,11 @@ describe.skipIf(!REACHABLE && !REQUIRED)(`RedisReplayStore against ${REDIS_URL}`
   });
 });
 
-describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore when Redis fails', () => {
+// These start Redis servers of their own on free ports.
+const ownRedis = (suite: string) =>
+  skipUnless(suite, !HAS_REDIS_SERVER && 'no redis-server program (apt-get install -y redis-server)');
+const fails = ownRedis('RedisReplayStore when Redis fails');
+describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, () => {
   it('fails closed while Redis is down and recovers by itself when it returns', async () => {
     const port = await freePort();
     const url = `redis://127.0.0.1:${port}`;
@@ -198,7 +212,8 @@ describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore when Red
   });
 });
 
-describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore eviction policy', () => {
+const eviction = ownRedis('RedisReplayStore eviction policy');
+describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reason}`, () => {
   async function evictingRedis(): Promise<string> {
     const port = await freePort();
     await startRedis(port);
@@ -253,6 +268,30 @@ describe.skipIf(!HAS_REDIS_SERVER && !process.env.CI)('RedisReplayStore eviction
 
     await adminClient(url).config('SET', 'maxmemory-policy', 'noeviction');
     await vi.waitFor(() => store.ping(), { timeout: 10_000, interval: 100 });
+    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+  });
+
+  it('a policy changed live while B runs is seen at once by ping (readyz), and by claims within the recheck', async () => {
+    const port = await freePort();
+    await startRedis(port, ['--maxmemory-policy', 'noeviction']);
+    const url = `redis://127.0.0.1:${port}`;
+    const store = await openStore({ url, log: fakeLog() });
+    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+
+    // No restart, no reconnect: ops (or a managed service) switch the policy live.
+    await adminClient(url).config('SET', 'maxmemory-policy', 'allkeys-lru');
+    await expect(store.ping()).rejects.toThrow(/maxmemory-policy is allkeys-lru/);
+    const changedAt = Date.now();
+    await vi.waitFor(
+      async () => {
+        await expect(store.claim(nanoid(), Date.now() + MINUTE)).rejects.toThrow(/maxmemory-policy/);
+      },
+      { timeout: POLICY_RECHECK_MS + 2_000, interval: 100 },
+    );
+    expect(Date.now() - changedAt).toBeLessThanOrEqual(POLICY_RECHECK_MS + 2_000);
+
+    await adminClient(url).config('SET', 'maxmemory-policy', 'noeviction');
+    await vi.waitFor(() => store.ping(), { timeout: 5_000, interval: 100 });
     expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 

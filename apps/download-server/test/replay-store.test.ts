@@ -5,7 +5,7 @@
  * files are private. Time moves with `vi.setSystemTime` (only `Date` is faked; fs stays real).
  */
 import { readFileSync } from 'node:fs';
-import { appendFile, readFile, stat } from 'node:fs/promises';
+import { appendFile, lstat, mkdir, readFile, rm, stat, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -206,5 +206,60 @@ describe('MemoryReplayStore journal', () => {
     } finally {
       await store.close();
     }
+  });
+
+  it('refuses to open a journal it cannot read, and leaves it alone (only ENOENT means empty)', async () => {
+    const dir = await tempDir('replay-store-');
+    // An unreadable claims.log (here a symbolic link loop: ELOOP, as root reads through any
+    // file mode): read as empty and rewritten, it would make every used token valid again.
+    await symlink('claims.log', join(dir, 'claims.log'));
+    await expect(openAt(dir)).rejects.toThrow(/Cannot read the replay journal/);
+    expect((await lstat(join(dir, 'claims.log'))).isSymbolicLink()).toBe(true);
+  });
+
+  it('a failed compaction is retried, claims go on meanwhile, and ping (readyz) says so', async () => {
+    fakeClock(T0);
+    const dir = await tempDir('replay-store-');
+    const store = await openAt(dir);
+    try {
+      const used = nanoid();
+      expect(await store.claim(used, T0 + 10_000)).toBe(true);
+      // The compaction's temporary file cannot be written.
+      await mkdir(join(dir, 'claims.log.tmp'));
+      vi.setSystemTime(T0 + 1_500); // due: this claim starts a compaction, which fails
+      expect(await store.claim(nanoid(), T0 + 10_000)).toBe(true);
+      await expect(store.ping()).rejects.toThrow(/replay journal/);
+      // Later claims still work (and are journalled), not 503 for ever.
+      const during = nanoid();
+      expect(await store.claim(during, T0 + 10_000)).toBe(true);
+      expect(await store.claim(used, T0 + 10_000)).toBe(false);
+
+      // The obstacle goes; a claim after the retry delay compacts, and the store is ready again.
+      await rm(join(dir, 'claims.log.tmp'), { recursive: true });
+      vi.setSystemTime(T0 + 3_000);
+      expect(await store.claim(nanoid(), T0 + 10_000)).toBe(true);
+      await store.ping();
+      const lines = await journal(dir, 'claims.log');
+      expect(lines).toContain(used);
+      expect(lines).toContain(during);
+    } finally {
+      await store.close();
+    }
+  });
+});
+
+describe('MemoryReplayStore lock', () => {
+  it('a second store on the same folder (a second B on one DATA_DIR) is refused, naming REDIS_URL', async () => {
+    const dir = await tempDir('replay-lock-');
+    const first = await openAt(dir);
+    await expect(openAt(dir)).rejects.toThrow(
+      /Another download server \(B\) uses the replay journal.*REDIS_URL/,
+    );
+    // Still the only writer: its claims work, and once it is closed the folder is free again.
+    expect(await first.claim('jti-1', Date.now() + 60_000)).toBe(true);
+    await first.close();
+    const second = await openAt(dir);
+    expect(await second.isClaimed('jti-1')).toBe(true);
+    await second.close();
   });
 });

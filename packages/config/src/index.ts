@@ -28,9 +28,11 @@ export function parseEnv<P extends TProperties>(schema: TObject<P>, env: Record<
 export const Port = (defaultPort: number) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
-/** An absolute http(s) origin without a trailing slash, such as `https://files.example.com`. */
-const PublicOrigin = (defaultOrigin: string) =>
-  Type.String({ pattern: '^https?://[^/?#\\s]+$', default: defaultOrigin });
+/**
+ * An absolute http(s) origin, optionally with a path prefix for a server behind a proxy that
+ * strips it (`https://cdn.example.com/dl`); no trailing slash, query or fragment.
+ */
+const PublicUrl = Type.Optional(Type.String({ pattern: '^https?://[^/?#\\s]+(/[^/?#\\s]+)*$' }));
 
 /** Settings both servers read, with the names and defaults of the design. */
 export const sharedEnv = {
@@ -46,14 +48,27 @@ export const sharedEnv = {
   S3_FORCE_PATH_STYLE: Type.Boolean({ default: false }),
   /** Longest one call to the bucket may take to connect and to answer (then 503 STORAGE_UNAVAILABLE). */
   S3_TIMEOUT_MS: Type.Integer({ minimum: 100, maximum: 120_000, default: 10_000 }),
-  APP_PUBLIC_URL: PublicOrigin('http://localhost:3000'),
-  DOWNLOAD_PUBLIC_URL: PublicOrigin('http://localhost:3001'),
+  // Both servers know both ports: an unset public URL defaults to its server's port.
+  APP_PORT: Port(3000),
+  DOWNLOAD_PORT: Port(3001),
+  APP_PUBLIC_URL: PublicUrl,
+  DOWNLOAD_PUBLIC_URL: PublicUrl,
   JWKS_REFRESH_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   SHUTDOWN_GRACE_SECONDS: Type.Integer({ minimum: 0, maximum: 3600, default: 30 }),
+  /** Time a client has to send its request head (and on A a body that is not an upload); stops slowloris clients. */
+  REQUEST_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 600, default: 30 }),
+  /**
+   * A connection with no traffic either way for this long is closed; a transfer that keeps
+   * moving never is. (Node lets one timeout pass while a write is pending, so a stalled transfer
+   * is cut after up to twice this.)
+   */
+  IDLE_TIMEOUT_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 60 }),
   LOG_LEVEL: Type.Union(
     ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((level) => Type.Literal(level)),
     { default: 'info' },
   ),
+  /** `json`: one JSON object per line (for log collectors); `pretty`: readable lines for a terminal. */
+  LOG_FORMAT: Type.Union([Type.Literal('json'), Type.Literal('pretty')], { default: 'json' }),
 };
 
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
@@ -74,5 +89,27 @@ export function s3Settings(env: {
     prefix: env.S3_PREFIX,
     forcePathStyle: env.S3_FORCE_PATH_STYLE,
     timeoutMs: env.S3_TIMEOUT_MS,
+  };
+}
+
+/** A's and B's public URLs, the token's issuer and audience, once defaults are applied. */
+export interface PublicUrls {
+  APP_PUBLIC_URL: string;
+  DOWNLOAD_PUBLIC_URL: string;
+}
+
+/**
+ * An unset public URL is `http://localhost:<port>` of its server, so changing only `APP_PORT` or
+ * `DOWNLOAD_PORT` keeps A's links and B's key source pointing at the right ports.
+ */
+export function publicUrls(env: {
+  APP_PORT: number;
+  DOWNLOAD_PORT: number;
+  APP_PUBLIC_URL?: string | undefined;
+  DOWNLOAD_PUBLIC_URL?: string | undefined;
+}): PublicUrls {
+  return {
+    APP_PUBLIC_URL: env.APP_PUBLIC_URL ?? `http://localhost:${env.APP_PORT}`,
+    DOWNLOAD_PUBLIC_URL: env.DOWNLOAD_PUBLIC_URL ?? `http://localhost:${env.DOWNLOAD_PORT}`,
   };
 }

@@ -38,6 +38,7 @@ export const NOT_BEFORE_SKEW_SECONDS = 5;
 /** File names longer than this are refused by A, which keeps tokens small. */
 export const MAX_FILE_NAME_LENGTH = 255;
 
+/** Whether `alg` is one a download token may be signed with. */
 export const isTokenAlgorithm = (alg: unknown): alg is TokenAlgorithm =>
   TOKEN_ALGORITHMS.includes(alg as TokenAlgorithm);
 
@@ -185,7 +186,7 @@ export async function verifyDownloadToken(
   let payload: JWTPayload;
   try {
     ({ payload } = await jwtVerify(token, (header) => resolve(header.kid, header.alg, getKey), {
-      algorithms: [...options.algorithms],
+      algorithms: options.algorithms as TokenAlgorithm[],
       typ: TOKEN_TYPE,
       issuer: options.issuer,
       audience: options.audience,
@@ -224,7 +225,7 @@ async function resolve(kid: unknown, alg: unknown, getKey: KeyResolver): Promise
 }
 
 /** The JWS algorithm a key is for, or `undefined` for keys of other algorithms. */
-export function keyAlgorithm(key: CryptoKey): TokenAlgorithm | undefined {
+function keyAlgorithm(key: CryptoKey): TokenAlgorithm | undefined {
   const { name, namedCurve } = key.algorithm as { name: string; namedCurve?: string };
   if (name === 'Ed25519') return 'EdDSA';
   if (name === 'ECDSA' && namedCurve === 'P-256') return 'ES256';

@@ -33,12 +33,14 @@ export class KeyLifecycle {
 
   /**
    * Moves keys along `next → current → previous → removed` as their times come, starts a
-   * scheduled rotation when the current key is old, and makes sure some key is current.
+   * scheduled rotation when the current key is old, and makes sure some key is current. The key
+   * this replica still signs with (`signingKid`: it could not open its successor) is never
+   * removed, so its tokens keep verifying.
    */
-  async advance(keys: KeyQueries, now: Date): Promise<void> {
+  async advance(keys: KeyQueries, now: Date, signingKid?: string): Promise<void> {
     const ready = await keys.firstNext(now);
     if (ready) await keys.promote(ready.kid, now, this.#retiresAt(now));
-    await keys.deleteRetired(now);
+    await keys.deleteRetired(now, signingKid);
     const current = await keys.current();
     if (!current) {
       // First start, or every signing key revoked: sign at once with a fresh key. B learns it

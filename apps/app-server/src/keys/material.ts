@@ -52,6 +52,12 @@ export async function openSigningKey(
   if (stored.startsWith(SEALED_PREFIX)) {
     if (!kek) throw new Error(`Signing key ${kid} is encrypted; set KEY_ENCRYPTION_KEY`);
     json = unseal(stored, kek, kid);
+  } else if (kek) {
+    // With a key-encryption key configured, a plain private key is one someone wrote without it
+    // (a CLI run without the KEK): never sign with it.
+    throw new Error(
+      `Signing key ${kid} is stored unencrypted although KEY_ENCRYPTION_KEY is set; revoke it (npm run keys -- revoke ${kid}, with the KEK) and a sealed key takes over`,
+    );
   }
   if (!isTokenAlgorithm(alg)) throw new Error(`Signing key ${kid} is for ${alg}, which A does not sign with`);
   try {
@@ -80,5 +86,19 @@ function unseal(sealed: string, kek: Buffer, kid: string): string {
     return Buffer.concat([decipher.update(bytes.subarray(0, -16)), decipher.final()]).toString('utf8');
   } catch (error) {
     throw new Error(`Cannot decrypt signing key ${kid}: wrong KEY_ENCRYPTION_KEY?`, { cause: error });
+  }
+}
+
+/**
+ * Proves that `kek` opens every stored private key (the keys CLI runs this before it writes):
+ * a missing or wrong KEK would leave keys A cannot use, or plain keys beside sealed ones.
+ */
+export function checkKeyEncryption(
+  keys: { kid: string; alg: string; privateKey: string }[],
+  kek: Buffer | undefined,
+): void {
+  for (const key of keys) {
+    // Revoked keys have no private half left.
+    if (key.privateKey !== '') openSigningKey(key.privateKey, key.alg, key.kid, kek);
   }
 }

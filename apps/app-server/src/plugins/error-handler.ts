@@ -8,30 +8,12 @@ import {
   DatabaseUnavailable,
   InsufficientStorage,
   Internal,
+  isDatabaseDown,
   NotFound,
   StorageUnavailable,
   ValidationFailed,
 } from '../errors.ts';
-import { backToFileList, redirectToSignIn } from '../routes/pages.ts';
-
-// Connection-level failures of pg (and of the embedded database's socket): the database is
-// down or unreachable, which the client should hear as 503, not 500.
-const DATABASE_DOWN = new Set([
-  'ECONNREFUSED',
-  'ECONNRESET',
-  'ENOENT',
-  'ETIMEDOUT',
-  'EPIPE',
-  '57P01',
-  '57P03',
-  '08000',
-  '08001',
-  '08003',
-  '08006',
-]);
-const isDatabaseDown = (error: FastifyError) =>
-  DATABASE_DOWN.has(error.code) ||
-  /Connection terminated|timeout exceeded when trying to connect|Query read timeout/.test(error.message);
+import { backToFileList, redirectToSignIn, safeNext } from '../routes/pages.ts';
 
 /** Maps any error to the catalogue; clients see `{ error, message }`, logs see the cause. */
 function toCatalogueError(error: FastifyError): FastifyError {
@@ -55,39 +37,48 @@ function toCatalogueError(error: FastifyError): FastifyError {
 
 export default fp(
   async (app) => {
-    app.setErrorHandler((error: FastifyError & { retryAfter?: number }, request, reply) => {
-      const mapped = toCatalogueError(error);
-      const status = mapped.statusCode ?? 500;
-      // A signed-out navigation (the download link, a bookmarked page) goes to the sign-in page
-      // and comes back afterwards; API clients keep getting the 401.
-      const navigation = request.method === 'GET' && prefersHtml(request.headers.accept);
-      if (navigation && mapped.code === 'UNAUTHENTICATED') return redirectToSignIn(request, reply);
-      // The Download link of a signed-in browser, refused: back to the list, which says why.
-      if (
-        navigation &&
-        request.routeOptions.config.fileListOnError &&
-        (mapped.code === 'NOT_FOUND' || mapped.code === 'RATE_LIMITED')
-      )
-        return backToFileList(request, reply, mapped);
-      if (status >= 500) request.log.error({ err: error }, 'request failed');
-      else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
-      if (status === 503) reply.header('retry-after', 5);
-      if (mapped.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
-      // A page that cannot be shown because A itself is failing (the database is down): words, not JSON.
-      if (navigation && status >= 500) {
-        return reply
-          .code(status)
-          .type('text/html; charset=utf-8')
-          .send(
-            errorPage({
-              title: 'Something went wrong',
-              message: mapped.message,
-              link: { href: request.url, text: 'Try again' },
-            }),
-          );
-      }
-      return reply.code(status).send({ error: mapped.code, message: mapped.message });
-    });
+    app.setErrorHandler(
+      (error: FastifyError & { retryAfter?: number; sessionNotSaved?: boolean }, request, reply) => {
+        // The session store failed to save in onSend: answering would try the same save again
+        // and fail past this handler (fastify's default answer, with the raw database error).
+        if (error.sessionNotSaved) (request as { session: unknown }).session = null;
+        const mapped = toCatalogueError(error);
+        const status = mapped.statusCode ?? 500;
+        // A signed-out navigation (the download link, a bookmarked page) goes to the sign-in page
+        // and comes back afterwards; API clients keep getting the 401.
+        const navigation = request.method === 'GET' && prefersHtml(request.headers.accept);
+        if (navigation && mapped.code === 'UNAUTHENTICATED') return redirectToSignIn(request, reply);
+        // The Download link of a signed-in browser, refused: back to the list, which says why.
+        if (
+          navigation &&
+          request.routeOptions.config.fileListOnError &&
+          (mapped.code === 'NOT_FOUND' || mapped.code === 'RATE_LIMITED')
+        )
+          return backToFileList(request, reply, mapped);
+        if (status >= 500) request.log.error({ err: error }, 'request failed');
+        else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
+        if (status === 503) reply.header('retry-after', 5);
+        if (mapped.code === 'DATABASE_UNAVAILABLE') {
+          app.stats.databaseUnavailable();
+        }
+        if (mapped.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
+        // A page that cannot be shown because A itself is failing (the database is down): words, not JSON.
+        if (navigation && status >= 500) {
+          return reply
+            .code(status)
+            .type('text/html; charset=utf-8')
+            .send(
+              errorPage({
+                title: 'Something went wrong',
+                message: mapped.message,
+                // A's own path only: `GET //evil.example/...` must not become a link to that host.
+                link: { href: `${app.publicPath}${safeNext(request.url)}`, text: 'Try again' },
+              }),
+            );
+        }
+        return reply.code(status).send({ error: mapped.code, message: mapped.message });
+      },
+    );
     app.setNotFoundHandler((request, reply) => {
       const error = new NotFound();
       return reply

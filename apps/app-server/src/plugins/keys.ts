@@ -54,6 +54,7 @@ export default fp(
           key: await openSigningKey(current.privateKey, current.alg, current.kid, options.kek),
         };
         app.log.info({ kid: current.kid, alg: current.alg }, 'signing with key');
+        app.stats.signingKeySwitched();
       }
     }
 
@@ -64,10 +65,11 @@ export default fp(
     let timer: NodeJS.Timeout | undefined;
     const tick = async () => {
       try {
-        await repo.locked((keys) => lifecycle.advance(keys, new Date()), { wait: false });
+        await repo.locked((keys) => lifecycle.advance(keys, new Date(), signer?.kid), { wait: false });
         await loadCurrent();
       } catch (error) {
-        // The database is down: keep signing with the key we have; it is still valid.
+        // The database is down, or the new current key does not open (a wrong KEK wrote it):
+        // keep signing with the key we have; advance() keeps it published while we do.
         app.log.warn({ err: error }, 'cannot advance the signing keys');
       }
       timer = setTimeout(tick, options.pollMs);
@@ -94,5 +96,5 @@ export default fp(
       },
     });
   },
-  { name: 'keys', dependencies: ['repositories'] },
+  { name: 'keys', dependencies: ['repositories', 'metrics'] },
 );

@@ -2,6 +2,7 @@ import fp from 'fastify-plugin';
 import { filesRepository } from '../repositories/files.ts';
 import { loginFailuresRepository } from '../repositories/login-failures.ts';
 import { objectDeletionsRepository } from '../repositories/object-deletions.ts';
+import { registrationsRepository } from '../repositories/registrations.ts';
 import { sessionsRepository } from '../repositories/sessions.ts';
 import { signingKeysRepository } from '../repositories/signing-keys.ts';
 import { usersRepository } from '../repositories/users.ts';
@@ -12,6 +13,7 @@ export interface Repositories {
   files: ReturnType<typeof filesRepository>;
   loginFailures: ReturnType<typeof loginFailuresRepository>;
   objectDeletions: ReturnType<typeof objectDeletionsRepository>;
+  registrations: ReturnType<typeof registrationsRepository>;
   signingKeys: ReturnType<typeof signingKeysRepository>;
 }
 
@@ -29,6 +31,7 @@ export default fp(
       files: filesRepository(app.db),
       loginFailures: loginFailuresRepository(app.db),
       objectDeletions: objectDeletionsRepository(app.db),
+      registrations: registrationsRepository(app.db),
       signingKeys: signingKeysRepository(app.db),
     });
   },

@@ -1,11 +1,17 @@
+import { randomBytes } from 'node:crypto';
 import fastifyCookie from '@fastify/cookie';
 import fastifyCsrf from '@fastify/csrf-protection';
 import fastifyFormbody from '@fastify/formbody';
 import fastifySession from '@fastify/session';
-import type { FastifyRequest } from 'fastify';
+import type { FastifyReply, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import { CsrfInvalid, Unauthenticated } from '../errors.ts';
-import { hashSessionId, PgSessionStore, type SessionTimeouts } from '../session-store.ts';
+import {
+  hashSessionId,
+  PgSessionStore,
+  type SessionTimeouts,
+  sessionLifetimeSeconds,
+} from '../session-store.ts';
 
 declare module 'fastify' {
   interface Session {
@@ -15,6 +21,15 @@ declare module 'fastify' {
     ip?: string;
     /** Set when a cookie signed with a retired secret is re-signed. */
     resignedAt?: number;
+    /** The user's credential version at sign-in: the session is dead once it changes. */
+    credentialVersion?: number;
+  }
+  interface FastifyReply {
+    /**
+     * Remembers this browser as a device that signed in as `userId` (a long-lived signed
+     * cookie), keeping `deviceId` if it had one.
+     */
+    rememberDevice(userId: string, deviceId: string | undefined): void;
   }
   interface FastifyInstance {
     /** onRequest hook: refuses requests without a signed-in user (401 UNAUTHENTICATED). */
@@ -25,6 +40,8 @@ declare module 'fastify' {
     userId: string;
     /** The database key of this request's session. */
     sessionIdHash(): string;
+    /** The id of this browser's device cookie if it signed in as `userId` before. */
+    knownDevice(userId: string): string | undefined;
   }
 }
 
@@ -43,6 +60,7 @@ const isForm = (request: FastifyRequest) =>
 const isMultipart = (request: FastifyRequest) =>
   request.headers['content-type']?.startsWith('multipart/form-data') ?? false;
 const CLEANUP_MS = 10 * 60_000;
+const DEVICE_COOKIE_MAX_AGE_SECONDS = 365 * 24 * 3600;
 
 /**
  * Server-side sessions: a random id (192 bits) in an HttpOnly cookie, the session in Postgres.
@@ -52,7 +70,9 @@ export default fp(
   async (app, options: SessionOptions) => {
     const secrets = options.secret.split(',');
     const cookieName = options.production ? '__Host-sid' : 'sid';
-    await app.register(fastifyCookie);
+    const deviceCookie = options.production ? '__Host-device' : 'device';
+    // The secrets sign the device cookie too (the session plugin signs its own cookie).
+    await app.register(fastifyCookie, { secret: secrets });
     await app.register(fastifyFormbody);
     await app.register(fastifySession, {
       secret: secrets,
@@ -95,6 +115,13 @@ export default fp(
       }
     });
 
+    // An anonymous session's cookie lasts as long as its row (a signed-in session, regenerated
+    // at sign-in, gets the configured maxAge again).
+    app.addHook('onRequest', async (request) => {
+      if (!request.session.userId)
+        request.session.cookie.maxAge = sessionLifetimeSeconds(options.timeouts, false) * 1000;
+    });
+
     // Every state-changing request, in every scope, must come from A's own pages (Origin) and
     // carry the session's CSRF token: in the header, checked before the body is read (a refused
     // upload never touches storage), or for HTML forms as the `_csrf` field once it is parsed.
@@ -119,6 +146,26 @@ export default fp(
     app.decorateRequest('userId', '');
     app.decorateRequest('sessionIdHash', function (this: FastifyRequest) {
       return hashSessionId(this.session.sessionId);
+    });
+    // Device cookies (OWASP's answer to lockout by an attacker): `<userId>.<deviceId>`, signed.
+    // A browser presenting one for the account is throttled on its own count, not the account's.
+    app.decorateRequest('knownDevice', function (this: FastifyRequest, userId: string) {
+      const raw = this.cookies[deviceCookie];
+      if (!raw) return undefined;
+      const { valid, value } = this.unsignCookie(raw);
+      if (!valid || !value) return undefined;
+      const dot = value.lastIndexOf('.');
+      return value.slice(0, dot) === userId ? value.slice(dot + 1) : undefined;
+    });
+    app.decorateReply('rememberDevice', function (this: FastifyReply, userId: string, deviceId?: string) {
+      this.setCookie(deviceCookie, `${userId}.${deviceId ?? randomBytes(16).toString('base64url')}`, {
+        signed: true,
+        httpOnly: true,
+        sameSite: 'lax',
+        secure: options.production ? true : 'auto',
+        path: '/',
+        maxAge: DEVICE_COOKIE_MAX_AGE_SECONDS,
+      });
     });
     app.decorate('requireUser', async (request: FastifyRequest) => {
       const userId = request.session.userId;

@@ -1,4 +1,4 @@
-import type { Pool } from 'pg';
+import type { Pool, PoolClient } from 'pg';
 
 export interface FileRecord {
   id: string;
@@ -14,8 +14,28 @@ export interface FileRecord {
 const COLUMNS = `id, user_id AS "userId", object_id AS "objectId", name, content_type AS "contentType", size, sha256,
   created_at AS "createdAt"`;
 
+// The bytes a user has taken: stored files, plus the live reservations of uploads in progress.
+const committedBytes = (user: string) =>
+  `((SELECT coalesce(sum(size), 0) FROM files WHERE user_id = ${user}) +
+    (SELECT coalesce(sum(bytes), 0) FROM upload_reservations WHERE user_id = ${user} AND expires_at > now()))`;
+
 /** File metadata. Every read and delete is scoped to the owner: another user's file does not exist. */
 export function filesRepository(db: Pool) {
+  async function inTransaction<T>(work: (client: PoolClient) => Promise<T>): Promise<T> {
+    const client = await db.connect();
+    try {
+      await client.query('BEGIN');
+      const result = await work(client);
+      await client.query('COMMIT');
+      return result;
+    } catch (error) {
+      await client.query('ROLLBACK').catch(() => {});
+      throw error;
+    } finally {
+      client.release();
+    }
+  }
+
   return {
     /** Bytes the user stores in all. */
     async usedBytes(userId: string): Promise<number> {
@@ -27,22 +47,60 @@ export function filesRepository(db: Pool) {
     },
 
     /**
-     * Inserts the file unless it takes the user's total over `quotaBytes` (0: no quota); then
-     * returns `undefined`. The user's row is locked meanwhile, so concurrent uploads cannot
-     * both squeeze in.
+     * Reserves up to `wantedBytes` of the user's quota for an upload that starts now, so that
+     * concurrent uploads cannot together write more than the quota to disk: what the user
+     * stores plus what other uploads in progress reserved is taken first. Returns the
+     * reservation (its bytes may be fewer than wanted), or `undefined` when nothing is left.
+     * A reservation lapses after `ttlSeconds` (a replica that crashed mid-upload).
+     */
+    async reserve(
+      userId: string,
+      wantedBytes: number,
+      quotaBytes: number,
+      ttlSeconds: number,
+    ): Promise<{ id: string; bytes: number } | undefined> {
+      return inTransaction(async (client) => {
+        await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [userId]);
+        // Lapsed reservations (of a replica that crashed mid-upload) go here, user by user.
+        await client.query('DELETE FROM upload_reservations WHERE user_id = $1 AND expires_at <= now()', [
+          userId,
+        ]);
+        const { rows } = await client.query<{ id: string; bytes: number }>(
+          `INSERT INTO upload_reservations (user_id, bytes, expires_at)
+           SELECT $1, granted, now() + make_interval(secs => $4)
+             FROM (SELECT least($2::bigint, $3::bigint - ${committedBytes('$1')}) AS granted) AS g
+            WHERE granted > 0
+           RETURNING id, bytes`,
+          [userId, wantedBytes, quotaBytes, ttlSeconds],
+        );
+        return rows[0];
+      });
+    },
+
+    /** Gives a reservation's bytes back (the upload failed, or its file row holds them now). */
+    async release(reservationId: string): Promise<void> {
+      await db.query('DELETE FROM upload_reservations WHERE id = $1', [reservationId]);
+    },
+
+    /**
+     * Inserts the file unless it takes the user's total, with the other uploads' reservations,
+     * over `quotaBytes` (0: no quota); then returns `undefined`. The user's row is locked
+     * meanwhile, so concurrent uploads cannot both squeeze in. The upload's own reservation
+     * (`reservationId`) goes in the same transaction.
      */
     async createWithinQuota(
       file: Omit<FileRecord, 'createdAt'>,
       quotaBytes: number,
+      reservationId: string | null,
     ): Promise<FileRecord | undefined> {
-      const client = await db.connect();
-      try {
-        await client.query('BEGIN');
+      return inTransaction(async (client) => {
         await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [file.userId]);
+        if (reservationId)
+          await client.query('DELETE FROM upload_reservations WHERE id = $1', [reservationId]);
         const { rows } = await client.query<FileRecord>(
           `INSERT INTO files (id, user_id, object_id, name, content_type, size, sha256)
            SELECT $1, $2, $3, $4, $5, $6::bigint, $7
-            WHERE $8::bigint = 0 OR (SELECT coalesce(sum(size), 0) FROM files WHERE user_id = $2) + $6::bigint <= $8::bigint
+            WHERE $8::bigint = 0 OR ${committedBytes('$2')} + $6::bigint <= $8::bigint
            RETURNING ${COLUMNS}`,
           [
             file.id,
@@ -55,14 +113,8 @@ export function filesRepository(db: Pool) {
             quotaBytes,
           ],
         );
-        await client.query('COMMIT');
         return rows[0];
-      } catch (error) {
-        await client.query('ROLLBACK').catch(() => {});
-        throw error;
-      } finally {
-        client.release();
-      }
+      });
     },
 
     async listForUser(userId: string): Promise<FileRecord[]> {

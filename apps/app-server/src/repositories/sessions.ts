@@ -27,8 +27,11 @@ export function sessionsRepository(db: Pool) {
       // A named statement: on every signed-in request, so Postgres plans it once per connection.
       const { rows } = await db.query<SessionRow>({
         name: 'sessions.get',
+        // A signed-in session lives only under the credential version it signed in with.
         text: `SELECT user_id AS "userId", data, last_seen_at AS "lastSeenAt"
-                 FROM sessions WHERE id_hash = $1 AND ${ALIVE('$2')}`,
+                 FROM sessions WHERE id_hash = $1 AND ${ALIVE('$2')}
+                  AND (user_id IS NULL OR coalesce((data->>'credentialVersion')::int, 0) =
+                       (SELECT credential_version FROM users WHERE users.id = sessions.user_id))`,
         values: [idHash, idleSeconds],
       });
       return rows[0];
@@ -50,7 +53,10 @@ export function sessionsRepository(db: Pool) {
     ) {
       await db.query(
         `INSERT INTO sessions (id_hash, user_id, data, expires_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (id_hash) DO UPDATE SET user_id = EXCLUDED.user_id, data = EXCLUDED.data, last_seen_at = now()
+         ON CONFLICT (id_hash) DO UPDATE SET user_id = EXCLUDED.user_id, data = EXCLUDED.data, last_seen_at = now(),
+           -- Signing in (an anonymous row gets a user) starts the absolute timeout.
+           expires_at = CASE WHEN sessions.user_id IS DISTINCT FROM EXCLUDED.user_id
+                             THEN EXCLUDED.expires_at ELSE sessions.expires_at END
           WHERE sessions.revoked_at IS NULL`,
         [idHash, row.userId, row.data, row.expiresAt],
       );
@@ -90,6 +96,15 @@ export function sessionsRepository(db: Pool) {
         [userId, keepIdHash],
       );
       return rowCount ?? 0;
+    },
+
+    /** Signed-in sessions that are alive, for the metrics. */
+    async countSignedIn(idleSeconds: number): Promise<number> {
+      const { rows } = await db.query<{ count: number }>(
+        `SELECT count(*)::int AS count FROM sessions WHERE user_id IS NOT NULL AND ${ALIVE('$1')}`,
+        [idleSeconds],
+      );
+      return rows[0]?.count ?? 0;
     },
 
     /** Drops rows past their absolute timeout, tombstones included. */

@@ -69,11 +69,11 @@ function keyQueries(db: Queryable) {
       ]);
     },
 
-    /** Removes previous keys whose last tokens have expired: row and private key are gone. */
-    async deleteRetired(now: Date) {
+    /** Removes previous keys whose last tokens have expired, but `keepKid`: row and private key are gone. */
+    async deleteRetired(now: Date, keepKid?: string) {
       const { rowCount } = await db.query(
-        `DELETE FROM signing_keys WHERE state = 'previous' AND retires_at <= $1`,
-        [now],
+        `DELETE FROM signing_keys WHERE state = 'previous' AND retires_at <= $1 AND kid IS DISTINCT FROM $2::text`,
+        [now, keepKid ?? null],
       );
       return rowCount ?? 0;
     },

@@ -8,9 +8,12 @@ export interface User {
 
 export interface UserWithHash extends User {
   passwordHash: string;
+  /** Bumped by every password change; sessions signed in under an older one are dead. */
+  credentialVersion: number;
 }
 
-const COLUMNS = 'id, username, password_hash AS "passwordHash", created_at AS "createdAt"';
+const COLUMNS =
+  'id, username, password_hash AS "passwordHash", credential_version AS "credentialVersion", created_at AS "createdAt"';
 
 export function usersRepository(db: Pool) {
   return {
@@ -36,12 +39,18 @@ export function usersRepository(db: Pool) {
       return rows[0];
     },
 
-    async setPasswordHash(id: string, passwordHash: string): Promise<void> {
-      await db.query('UPDATE users SET password_hash = $2 WHERE id = $1', [id, passwordHash]);
+    /** Sets the new password and returns the new credential version. */
+    async setPasswordHash(id: string, passwordHash: string): Promise<number> {
+      const { rows } = await db.query<{ version: number }>(
+        `UPDATE users SET password_hash = $2, credential_version = credential_version + 1 WHERE id = $1
+         RETURNING credential_version AS version`,
+        [id, passwordHash],
+      );
+      return rows[0]?.version as number;
     },
   };
 }
 
-export function withoutHash({ passwordHash: _, ...user }: UserWithHash): User {
+export function withoutHash({ passwordHash: _, credentialVersion: __, ...user }: UserWithHash): User {
   return user;
 }

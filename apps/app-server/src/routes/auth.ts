@@ -1,9 +1,9 @@
 import { Type } from '@sinclair/typebox';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
 import { InvalidCredentials, RateLimited, Unauthenticated, UsernameTaken } from '../errors.ts';
 import { type PasswordCost, passwordHasher } from '../passwords.ts';
-import { type User, withoutHash } from '../repositories/users.ts';
+import { type User, type UserWithHash, withoutHash } from '../repositories/users.ts';
 
 /** 3–64 letters, digits, `.`, `_`, `-` (design.md). */
 export const Username = Type.String({ pattern: '^[A-Za-z0-9._-]{3,64}$' });
@@ -25,7 +25,17 @@ const userView = (user: User) => ({
 export interface AuthOptions {
   passwordCost: PasswordCost;
   throttle: { maxPerAccount: number; maxPerIp: number; windowSeconds: number };
+  /** Registrations per client IP and hour, across replicas; 0: no limit. */
+  registrationsPerIpPerHour: number;
 }
+
+const REGISTRATION_WINDOW_SECONDS = 3600;
+const CLEANUP_MS = 10 * 60_000;
+
+const rateLimited = (freeAt: number) => {
+  const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
+  return Object.assign(new RateLimited(seconds), { retryAfter: seconds });
+};
 
 /**
  * What signing up, in and out and changing the password do, for the JSON API and the HTML forms
@@ -36,17 +46,78 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
   const { throttle } = options;
 
   // A new session id on every change of privilege: an id an attacker planted before sign-in
-  // (session fixation) is worthless after it. The new session has a new CSRF token too.
-  async function signIn(request: FastifyRequest, user: User) {
+  // (session fixation) is worthless after it. The new session has a new CSRF token too. It
+  // lives only under the credential version it was signed in with (a password change ends it).
+  async function signIn(
+    request: FastifyRequest,
+    reply: FastifyReply,
+    user: User,
+    credentialVersion: number,
+    device: string | undefined,
+  ) {
     await request.session.regenerate();
     request.session.userId = user.id;
+    request.session.credentialVersion = credentialVersion;
     request.session.userAgent = request.headers['user-agent']?.slice(0, 512);
     request.session.ip = request.ip;
+    reply.rememberDevice(user.id, device);
+  }
+
+  // Every password check (sign-in, password change) is throttled per client IP, and per account
+  // unless this browser has signed in to the account before: then per that device instead. So
+  // guessing is slow, and an attacker who keeps the account's count full cannot lock the owner
+  // out of a device they used before (shared by all replicas through Postgres). A refused
+  // attempt does not count, so it cannot extend a lockout.
+  /** Resolves with the known device of the check; `RATE_LIMITED` or `INVALID_CREDENTIALS`. */
+  async function checkPassword(
+    request: FastifyRequest,
+    username: string,
+    found: UserWithHash | undefined,
+    password: string,
+  ): Promise<string | undefined> {
+    const device = found ? request.knownDevice(found.id) : undefined;
+    const repo = app.repos.loginFailures;
+    // The attempt is recorded before it is counted and checked, so concurrent guesses cannot
+    // all pass the count before any of them is recorded.
+    const attempt = await repo.record(username, request.ip, device ?? null);
+    const recent = await repo.recent(username, request.ip, device ?? null, throttle.windowSeconds);
+    const freeAt = [
+      device === undefined && recent.account > throttle.maxPerAccount ? recent.accountFreeAt : null,
+      device !== undefined && recent.device > throttle.maxPerAccount ? recent.deviceFreeAt : null,
+      recent.client > throttle.maxPerIp ? recent.clientFreeAt : null,
+    ].reduce<number>((latest, at) => Math.max(latest, at?.getTime() ?? 0), 0);
+    if (freeAt > 0) {
+      await repo.remove(attempt);
+      throw rateLimited(freeAt);
+    }
+    // Unknown user and wrong password: the same answer, in the same time (passwords.verify).
+    // The recorded attempt stays as the failure.
+    if (!(await passwords.verify(found?.passwordHash, password)) || !found) throw new InvalidCredentials();
+    await repo.remove(attempt);
+    await repo.clear(username, device ?? null);
+    return device;
   }
 
   return {
-    /** Creates the account and signs this session in; `USERNAME_TAKEN` in any letter case. */
-    async register(request: FastifyRequest, username: string, password: string): Promise<User> {
+    /**
+     * Creates the account and signs this session in; `USERNAME_TAKEN` in any letter case,
+     * checked before the password is hashed; `RATE_LIMITED` over the registrations per IP.
+     */
+    async register(
+      request: FastifyRequest,
+      reply: FastifyReply,
+      username: string,
+      password: string,
+    ): Promise<User> {
+      if (await app.repos.users.findByUsername(username)) throw new UsernameTaken();
+      const limit = options.registrationsPerIpPerHour;
+      if (limit > 0) {
+        const recent = await app.repos.registrations.record(request.ip, REGISTRATION_WINDOW_SECONDS);
+        if (recent.count > limit) {
+          await app.repos.registrations.remove(recent.id);
+          throw rateLimited(recent.freeAt.getTime());
+        }
+      }
       let user: User;
       try {
         user = await app.repos.users.create({
@@ -58,38 +129,32 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
         if ((error as { code?: string }).code === '23505') throw new UsernameTaken({ cause: error });
         throw error;
       }
-      await signIn(request, user);
+      await signIn(request, reply, user, 0, undefined);
       return user;
     },
 
-    // Throttled per account and per client IP (shared by all replicas through Postgres): guessing
-    // is slow, and no amount of failures locks the real user out beyond the window.
     /** Signs this session in under a new id; `RATE_LIMITED` (with `retryAfter`) or `INVALID_CREDENTIALS`. */
-    async login(request: FastifyRequest, username: string, password: string): Promise<User> {
-      const account = username.toLowerCase();
-      // The attempt is recorded before it is counted and checked, so concurrent guesses cannot
-      // all pass the count before any of them is recorded.
-      const attempt = await app.repos.loginFailures.record(account, request.ip);
-      const recent = await app.repos.loginFailures.recent(account, request.ip, throttle.windowSeconds);
-      const freeAt = [
-        recent.account > throttle.maxPerAccount ? recent.accountFreeAt : null,
-        recent.client > throttle.maxPerIp ? recent.clientFreeAt : null,
-      ].reduce<number>((latest, at) => Math.max(latest, at?.getTime() ?? 0), 0);
-      if (freeAt > 0) {
-        // A refused attempt does not count: it cannot extend the lockout.
-        await app.repos.loginFailures.remove(attempt);
-        const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
-        throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
-      }
+    async login(
+      request: FastifyRequest,
+      reply: FastifyReply,
+      username: string,
+      password: string,
+    ): Promise<User> {
       const found = await app.repos.users.findByUsername(username);
-      // Unknown user and wrong password: the same answer, in the same time (passwords.verify).
-      // The recorded attempt stays as the failure.
-      if (!(await passwords.verify(found?.passwordHash, password)) || !found) throw new InvalidCredentials();
-      await app.repos.loginFailures.remove(attempt);
-      await app.repos.loginFailures.clearAccount(account);
-      const user = withoutHash(found);
-      await signIn(request, user);
-      return user;
+      let device: string | undefined;
+      try {
+        device = await checkPassword(request, username, found, password);
+      } catch (error) {
+        if (error instanceof RateLimited) {
+          app.stats.signIn('throttled');
+          app.stats.throttled('sign_in');
+        } else if (error instanceof InvalidCredentials) app.stats.signIn('invalid_credentials');
+        throw error;
+      }
+      const account = found as UserWithHash;
+      await signIn(request, reply, withoutHash(account), account.credentialVersion, device);
+      app.stats.signIn('ok');
+      return withoutHash(account);
     },
 
     /** Ends this session server-side. */
@@ -97,19 +162,21 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
       await request.session.destroy();
     },
 
-    // Knowing the password is required again; afterwards this session gets a new id and every
-    // other session of the user ends (a thief's included).
+    // Knowing the password is required again (throttled like sign-in: a stolen session must not
+    // guess it without limit); afterwards this session gets a new id and every other session of
+    // the user ends (a thief's included, and one signing in with the old password right now).
     /** For the signed-in `request.userId`; `INVALID_CREDENTIALS` if `currentPassword` is wrong. */
     async changePassword(
       request: FastifyRequest,
+      reply: FastifyReply,
       currentPassword: string,
       newPassword: string,
     ): Promise<void> {
       const found = await app.repos.users.findById(request.userId);
-      if (!found || !(await passwords.verify(found.passwordHash, currentPassword)))
-        throw new InvalidCredentials();
-      await app.repos.users.setPasswordHash(found.id, await passwords.hash(newPassword));
-      await signIn(request, withoutHash(found));
+      if (!found) throw new InvalidCredentials();
+      const device = await checkPassword(request, found.username, found, currentPassword);
+      const version = await app.repos.users.setPasswordHash(found.id, await passwords.hash(newPassword));
+      await signIn(request, reply, withoutHash(found), version, device);
       await app.repos.sessions.revokeOthers(found.id, request.sessionIdHash());
     },
   };
@@ -118,19 +185,29 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
 /** Register, sign in, sign out, who am I, change password. */
 export default async function authRoutes(app: FastifyInstance, options: AuthOptions) {
   const auth = authActions(app, options);
+
+  // Throttling rows past their window count for nothing: any replica may drop them.
+  const cleanup = setInterval(() => {
+    Promise.all([
+      app.repos.loginFailures.deleteOlderThan(options.throttle.windowSeconds),
+      app.repos.registrations.deleteOlderThan(REGISTRATION_WINDOW_SECONDS),
+    ]).catch((error) => app.log.warn({ err: error }, 'throttle cleanup failed'));
+  }, CLEANUP_MS);
+  cleanup.unref();
+  app.addHook('onClose', async () => clearInterval(cleanup));
   type CredentialsBody = { username: string; password: string };
 
   app.get('/api/csrf', async (_request, reply) => ({ token: reply.generateCsrf() }));
 
   app.post('/api/auth/register', { schema: { body: Credentials } }, async (request, reply) => {
     const { username, password } = request.body as CredentialsBody;
-    const user = await auth.register(request, username, password);
+    const user = await auth.register(request, reply, username, password);
     return reply.code(201).send({ user: userView(user) });
   });
 
-  app.post('/api/auth/login', { schema: { body: Credentials } }, async (request) => {
+  app.post('/api/auth/login', { schema: { body: Credentials } }, async (request, reply) => {
     const { username, password } = request.body as CredentialsBody;
-    return { user: userView(await auth.login(request, username, password)) };
+    return { user: userView(await auth.login(request, reply, username, password)) };
   });
 
   app.post('/api/auth/logout', async (request, reply) => {
@@ -153,7 +230,7 @@ export default async function authRoutes(app: FastifyInstance, options: AuthOpti
         currentPassword: string;
         newPassword: string;
       };
-      await auth.changePassword(request, currentPassword, newPassword);
+      await auth.changePassword(request, reply, currentPassword, newPassword);
       return reply.code(204).send();
     },
   );

@@ -5,6 +5,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
 import { FileTooLarge, NotFound, QuotaExceeded, RateLimited, ValidationFailed } from '../errors.ts';
 import type { FileRecord } from '../repositories/files.ts';
+import { isStorableText } from '../text.ts';
 
 export interface FilesOptions {
   maxUploadBytes: number;
@@ -13,6 +14,8 @@ export interface FilesOptions {
   downloadOrigin: string;
   /** Download tokens a user may mint per minute, across all replicas; 0: no limit. */
   mintRatePerMinute: number;
+  /** The longest an upload may take: its quota reservation lapses then. */
+  uploadTimeoutSeconds: number;
 }
 
 declare module 'fastify' {
@@ -59,13 +62,33 @@ const fileView = (file: FileRecord) => ({
 export async function receiveUpload(
   app: FastifyInstance,
   request: FastifyRequest,
-  options: Pick<FilesOptions, 'maxUploadBytes' | 'quotaBytes'>,
+  options: Pick<FilesOptions, 'maxUploadBytes' | 'quotaBytes' | 'uploadTimeoutSeconds'>,
 ): Promise<FileRecord> {
   const quota = options.quotaBytes;
-  const remaining =
-    quota > 0 ? quota - (await app.repos.files.usedBytes(request.userId)) : Number.POSITIVE_INFINITY;
-  if (remaining <= 0) throw new QuotaExceeded(quota);
-  const limit = Math.min(options.maxUploadBytes, remaining);
+  // The quota is reserved before a byte is stored (as much as the body can hold, at most what
+  // is left), so uploads running side by side never put more than the quota on disk together.
+  let reservation: { id: string; bytes: number } | undefined;
+  if (quota > 0) {
+    const bodyBytes = Number(request.headers['content-length']) || options.maxUploadBytes;
+    const wanted = Math.min(options.maxUploadBytes, bodyBytes);
+    reservation = await app.repos.files.reserve(request.userId, wanted, quota, options.uploadTimeoutSeconds);
+    if (!reservation) throw new QuotaExceeded(quota);
+  }
+  try {
+    return await storeUpload(app, request, options, reservation);
+  } finally {
+    if (reservation) await app.repos.files.release(reservation.id);
+  }
+}
+
+async function storeUpload(
+  app: FastifyInstance,
+  request: FastifyRequest,
+  options: Pick<FilesOptions, 'maxUploadBytes' | 'quotaBytes'>,
+  reservation: { id: string; bytes: number } | undefined,
+): Promise<FileRecord> {
+  const quota = options.quotaBytes;
+  const limit = Math.min(options.maxUploadBytes, reservation?.bytes ?? Number.POSITIVE_INFINITY);
   const overLimit = () =>
     limit < options.maxUploadBytes ? new QuotaExceeded(quota) : new FileTooLarge(options.maxUploadBytes);
 
@@ -85,11 +108,16 @@ export async function receiveUpload(
         throw new ValidationFailed('Send the file as a multipart field named "file"');
       }
       // Names are metadata only, kept as given (never part of a path); control and bidi
-      // characters are removed where a name is shown (displayFileName).
+      // characters are removed where a name is shown (displayFileName). What Postgres cannot
+      // store (NUL, lone surrogates) is refused.
       name = part.filename;
       if (name.length === 0 || name.length > MAX_FILE_NAME_LENGTH) {
         part.file.resume();
         throw new ValidationFailed(`File names must have 1 to ${MAX_FILE_NAME_LENGTH} characters`);
+      }
+      if (!isStorableText(name)) {
+        part.file.resume();
+        throw new ValidationFailed('File names must not contain NUL or invalid Unicode');
       }
       const mimeType = part.mimetype.toLowerCase();
       contentType = MIME_TYPE.test(mimeType) ? mimeType : 'application/octet-stream';
@@ -120,6 +148,7 @@ export async function receiveUpload(
         sha256: stored.sha256,
       },
       quota,
+      reservation?.id ?? null,
     )
     .catch(async (error: unknown) => {
       // Bytes without a row would be unreachable garbage.
@@ -131,6 +160,7 @@ export async function receiveUpload(
     await app.objectDeletions.discard(stored.id);
     throw new QuotaExceeded(quota);
   }
+  app.stats.upload(file.size);
   return file;
 }
 
@@ -178,6 +208,7 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
     if (!found) throw new NotFound();
     if (limit > 0 && found.minted > limit) {
       const seconds = Math.max(1, found.retryAfterSeconds);
+      app.stats.throttled('mint');
       throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
     }
     const { file } = found;
@@ -192,6 +223,7 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
       },
       userId,
     );
+    app.stats.tokenMinted('session');
     // The trailing name is cosmetic, for tools that name files after the URL.
     const url = `${options.downloadOrigin}/d/${token}/${encodeURIComponent(file.name)}`;
     return { url, token, expiresAt: expiresAt.toISOString() };

@@ -72,7 +72,7 @@ export function redirectToSignIn(request: FastifyRequest, reply: FastifyReply, n
     request.session.flash = { kind: 'error', text: SESSION_ENDED };
   return reply
     .header('cache-control', 'no-store')
-    .redirect(`/login?next=${encodeURIComponent(safeNext(next))}`, 303);
+    .redirect(`${request.server.publicPath}/login?next=${encodeURIComponent(safeNext(next))}`, 303);
 }
 
 /**
@@ -88,7 +88,7 @@ export function backToFileList(request: FastifyRequest, reply: FastifyReply, err
         ? `You started too many downloads in the last minute. Try again in ${humanWait(retryAfter ?? 60)}.`
         : 'That file does not exist (any more).',
   };
-  return reply.header('cache-control', 'no-store').redirect('/', 303);
+  return reply.header('cache-control', 'no-store').redirect(`${request.server.publicPath}/`, 303);
 }
 
 /** "1.4 MB" (a no-break space before the unit): decimal units, as file managers show them. */
@@ -142,8 +142,10 @@ const Credentials = Type.Object({
   password: Password,
   next: Type.Optional(Type.String({ maxLength: 2048 })),
 });
+// The same username rule as the API: a name that cannot exist is refused before it reaches the
+// throttle or the database.
 const SignIn = Type.Object({
-  username: Type.String({ maxLength: 64 }),
+  username: Username,
   password: Type.String({ maxLength: 1024 }),
   next: Type.Optional(Type.String({ maxLength: 2048 })),
 });
@@ -173,6 +175,10 @@ declare module 'fastify' {
  */
 export default async function pageRoutes(app: FastifyInstance, options: PagesOptions) {
   const auth = authActions(app, options.auth);
+  // HTML for browsers, not the JSON API: left out of /docs/json.
+  app.addHook('onRoute', (route) => {
+    route.schema = { ...route.schema, hide: true };
+  });
 
   await app.register(fastifyStatic, { root: PUBLIC_DIR, prefix: '/assets/', index: false });
   await app.register(fastifyView, {
@@ -201,12 +207,15 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       csrf: reply.generateCsrf(),
       username: request.username,
       path: request.url.split('?')[0],
+      // Every link and form action of a page starts with it (A behind a path prefix).
+      base: app.publicPath,
     });
     return reply.header('cache-control', 'no-store').type('text/html; charset=utf-8').send(html);
   }
 
+  // `to` is a path as A routes it; the browser needs it under A's public path.
   const back = (reply: FastifyReply, to: string) =>
-    reply.header('cache-control', 'no-store').redirect(to, 303);
+    reply.header('cache-control', 'no-store').redirect(`${app.publicPath}${to}`, 303);
 
   /** The message a person sees for each error the API can answer a form with. */
   function messageFor(error: FastifyError & { retryAfter?: number }, config: FormConfig): string {
@@ -216,7 +225,12 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       case 'QUOTA_EXCEEDED':
         return `That upload would go over your storage quota of ${humanBytes(options.files.quotaBytes)}. Delete some files first.`;
       case 'RATE_LIMITED':
-        return `Too many failed sign-in attempts. Try again in ${humanWait(error.retryAfter ?? 60)}.`;
+        return `${
+          {
+            '/register': 'Too many accounts were created from your network.',
+            '/password': 'Too many wrong passwords.',
+          }[config.back] ?? 'Too many failed sign-in attempts.'
+        } Try again in ${humanWait(error.retryAfter ?? 60)}.`;
       case 'INVALID_CREDENTIALS':
         return config.back === '/password'
           ? 'Your current password is not correct.'
@@ -290,7 +304,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         password: string;
         next?: string;
       };
-      await auth.login(request, username, password);
+      await auth.login(request, reply, username, password);
       return back(reply, safeNext(next));
     },
   );
@@ -309,7 +323,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     },
     async (request, reply) => {
       const { username, password } = request.body as { username: string; password: string };
-      const user = await auth.register(request, username, password);
+      const user = await auth.register(request, reply, username, password);
       flash(request, 'success', `Welcome, ${user.username}. Your account is ready: upload your first file.`);
       return back(reply, '/');
     },
@@ -358,7 +372,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         const descending = active ? !sort.descending : FIRST_DIRECTION[key] === '-';
         return {
           key,
-          href: `/?sort=${descending ? '-' : ''}${key}`,
+          href: `${app.publicPath}/?sort=${descending ? '-' : ''}${key}`,
           ariaSort: active ? (sort.descending ? 'descending' : 'ascending') : undefined,
         };
       });
@@ -461,7 +475,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
           confirmPassword: string;
         };
         if (newPassword !== confirmPassword) throw new ValidationFailed('The new passwords do not match.');
-        await auth.changePassword(request, currentPassword, newPassword);
+        await auth.changePassword(request, reply, currentPassword, newPassword);
         flash(
           request,
           'success',

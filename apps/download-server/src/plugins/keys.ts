@@ -38,6 +38,8 @@ declare module 'fastify' {
       status(): KeyStatus;
       /** Re-reads the key set now (SIGHUP). Concurrent calls share one read. */
       refresh(): Promise<void>;
+      /** Settles when B first has a usable key set. */
+      ready: Promise<void>;
     };
   }
 }
@@ -56,6 +58,10 @@ const RETRY_SECONDS = 2;
 // A token with a kid B does not know triggers a re-read at most this often, so a flood of
 // random kids costs at most one fetch per cooldown.
 const UNKNOWN_KID_COOLDOWN_MS = 10_000;
+// A request that finds no usable set (B started before A was ready, or A is back after the stale
+// limit) reads it right then instead of waiting for the retry timer, at most this often, so a
+// burst of requests while A is down costs one fetch per interval.
+const ON_DEMAND_READ_INTERVAL_MS = 1_000;
 
 /**
  * A's public keys, read from `JWKS_URL` (or `JWKS_FILE`) at start and every
@@ -74,6 +80,11 @@ export default fp(
     let closed = false;
     let reading: Promise<void> | undefined;
     let unknownKidReadAt = 0;
+    let onDemandReadAt = 0;
+    let becameReady: () => void = () => {};
+    const ready = new Promise<void>((resolve) => {
+      becameReady = resolve;
+    });
 
     const usable = () =>
       fetchedAt !== undefined && Date.now() - fetchedAt.getTime() <= options.maxStaleSeconds * 1000;
@@ -89,10 +100,12 @@ export default fp(
       try {
         const set = await importKeySet(await readKeySet(options.source));
         for (const entry of set.skipped) app.log.warn(entry, 'skipped an unusable key in the key set');
+        logChange(keys, set.keys, fetchedAt === undefined);
         keys = set.keys;
         skipped = set.skipped.length;
         algorithms = keys.size ? [...set.algorithms] : TOKEN_ALGORITHMS;
         fetchedAt = new Date();
+        becameReady();
         if (lastError) app.log.info({ keys: keys.size }, 'key set read again');
         lastError = undefined;
       } catch (error) {
@@ -105,6 +118,21 @@ export default fp(
       }
     }
 
+    // Operators see B's first keys and every kid that comes or goes, e.g. to follow a rotation.
+    function logChange(before: Map<string, CryptoKey>, after: Map<string, CryptoKey>, first: boolean) {
+      const added = [...after.keys()].filter((kid) => !before.has(kid));
+      const removed = [...before.keys()].filter((kid) => !after.has(kid));
+      if (first) app.log.info({ kids: added }, 'key set read: B can verify tokens');
+      else if (added.length > 0 || removed.length > 0) app.log.info({ added, removed }, 'key set changed');
+    }
+
+    async function readOnDemand(): Promise<void> {
+      if (reading) return reading;
+      if (Date.now() - onDemandReadAt < ON_DEMAND_READ_INTERVAL_MS) return;
+      onDemandReadAt = Date.now();
+      return refresh();
+    }
+
     function schedule() {
       if (closed) return;
       const seconds = lastError ? Math.min(RETRY_SECONDS, options.refreshSeconds) : options.refreshSeconds;
@@ -114,6 +142,7 @@ export default fp(
 
     app.decorate('keys', {
       async resolve(kid: string) {
+        if (!usable()) await readOnDemand();
         if (!usable()) throw new KeysUnavailable();
         const key = keys.get(kid);
         if (key) return key;
@@ -136,6 +165,7 @@ export default fp(
         lastError,
       }),
       refresh,
+      ready,
     });
 
     // B starts even when A is down: it answers 503 KEYS_UNAVAILABLE until the first read works.

@@ -12,7 +12,7 @@ export interface ReplayStoreOptions {
   redis?: { url: string; keyPrefix: string; timeoutMs: number; allowEviction: boolean };
   /** Journal folder of the in-memory store (claims survive restarts); none: memory only. */
   journalDir?: string;
-  /** The longest a token can stay acceptable: maximum age plus twice the clock tolerance. */
+  /** The longest a used token stays recorded (acceptance.ts `replayWindowMs`). */
   windowMs: number;
 }
 
@@ -29,6 +29,7 @@ export default fp(
         })
       : await MemoryReplayStore.open({
           windowMs: options.windowMs,
+          log: app.log,
           ...(options.journalDir ? { dir: options.journalDir } : {}),
         });
     app.decorate('replayStore', store);

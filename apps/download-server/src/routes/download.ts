@@ -3,6 +3,7 @@ import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/d
 import type { ByteRange, ObjectRead } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { keepUsedUntil } from '../acceptance.ts';
 import {
   FileNotFound,
   RangeNotSatisfiable,
@@ -14,6 +15,7 @@ import {
   TokenMalformed,
   TokenUsed,
 } from '../errors.ts';
+import { parseRange } from '../range.ts';
 
 export interface DownloadOptions {
   /** Everything but the allowlist, which follows the key set. */
@@ -84,10 +86,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     if (request.method === 'HEAD') {
       if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
     } else {
-      const keepUntil =
-        (Math.min(claims.exp, claims.iat + options.verify.maxTokenAgeSeconds) +
-          options.verify.clockToleranceSeconds) *
-        1000;
+      const keepUntil = keepUsedUntil(claims, options.verify);
       if (!(await replay(app.replayStore.claim(claims.jti, keepUntil))))
         throw renewable(new TokenUsed(), claims.fid);
     }
@@ -206,28 +205,4 @@ function selectRange(request: FastifyRequest, claims: DownloadClaims) {
 function staleIfRange(request: FastifyRequest, claims: DownloadClaims, file: ObjectRead): boolean {
   const ifRange = request.headers['if-range'];
   return ifRange !== undefined && ifRange !== `"${claims.sha256}"` && ifRange !== file.mtime.toUTCString();
-}
-
-/**
- * One `bytes` range, with RFC 9110's rules: a header that is invalid, of another unit, or
- * asks for several ranges is ignored (whole file; never multipart, so thousands of tiny ranges
- * cannot multiply the response); an end past the file is clamped; a suffix longer than the
- * file means all of it; only a first byte at or past the end (or an empty suffix) is 416.
- * range-parser answers 416 for malformed headers, hence this.
- */
-function parseRange(header: string, size: number): ByteRange | 'unsatisfiable' | undefined {
-  const match = /^bytes=(\d*)-(\d*)$/.exec(header);
-  if (!match) return undefined;
-  const [, first = '', last = ''] = match;
-  if (first === '') {
-    if (last === '') return undefined;
-    const suffix = Number(last);
-    if (suffix === 0 || size === 0) return 'unsatisfiable';
-    return { start: Math.max(0, size - suffix), end: size - 1 };
-  }
-  const start = Number(first);
-  const end = last === '' ? size - 1 : Number(last);
-  if (end < start) return undefined;
-  if (start >= size) return 'unsatisfiable';
-  return { start, end: Math.min(end, size - 1) };
 }
