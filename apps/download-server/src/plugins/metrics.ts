@@ -4,7 +4,7 @@ import { Counter, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 declare module 'fastify' {
   interface FastifyInstance {
     metrics: {
-      /** Counts one download request by its outcome (`ok`, `partial`, `head`, or an error code). */
+      /** Counts one download request by its outcome (`ok`, `partial`, `head`, `aborted`, or an error code). */
       download(result: string, bytes: number): void;
       /** Counts a reserve refused by the replay store, by cause (`overlap`, `bytes`, `responses`). */
       refused(cause: string): void;
@@ -32,7 +32,7 @@ export default fp(
     collectDefaultMetrics({ register: registry });
     const downloads = new Counter({
       name: 'download_requests_total',
-      help: 'Download requests by result: ok, partial, head, or the error code',
+      help: 'Download requests by result: ok, partial, head, aborted (the client went away), or the error code',
       labelNames: ['result'],
       registers: [registry],
     });

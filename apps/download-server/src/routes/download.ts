@@ -133,9 +133,12 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       const sentFile = res.statusCode === 200 || res.statusCode === 206;
       // Ended: the whole body went to the socket (all of it but its last buffer to the kernel).
       if (sentFile && res.writableEnded) return;
+      const wrote = socket.bytesWritten - request.bytesWrittenBefore;
+      // fastify runs onResponse only for responses that finished: count this one here.
+      if (!res.writableEnded) app.metrics.download('aborted', wrote > 0 ? wrote : 0);
       // The count covers this response's head too (Node keeps it as `_header`), not only bytes.
       const head = (res as { _header?: string | null })._header?.length ?? 0;
-      const total = socket.bytesWritten - request.bytesWrittenBefore - head;
+      const total = wrote - head;
       const written = sentFile && total > 0 ? Math.min(end - start, total) : 0;
       const lastWritten = start + written;
       const from = Math.max(start, lastWritten - options.resendMarginBytes);
@@ -173,7 +176,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
   }
 
   // Outcome and bytes of every download request, for /metrics. Bytes are what the socket wrote
-  // during this response, so aborted downloads count what they really got.
+  // during this response. A download cut short never reaches onResponse: releaseUnsent counts it.
   // Callback hooks: an async one costs a promise per request on B's hot path.
   app.addHook('onRequest', (request, _reply, done) => {
     request.bytesWrittenBefore = request.raw.socket.bytesWritten;
