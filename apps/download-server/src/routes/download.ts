@@ -135,7 +135,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       if (sentFile && res.writableEnded) return;
       const wrote = socket.bytesWritten - request.bytesWrittenBefore;
       // fastify runs onResponse only for responses that finished: count this one here.
-      if (!res.writableEnded) app.metrics.download('aborted', wrote > 0 ? wrote : 0);
+      if (!res.writableEnded) app.metrics.download('aborted', Math.max(0, wrote || 0));
       // The count covers this response's head too (Node keeps it as `_header`), not only bytes.
       const head = (res as { _header?: string | null })._header?.length ?? 0;
       const total = wrote - head;
