@@ -85,27 +85,32 @@ export function decide(usage: Usage | undefined, start: number, end: number, lim
   return GRANTED;
 }
 
-/** `ranges` with `[start, end)` added (not overlapping any), adjacent ranges merged. */
-export function addRange(ranges: number[], start: number, end: number): number[] {
+/** `ranges` with `[start, end)` added (it overlaps none of them), touching ranges merged. */
+function addRange(ranges: number[], start: number, end: number): number[] {
   if (start >= end) return ranges;
   const out: number[] = [];
   let s = start;
   let e = end;
+  let placed = false;
   for (let i = 0; i < ranges.length; i += 2) {
     const rs = ranges[i] as number;
     const re = ranges[i + 1] as number;
-    if (re < s || rs > e) out.push(rs, re);
-    else {
+    if (re < s) out.push(rs, re);
+    else if (rs > e) {
+      if (!placed) out.push(s, e);
+      placed = true;
+      out.push(rs, re);
+    } else {
       s = Math.min(s, rs);
       e = Math.max(e, re);
     }
   }
-  out.push(s, e);
-  return sortPairs(out);
+  if (!placed) out.push(s, e);
+  return out;
 }
 
 /** `ranges` without `[from, end)`. */
-export function removeRange(ranges: number[], from: number, end: number): number[] {
+function removeRange(ranges: number[], from: number, end: number): number[] {
   const out: number[] = [];
   for (let i = 0; i < ranges.length; i += 2) {
     const rs = ranges[i] as number;
@@ -117,12 +122,6 @@ export function removeRange(ranges: number[], from: number, end: number): number
     }
   }
   return out;
-}
-
-function sortPairs(flat: number[]): number[] {
-  const pairs: [number, number][] = [];
-  for (let i = 0; i < flat.length; i += 2) pairs.push([flat[i] as number, flat[i + 1] as number]);
-  return pairs.sort((a, b) => a[0] - b[0]).flat();
 }
 
 /** Where the memory store reports trouble with its journal (a pino logger fits). */

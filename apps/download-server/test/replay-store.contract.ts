@@ -6,6 +6,7 @@
  * `replayStoreContract(name, open)` from their own test file (the memory store's file adds the
  * restarts, Redis' file a second replica).
  */
+import fc from 'fast-check';
 import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
 import type { Limits, ReplayStore } from '../src/replay-store.ts';
@@ -149,6 +150,44 @@ export function replayStoreContract(
         refusal: 'responses',
       });
       expect((await store.usage(jti))?.responses).toBe(32);
+    });
+
+    it('any sequence of reserves and releases matches a byte-by-byte model', async () => {
+      const store = await fresh();
+      const SIZE = 64;
+      const unbounded: Limits = { maxBytes: Number.MAX_SAFE_INTEGER, maxResponses: Number.MAX_SAFE_INTEGER };
+      // Non-empty ranges, as B reserves for any file that is not empty.
+      const range = fc
+        .tuple(fc.nat(SIZE - 1), fc.nat(SIZE - 1))
+        .map(([a, b]) => [Math.min(a, b), Math.max(a, b) + 1] as const);
+      const op = fc.record({ release: fc.boolean(), range });
+      await fc.assert(
+        fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 30 }), async (ops) => {
+          const jti = newJti();
+          const model = new Array<boolean>(SIZE).fill(false);
+          for (const {
+            release,
+            range: [start, end],
+          } of ops) {
+            if (release) {
+              await store.release(jti, start, end, 0);
+              model.fill(false, start, end);
+              continue;
+            }
+            const free = model.slice(start, end).every((taken) => !taken);
+            expect((await store.reserve(jti, start, end, later(), unbounded)).ok).toBe(free);
+            if (free) model.fill(true, start, end);
+          }
+          // The recorded ranges are exactly the model's runs of reserved bytes.
+          const runs: number[] = [];
+          model.forEach((taken, i) => {
+            if (taken && !model[i - 1]) runs.push(i);
+            if (taken && !model[i + 1]) runs.push(i + 1);
+          });
+          expect((await store.usage(jti))?.ranges ?? []).toEqual(runs);
+        }),
+        { numRuns: 40 },
+      );
     });
 
     it('reserves of distinct jtis are independent', async () => {
