@@ -25,7 +25,7 @@ export interface DownloadOptions {
 }
 
 /** Most responses one token may send bytes in (design.md "Single use"). */
-export const MAX_RESPONSES = 32;
+const MAX_RESPONSES = 32;
 
 type Params = { token: string; name?: string };
 
