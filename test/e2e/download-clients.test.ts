@@ -5,10 +5,10 @@
  * the Range with 206), resume across tokens with Range + If-Range, and a browser that opens a
  * used B link is sent back to A.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -20,6 +20,7 @@ import { type Stack, startStack } from '../support/stack.ts';
 
 const CURL = '/usr/bin/curl';
 const WGET = '/usr/bin/wget';
+const ARIA2 = '/usr/bin/aria2c';
 const MIB = 1024 * 1024;
 const BROWSER_ACCEPT = 'text/html,application/xhtml+xml,*/*;q=0.8';
 const USERNAME = 'carol';
@@ -45,13 +46,13 @@ function run(file: string, args: string[], cwd: string): Promise<Run> {
 
 // curl and wget are the real clients under test. A developer machine without them skips this
 // file; CI installs them, and there a missing one fails.
-const clientsInstalled = existsSync(CURL) && existsSync(WGET);
+const clientsInstalled = existsSync(CURL) && existsSync(WGET) && existsSync(ARIA2);
 
 // On the local disk, and with the bytes in S3 (A and B sharing nothing but the bucket).
 const storages: ('local' | 's3')[] = ['local', ...(S3_SKIP ? [] : (['s3'] as const))];
 const clients = skipUnless(
   'real download clients',
-  !clientsInstalled && 'no curl or wget (apt-get install -y curl wget)',
+  !clientsInstalled && 'no curl, wget or aria2c (apt-get install -y curl wget aria2)',
 );
 describe.skipIf(clients.skip).each(storages)(
   `real clients resume downloads across single-use tokens (%s storage)${clients.reason}`,
@@ -180,6 +181,36 @@ describe.skipIf(clients.skip).each(storages)(
       expect(sha256(received)).toBe(sha256(original));
     });
 
+    it('aria2c -c finishes a killed download through A’s link: each run gets a fresh token, bytes identical', async () => {
+      // A file of tens of MiB, so the kill comes mid-download.
+      const big = randomBytes(24 * MIB);
+      const form = new FormData();
+      form.append('file', new Blob([big], { type: 'application/octet-stream' }), 'big.bin');
+      const upload = await user.json<{ file: { id: string } }>('/api/files', { method: 'POST', body: form });
+      expect(upload.status).toBe(201);
+      const link = `${appOrigin}/files/${upload.body.file.id}/download`;
+      // aria2 reads the Netscape jar, but not curl's `#HttpOnly_` lines (as wget, see above).
+      const jar = join(work, 'jar-aria2.txt');
+      await writeFile(jar, (await readFile(join(work, 'jar.txt'), 'utf8')).replaceAll(/^#HttpOnly_/gm, ''));
+      const out = join(work, 'aria2-a.bin');
+      const common = ['--load-cookies', jar, '--file-allocation=none', '-d', work, '-o', 'aria2-a.bin'];
+      const child = spawn(ARIA2, ['-q', '--max-download-limit=4M', ...common, link], { stdio: 'ignore' });
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      while (((await stat(out).catch(() => undefined))?.size ?? 0) < 4 * MIB) {
+        expect(child.exitCode, 'aria2c ended before the kill').toBeNull();
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      child.kill('SIGKILL');
+      await exited;
+      expect((await stat(out)).size).toBeLessThan(big.length);
+
+      const result = await run(ARIA2, ['-c', ...common, link], work);
+      expect(result.code, `${result.stdout}${result.stderr}\n${b.output()}`).toBe(0);
+      const received = await readFile(out);
+      expect(received.length).toBe(big.length);
+      expect(sha256(received)).toBe(sha256(big));
+    });
+
     /** A fresh B link from A's API, as the UI gets it. */
     async function mint(): Promise<string> {
       const res = await user.json<{ url: string; token: string }>(`/api/files/${fileId}/download-token`, {
@@ -189,7 +220,7 @@ describe.skipIf(clients.skip).each(storages)(
       return res.body.url;
     }
 
-    it('resume across tokens: token 1 gives the first part, token 2 + If-Range the rest', async () => {
+    it('resume on one token, and across tokens: token 1 gives the first part, token 2 + If-Range the rest', async () => {
       const first = await mint();
       const part1 = await fetch(first, { headers: { range: 'bytes=0-99999' } });
       expect(part1.status).toBe(206);
@@ -199,12 +230,18 @@ describe.skipIf(clients.skip).each(storages)(
       const head = Buffer.from(await part1.arrayBuffer());
       expect(head.length).toBe(100_000);
 
-      const reuse = await fetch(first, { headers: { range: 'bytes=100000-', accept: 'application/json' } });
-      expect(reuse.status).toBe(410);
-      expect(await reuse.json()).toMatchObject({
+      // One download per token (issue 17): the bytes already sent are refused under that token...
+      const replay = await fetch(first, { headers: { range: 'bytes=0-', accept: 'application/json' } });
+      expect(replay.status).toBe(410);
+      expect(await replay.json()).toMatchObject({
         error: 'TOKEN_USED',
         renewUrl: `${appOrigin}/files/${fileId}/download`,
       });
+      // ... and the rest is not: a resume with the same token gets exactly it.
+      const rest = await fetch(first, { headers: { range: 'bytes=100000-' } });
+      expect(rest.status).toBe(206);
+      const restBytes = Buffer.from(await rest.arrayBuffer());
+      expect(sha256(Buffer.concat([original.subarray(0, 100_000), restBytes]))).toBe(sha256(original));
 
       const part2 = await fetch(await mint(), {
         headers: { range: 'bytes=100000-', 'if-range': etag as string },

@@ -99,6 +99,7 @@ export async function buildApp(config: DownloadConfig, options: BuildOptions = {
       maxTokenAgeSeconds: config.TOKEN_MAX_AGE_SECONDS,
       clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS,
     },
+    resendMarginBytes: config.RESEND_MARGIN_BYTES,
   });
   return app;
 }

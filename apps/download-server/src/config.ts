@@ -25,6 +25,12 @@ export const DownloadEnv = Type.Object({
   REDIS_TIMEOUT_MS: Type.Integer({ minimum: 10, maximum: 60_000, default: 1000 }),
   /** B refuses to start on a Redis that may evict its keys (used tokens forgotten), unless this is true. */
   REDIS_ALLOW_EVICTION: Type.Boolean({ default: false }),
+  /**
+   * Bytes before an interrupted response's last written byte that a later request with the same
+   * token may get again (what the kernel buffered but the client never got). At least 64 KiB: with
+   * less, a resume after a kill would find its first bytes refused as already sent.
+   */
+  RESEND_MARGIN_BYTES: Type.Integer({ minimum: 65_536, maximum: 1_073_741_824, default: 16_777_216 }),
 });
 
 export type DownloadConfig = Omit<Static<typeof DownloadEnv>, keyof PublicUrls> &

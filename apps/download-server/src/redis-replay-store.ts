@@ -1,5 +1,83 @@
-import { Redis } from 'ioredis';
-import type { ReplayStore } from './replay-store.ts';
+import { Redis, type Result } from 'ioredis';
+import type { Limits, Refusal, ReplayStore, Reservation, Usage } from './replay-store.ts';
+
+// The rules of `decide` (replay-store.ts), run inside Redis so that the check and the write are one
+// atomic step across every replica. A record is a hash: `r` the ranges (`s-e,s-e`, half-open,
+// sorted, merged), `b` the bytes counted, `n` the responses. A plain string key is a token claimed
+// whole by an older B: everything counts as sent.
+const RANGES_LUA = `
+local function parse(text)
+  local out = {}
+  if text then
+    for s, e in string.gmatch(text, '(%d+)-(%d+)') do
+      out[#out + 1] = { tonumber(s), tonumber(e) }
+    end
+  end
+  return out
+end
+local function format(ranges)
+  local parts = {}
+  for i, r in ipairs(ranges) do parts[i] = string.format('%d-%d', r[1], r[2]) end
+  return table.concat(parts, ',')
+end
+`;
+
+const RESERVE_LUA = `${RANGES_LUA}
+if redis.call('TYPE', KEYS[1]).ok == 'string' then return 'overlap' end
+local start, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
+local record = redis.call('HMGET', KEYS[1], 'r', 'b', 'n')
+local ranges = parse(record[1])
+local bytes, responses = tonumber(record[2]) or 0, tonumber(record[3]) or 0
+for _, r in ipairs(ranges) do
+  if r[1] < stop and start < r[2] then return 'overlap' end
+end
+if responses >= tonumber(ARGV[5]) then return 'responses' end
+if bytes + (stop - start) > tonumber(ARGV[4]) then return 'bytes' end
+local merged = {}
+for _, r in ipairs(ranges) do
+  if r[2] < start or r[1] > stop then
+    merged[#merged + 1] = r
+  else
+    start, stop = math.min(start, r[1]), math.max(stop, r[2])
+  end
+end
+if start < stop then merged[#merged + 1] = { start, stop } end
+table.sort(merged, function(a, b) return a[1] < b[1] end)
+redis.call('HSET', KEYS[1], 'r', format(merged), 'b', string.format('%d', bytes + tonumber(ARGV[2]) - tonumber(ARGV[1])), 'n', responses + 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 'ok'
+`;
+
+const RELEASE_LUA = `${RANGES_LUA}
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
+local from, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
+local kept = {}
+for _, r in ipairs(parse(redis.call('HGET', KEYS[1], 'r'))) do
+  if r[2] <= from or r[1] >= stop then
+    kept[#kept + 1] = r
+  else
+    if r[1] < from then kept[#kept + 1] = { r[1], from } end
+    if r[2] > stop then kept[#kept + 1] = { stop, r[2] } end
+  end
+end
+local bytes = math.max(0, (tonumber(redis.call('HGET', KEYS[1], 'b')) or 0) - tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'r', format(kept), 'b', string.format('%d', bytes))
+return 1
+`;
+
+declare module 'ioredis' {
+  interface RedisCommander<Context> {
+    dlReserve(
+      key: string,
+      start: number,
+      end: number,
+      ttl: number,
+      maxBytes: number,
+      maxResponses: number,
+    ): Result<string, Context>;
+    dlRelease(key: string, from: number, end: number, unsent: number): Result<number, Context>;
+  }
+}
 
 /** Where the store reports trouble with Redis (a pino logger fits). */
 export interface RedisReplayStoreLog {
@@ -35,17 +113,19 @@ const MAX_RECONNECT_DELAY_MS = 2_000;
 
 /**
  * Replay store shared by any number of B replicas through one Redis (design.md "Single use",
- * "Scaling out"). A used jti is the key `<keyPrefix><jti>`, set with a TTL that ends at the
- * token's `keepUntil`, so Redis forgets it exactly when it stops mattering.
+ * "Scaling out"). A token's record is the hash `<keyPrefix><jti>` (its ranges, bytes and
+ * responses), with a TTL (`PEXPIRE`) that ends at the token's `keepUntil`, so Redis forgets it
+ * exactly when it stops mattering.
  *
  * What each method guarantees:
- * - `claim` is one atomic `SET key 1 NX PX ttl`, never a read followed by a write: Redis runs
- *   commands one at a time, so of any number of concurrent claims of one jti, from any number of
- *   replicas, exactly one gets `OK` (resolves `true`) and every other gets nil (`false`). It
- *   rejects when Redis does not answer within `commandTimeoutMs`, is disconnected, or is refused
- *   for its eviction policy. A rejected claim may still have reached Redis (the reply got lost),
- *   so the token may be burnt without a byte sent: that is the fail-closed side, by design.
- * - `isClaimed` is `EXISTS`; it claims nothing. Rejects like `claim`.
+ * - `reserve` is one Lua script (check and write in one step, never a read followed by a write):
+ *   Redis runs scripts one at a time, so of any number of concurrent reserves of overlapping
+ *   bytes of one jti, from any number of replicas, exactly one is granted. It rejects when Redis
+ *   does not answer within `commandTimeoutMs`, is disconnected, or is refused for its eviction
+ *   policy. A rejected reserve may still have reached Redis (the reply got lost), so the bytes may
+ *   stay reserved without being sent: that is the fail-closed side, by design.
+ * - `release` is one Lua script too; it leaves the TTL alone and does nothing on an expired key.
+ * - `usage` is one `HMGET`; it reserves nothing. Rejects like `reserve`.
  * - `ping` resolves only when a claim could succeed now (Redis answers and its policy is
  *   acceptable), which is what /readyz needs.
  * - `close` sends `QUIT` when connected (replies in flight still arrive), else drops the socket.
@@ -107,6 +187,8 @@ export class RedisReplayStore implements ReplayStore {
       connectTimeout: Math.max(options.commandTimeoutMs, 2_000),
       retryStrategy: (attempt) => Math.min(attempt * 100, MAX_RECONNECT_DELAY_MS),
     });
+    client.defineCommand('dlReserve', { numberOfKeys: 1, lua: RESERVE_LUA });
+    client.defineCommand('dlRelease', { numberOfKeys: 1, lua: RELEASE_LUA });
     const store = new RedisReplayStore(client, options);
     // Without an 'error' listener ioredis prints every failed reconnect attempt.
     client.on('error', (error: Error) => store.#onDown(error));
@@ -133,15 +215,48 @@ export class RedisReplayStore implements ReplayStore {
     return store;
   }
 
-  async claim(jti: string, keepUntil: number): Promise<boolean> {
+  async reserve(
+    jti: string,
+    start: number,
+    end: number,
+    keepUntil: number,
+    limits: Limits,
+  ): Promise<Reservation> {
     await this.#usable();
     const ttl = Math.max(1, Math.ceil(keepUntil - Date.now()));
-    return (await this.#client.set(this.#key(jti), '1', 'PX', ttl, 'NX')) === 'OK';
+    const answer = await this.#client.dlReserve(
+      this.#key(jti),
+      start,
+      end,
+      ttl,
+      limits.maxBytes,
+      limits.maxResponses,
+    );
+    return answer === 'ok' ? { ok: true } : { ok: false, refusal: answer as Refusal };
   }
 
-  async isClaimed(jti: string): Promise<boolean> {
+  async release(jti: string, from: number, end: number, unsent: number): Promise<void> {
     await this.#usable();
-    return (await this.#client.exists(this.#key(jti))) === 1;
+    await this.#client.dlRelease(this.#key(jti), from, end, unsent);
+  }
+
+  async usage(jti: string): Promise<Usage | undefined> {
+    await this.#usable();
+    const key = this.#key(jti);
+    const [[, type], [, record]] = (await this.#client
+      .multi()
+      .type(key)
+      .hmget(key, 'r', 'b', 'n')
+      .exec()) as [[null, string], [null, (string | null)[]]];
+    if (type === 'none') return undefined;
+    // An older B's plain claim: the token was used whole.
+    if (type === 'string') return { ranges: [0, Number.MAX_SAFE_INTEGER], bytes: 0, responses: 0 };
+    const [ranges, bytes, responses] = record;
+    return {
+      ranges: ranges ? ranges.split(/[-,]/).map(Number) : [],
+      bytes: Number(bytes ?? 0),
+      responses: Number(responses ?? 0),
+    };
   }
 
   async ping(): Promise<void> {

@@ -8,4 +8,11 @@ describe("B's loadConfig", () => {
     expect(config.DOWNLOAD_PUBLIC_URL).toBe('http://localhost:4001');
     expect(config.jwksSource).toEqual({ url: 'http://localhost:4000/.well-known/jwks.json' });
   });
+
+  it('RESEND_MARGIN_BYTES defaults to 16 MiB and is refused, by name, outside 64 KiB..1 GiB', () => {
+    expect(loadConfig({}).RESEND_MARGIN_BYTES).toBe(16_777_216);
+    expect(loadConfig({ RESEND_MARGIN_BYTES: '65536' }).RESEND_MARGIN_BYTES).toBe(65_536);
+    for (const bad of ['0', '1000', '-1', '2000000000', 'lots', '1.5'])
+      expect(() => loadConfig({ RESEND_MARGIN_BYTES: bad }), bad).toThrow(/RESEND_MARGIN_BYTES/);
+  });
 });

@@ -249,9 +249,9 @@ describe('single use', () => {
     }
   });
 
-  it('fails closed with 503 REPLAY_STORE_UNAVAILABLE when the replay store cannot claim', async () => {
+  it('fails closed with 503 REPLAY_STORE_UNAVAILABLE when the replay store cannot reserve', async () => {
     const { app, token } = await withFile();
-    vi.spyOn(app.replayStore, 'claim').mockRejectedValue(new Error('replay store down'));
+    vi.spyOn(app.replayStore, 'reserve').mockRejectedValue(new Error('replay store down'));
     const res = await download(app, token);
     expectError(res, 503, 'REPLAY_STORE_UNAVAILABLE');
     expect(res.headers['retry-after']).toBeDefined();
@@ -260,10 +260,107 @@ describe('single use', () => {
 
   it('HEAD fails closed with 503 when the replay store cannot answer', async () => {
     const { app, token } = await withFile();
-    vi.spyOn(app.replayStore, 'isClaimed').mockRejectedValue(new Error('replay store down'));
+    vi.spyOn(app.replayStore, 'usage').mockRejectedValue(new Error('replay store down'));
     const res = await download(app, token, { method: 'HEAD' });
     expect(res.statusCode).toBe(503);
     expect(res.headers['retry-after']).toBeDefined();
+  });
+});
+
+describe('one download per token: byte ranges (design.md "Single use")', () => {
+  const FORTY = randomBytes(40);
+  const metric = async (app: FastifyInstance, line: RegExp) =>
+    Number(line.exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1] ?? 'NaN');
+
+  it('ranges in any order are each served once; the union is the file; an overlap is 410 with renewUrl', async () => {
+    const { app, file, token } = await withFile(FORTY);
+    const parts = new Map<number, Buffer>();
+    for (const [start, end] of [
+      [10, 19],
+      [0, 9],
+      [30, 39],
+      [20, 29],
+    ] as const) {
+      const res = await download(app, token, { headers: { range: `bytes=${start}-${end}` } });
+      expect(res.statusCode, `${start}-${end}`).toBe(206);
+      parts.set(start, res.rawPayload);
+    }
+    const joined = Buffer.concat([...parts.entries()].sort((a, b) => a[0] - b[0]).map(([, part]) => part));
+    expect(joined.equals(FORTY)).toBe(true);
+    for (const range of ['bytes=19-20', 'bytes=0-', 'bytes=-1']) {
+      const body = expectError(await download(app, token, { headers: { range } }), 410, 'TOKEN_USED');
+      expect(body.renewUrl).toBe(renewUrl(file));
+    }
+    expectError(await download(app, token), 410, 'TOKEN_USED');
+    expect(await metric(app, /^download_refusals_total\{cause="overlap"\} (\d+)$/m)).toBe(4);
+  });
+
+  it('a full GET after a range is refused (it would resend that range); the rest by range is served', async () => {
+    const { app, token } = await withFile(FORTY);
+    expect((await download(app, token, { headers: { range: 'bytes=0-9' } })).statusCode).toBe(206);
+    expectError(await download(app, token), 410, 'TOKEN_USED');
+    const rest = await download(app, token, { headers: { range: 'bytes=10-' } });
+    expect(rest.statusCode).toBe(206);
+    expect(rest.rawPayload.equals(FORTY.subarray(10))).toBe(true);
+  });
+
+  it('HEAD answers as GET would for that range, and reserves nothing', async () => {
+    const { app, token } = await withFile(FORTY);
+    expect((await download(app, token, { headers: { range: 'bytes=0-9' } })).statusCode).toBe(206);
+    expect((await download(app, token, { method: 'HEAD', headers: { range: 'bytes=10-' } })).statusCode).toBe(
+      206,
+    );
+    expect((await download(app, token, { method: 'HEAD', headers: { range: 'bytes=5-' } })).statusCode).toBe(
+      410,
+    );
+    expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(410);
+    expect(await app.replayStore.usage(jtiOf(token))).toEqual({ ranges: [0, 10], bytes: 10, responses: 1 });
+  });
+
+  it('at most 32 responses per token: the 33rd is 410, however small and new its range', async () => {
+    const { app, token } = await withFile(FORTY);
+    for (let i = 0; i < 32; i++)
+      expect((await download(app, token, { headers: { range: `bytes=${i}-${i}` } })).statusCode).toBe(206);
+    expectError(await download(app, token, { headers: { range: 'bytes=35-35' } }), 410, 'TOKEN_USED');
+    expect(await metric(app, /^download_refusals_total\{cause="responses"\} (\d+)$/m)).toBe(1);
+  });
+
+  it('a client that goes away early gets the unsent tail back, from RESEND_MARGIN_BYTES before the last written byte', async () => {
+    // The default margin: the client (undici here) holds bytes it has not handed to the reader yet,
+    // so what stays reserved must end before what the reader got, or the resume would lose bytes.
+    const margin = 16 * 1024 * 1024;
+    const big = randomBytes(48 * 1024 * 1024);
+    const t = await buildTestApp();
+    const file = await t.putFile(big);
+    const token = await t.mint(file);
+    const origin = await t.app.listen({ port: 0, host: '127.0.0.1' });
+    // Read a little, then drop the connection.
+    const controller = new AbortController();
+    const res = await fetch(`${origin}/d/${token}`, { signal: controller.signal });
+    expect(res.status).toBe(200);
+    const reader = (res.body as ReadableStream<Uint8Array>).getReader();
+    let received = 0;
+    while (received < 24 * 1024 * 1024) received += ((await reader.read()).value as Uint8Array).length;
+    controller.abort();
+    await vi.waitFor(async () => expect(await metric(t.app, /^download_releases_total (\d+)$/m)).toBe(1));
+
+    const usage = await t.app.replayStore.usage(jtiOf(token));
+    const kept = usage?.ranges[1] as number;
+    expect(usage?.ranges).toEqual([0, kept]);
+    expect(usage?.responses).toBe(1);
+    // What stays reserved ends RESEND_MARGIN_BYTES before what B wrote (at least what we got).
+    expect(kept).toBeGreaterThan(0);
+    expect(kept).toBeLessThanOrEqual(received);
+    expect(usage?.bytes).toBe(kept + margin);
+    expect(await metric(t.app, /^download_resend_margin_bytes_total (\d+)$/m)).toBe(margin);
+
+    const replay = await fetch(`${origin}/d/${token}`, { headers: { accept: 'application/json' } });
+    expect(replay.status).toBe(410);
+    await replay.body?.cancel();
+    const resume = await fetch(`${origin}/d/${token}`, { headers: { range: `bytes=${received}-` } });
+    expect(resume.status).toBe(206);
+    const tail = Buffer.from(await resume.arrayBuffer());
+    expect(tail.equals(big.subarray(received))).toBe(true);
   });
 });
 
@@ -297,7 +394,7 @@ describe('ranges', () => {
       const { app, token, res } = await rangeOf(range, {}, bytes);
       expectError(res, 416, 'RANGE_NOT_SATISFIABLE');
       expect(res.headers['content-range']).toBe(`bytes */${bytes.length}`);
-      expect(await app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+      expect(await app.replayStore.usage(jtiOf(token))).toBeUndefined();
       const after = await download(app, token);
       expect(after.statusCode).toBe(200);
       expect(after.rawPayload.equals(bytes)).toBe(true);
@@ -381,7 +478,7 @@ describe('missing bytes', () => {
     const { app, storage, file, token } = await withFile();
     await storage.delete(file.obj);
     expectError(await download(app, token), 404, 'FILE_NOT_FOUND');
-    expect(await app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+    expect(await app.replayStore.usage(jtiOf(token))).toBeUndefined();
     // Still 404, never 410: nothing was claimed.
     expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(404);
     expectError(await download(app, token), 404, 'FILE_NOT_FOUND');
@@ -392,7 +489,7 @@ describe('missing bytes', () => {
     const file = await t.putFile(TEN);
     const token = await t.mint({ ...file, size: file.size + 1 });
     expectError(await download(t.app, token), 404, 'FILE_NOT_FOUND');
-    expect(await t.app.replayStore.isClaimed(jtiOf(token))).toBe(false);
+    expect(await t.app.replayStore.usage(jtiOf(token))).toBeUndefined();
   });
 });
 
@@ -513,7 +610,7 @@ describe('token errors', () => {
 
     expectError(await download(t.app, forged), 403, 'TOKEN_INVALID');
     expectError(await download(t.app, forged), 403, 'TOKEN_INVALID');
-    expect(await t.app.replayStore.isClaimed(jtiOf(real))).toBe(false);
+    expect(await t.app.replayStore.usage(jtiOf(real))).toBeUndefined();
     const res = await download(t.app, real);
     expect(res.statusCode).toBe(200);
     expect(res.rawPayload.equals(TEN)).toBe(true);

@@ -21,7 +21,7 @@ import {
   RedisReplayStore,
   type RedisReplayStoreOptions,
 } from '../src/redis-replay-store.ts';
-import { replayStoreContract } from './replay-store.contract.ts';
+import { claim, LIMITS, replayStoreContract, used } from './replay-store.contract.ts';
 
 const REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6379';
 const REQUIRED = Boolean(process.env.TEST_REDIS_URL || process.env.CI);
@@ -96,13 +96,13 @@ describe.skipIf(against.skip)(`RedisReplayStore against ${REDIS_URL}${against.re
 
   replayStoreContract('RedisReplayStore', () => openStore(), { realClock: true });
 
-  it('a claim is the key <keyPrefix><jti> with a TTL ending at keepUntil', async () => {
+  it('a record is the hash <keyPrefix><jti> with a TTL ending at keepUntil', async () => {
     const keyPrefix = `test:${nanoid()}:`;
     const store = await openStore({ keyPrefix });
     const admin = adminClient(REDIS_URL);
     const jti = nanoid();
-    expect(await store.claim(jti, Date.now() + 30_000)).toBe(true);
-    expect(await admin.get(`${keyPrefix}${jti}`)).toBe('1');
+    expect(await claim(store, jti, Date.now() + 30_000)).toBe(true);
+    expect(await admin.hgetall(`${keyPrefix}${jti}`)).toEqual({ r: '0-1000', b: '1000', n: '1' });
     const ttl = await admin.pttl(`${keyPrefix}${jti}`);
     expect(ttl).toBeGreaterThan(29_000);
     expect(ttl).toBeLessThanOrEqual(30_000);
@@ -111,29 +111,55 @@ describe.skipIf(against.skip)(`RedisReplayStore against ${REDIS_URL}${against.re
   it('a keepUntil already past still claims, for a moment', async () => {
     const store = await openStore();
     const jti = nanoid();
-    expect(await store.claim(jti, Date.now() - 1_000)).toBe(true);
+    expect(await claim(store, jti, Date.now() - 1_000)).toBe(true);
     await sleep(20);
-    expect(await store.isClaimed(jti)).toBe(false);
+    expect(await used(store, jti)).toBe(false);
   });
 
-  it('of 200 concurrent claims through two replicas, exactly one wins', async () => {
+  it('a release keeps the TTL', async () => {
+    const keyPrefix = `test:${nanoid()}:`;
+    const store = await openStore({ keyPrefix });
+    const admin = adminClient(REDIS_URL);
+    const jti = nanoid();
+    expect(await claim(store, jti, Date.now() + 30_000)).toBe(true);
+    await store.release(jti, 10, 1_000, 990);
+    expect(await admin.hgetall(`${keyPrefix}${jti}`)).toEqual({ r: '0-10', b: '10', n: '1' });
+    expect(await admin.pttl(`${keyPrefix}${jti}`)).toBeGreaterThan(29_000);
+  });
+
+  it('a jti claimed whole by an older B (a plain string key) counts as fully sent', async () => {
+    const keyPrefix = `test:${nanoid()}:`;
+    const store = await openStore({ keyPrefix });
+    const admin = adminClient(REDIS_URL);
+    const jti = nanoid();
+    await admin.set(`${keyPrefix}${jti}`, '1', 'PX', 30_000);
+    expect(await store.reserve(jti, 0, 1, Date.now() + 30_000, LIMITS)).toEqual({
+      ok: false,
+      refusal: 'overlap',
+    });
+    await store.release(jti, 0, 1, 1);
+    expect(await admin.get(`${keyPrefix}${jti}`)).toBe('1');
+    expect((await store.usage(jti))?.ranges).toEqual([0, Number.MAX_SAFE_INTEGER]);
+  });
+
+  it('of 200 concurrent reserves of one range through two replicas, exactly one wins', async () => {
     const keyPrefix = `test:${nanoid()}:`;
     const [one, two] = await Promise.all([openStore({ keyPrefix }), openStore({ keyPrefix })]);
     const jti = nanoid();
     const keepUntil = Date.now() + MINUTE;
     const results = await Promise.all(
-      Array.from({ length: 200 }, (_, i) => (i % 2 ? one : two).claim(jti, keepUntil)),
+      Array.from({ length: 200 }, (_, i) => claim(i % 2 ? one : two, jti, keepUntil)),
     );
     expect(results.filter((won) => won)).toHaveLength(1);
-    expect(await one.isClaimed(jti)).toBe(true);
-    expect(await two.isClaimed(jti)).toBe(true);
+    expect(await used(one, jti)).toBe(true);
+    expect(await used(two, jti)).toBe(true);
   });
 
   it('replicas with different key prefixes do not see each other', async () => {
     const [one, two] = await Promise.all([openStore(), openStore()]);
     const jti = nanoid();
-    expect(await one.claim(jti, Date.now() + MINUTE)).toBe(true);
-    expect(await two.claim(jti, Date.now() + MINUTE)).toBe(true);
+    expect(await claim(one, jti, Date.now() + MINUTE)).toBe(true);
+    expect(await claim(two, jti, Date.now() + MINUTE)).toBe(true);
   });
 });
 
@@ -148,12 +174,12 @@ describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, 
     const server = await startRedis(port);
     const log = fakeLog();
     const store = await openStore({ url, log });
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
 
     await killRedis(server);
     const jti = nanoid();
-    expect(await rejectsWithin(store.claim(jti, Date.now() + MINUTE))).toBeLessThan(2_000);
-    expect(await rejectsWithin(store.isClaimed(jti))).toBeLessThan(2_000);
+    expect(await rejectsWithin(claim(store, jti, Date.now() + MINUTE))).toBeLessThan(2_000);
+    expect(await rejectsWithin(used(store, jti))).toBeLessThan(2_000);
     expect(await rejectsWithin(store.ping())).toBeLessThan(2_000);
     // The socket stops being writable a moment before ioredis emits 'close': the log may trail.
     await vi.waitFor(() =>
@@ -163,20 +189,20 @@ describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, 
     // Same port, same store object: no reopen.
     await startRedis(port);
     await vi.waitFor(() => store.ping(), { timeout: 10_000, interval: 100 });
-    expect(await store.claim(jti, Date.now() + MINUTE)).toBe(true);
-    expect(await store.claim(jti, Date.now() + MINUTE)).toBe(false);
+    expect(await claim(store, jti, Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, jti, Date.now() + MINUTE)).toBe(false);
   });
 
   it('fails closed within the command timeout while Redis hangs, and recovers when it resumes', async () => {
     const port = await freePort();
     const server = await startRedis(port);
     const store = await openStore({ url: `redis://127.0.0.1:${port}` });
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
 
     server.kill('SIGSTOP'); // the socket stays open, nothing answers
     try {
       const jti = nanoid();
-      const elapsed = await rejectsWithin(store.claim(jti, Date.now() + MINUTE));
+      const elapsed = await rejectsWithin(claim(store, jti, Date.now() + MINUTE));
       expect(elapsed).toBeGreaterThanOrEqual(COMMAND_TIMEOUT_MS - 50);
       expect(elapsed).toBeLessThan(2_000);
       expect(await rejectsWithin(store.ping())).toBeLessThan(2_000);
@@ -184,7 +210,7 @@ describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, 
       server.kill('SIGCONT');
     }
     await vi.waitFor(() => store.ping(), { timeout: 10_000, interval: 100 });
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 
   it('opens while nothing listens, rejects every call, and starts working when Redis appears', async () => {
@@ -192,14 +218,14 @@ describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, 
     const log = fakeLog();
     const store = await openStore({ url: `redis://127.0.0.1:${port}`, log });
     const jti = nanoid();
-    expect(await rejectsWithin(store.claim(jti, Date.now() + MINUTE))).toBeLessThan(2_000);
-    await expect(store.isClaimed(jti)).rejects.toThrow();
+    expect(await rejectsWithin(claim(store, jti, Date.now() + MINUTE))).toBeLessThan(2_000);
+    await expect(used(store, jti)).rejects.toThrow();
     await expect(store.ping()).rejects.toThrow();
     expect(log.warn).toHaveBeenCalled();
 
     await startRedis(port);
     await vi.waitFor(() => store.ping(), { timeout: 10_000, interval: 100 });
-    expect(await store.claim(jti, Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, jti, Date.now() + MINUTE)).toBe(true);
   });
 
   it('close resolves also while Redis is down', async () => {
@@ -208,7 +234,7 @@ describe.skipIf(fails.skip)(`RedisReplayStore when Redis fails${fails.reason}`, 
     const store = await openStore({ url: `redis://127.0.0.1:${port}` });
     await killRedis(server);
     await expect(store.close()).resolves.toBeUndefined();
-    await expect(store.claim(nanoid(), Date.now() + MINUTE)).rejects.toThrow();
+    await expect(claim(store, nanoid(), Date.now() + MINUTE)).rejects.toThrow();
   });
 });
 
@@ -242,7 +268,7 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
       { maxmemoryPolicy: 'allkeys-lru' },
       expect.stringMatching(/maxmemory-policy is allkeys-lru/),
     );
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 
   it('a policy first seen after open fails closed, and clears once ops fix it', async () => {
@@ -255,12 +281,12 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
     // Connected again, yet every call is refused for the policy.
     await vi.waitFor(
       async () => {
-        await expect(store.claim(nanoid(), Date.now() + MINUTE)).rejects.toThrow(/maxmemory-policy/);
+        await expect(claim(store, nanoid(), Date.now() + MINUTE)).rejects.toThrow(/maxmemory-policy/);
       },
       { timeout: 10_000, interval: 100 },
     );
     await expect(store.ping()).rejects.toThrow(/maxmemory-policy/);
-    await expect(store.isClaimed(nanoid())).rejects.toThrow(/maxmemory-policy/);
+    await expect(used(store, nanoid())).rejects.toThrow(/maxmemory-policy/);
     expect(log.error).toHaveBeenCalledWith(
       { maxmemoryPolicy: 'allkeys-lru' },
       expect.stringMatching(/maxmemory-policy is allkeys-lru/),
@@ -268,7 +294,7 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
 
     await adminClient(url).config('SET', 'maxmemory-policy', 'noeviction');
     await vi.waitFor(() => store.ping(), { timeout: 10_000, interval: 100 });
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 
   it('a policy changed live while B runs is seen at once by ping (readyz), and by claims within the recheck', async () => {
@@ -276,7 +302,7 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
     await startRedis(port, ['--maxmemory-policy', 'noeviction']);
     const url = `redis://127.0.0.1:${port}`;
     const store = await openStore({ url, log: fakeLog() });
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
 
     // No restart, no reconnect: ops (or a managed service) switch the policy live.
     await adminClient(url).config('SET', 'maxmemory-policy', 'allkeys-lru');
@@ -284,7 +310,7 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
     const changedAt = Date.now();
     await vi.waitFor(
       async () => {
-        await expect(store.claim(nanoid(), Date.now() + MINUTE)).rejects.toThrow(/maxmemory-policy/);
+        await expect(claim(store, nanoid(), Date.now() + MINUTE)).rejects.toThrow(/maxmemory-policy/);
       },
       { timeout: POLICY_RECHECK_MS + 2_000, interval: 100 },
     );
@@ -292,7 +318,7 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
 
     await adminClient(url).config('SET', 'maxmemory-policy', 'noeviction');
     await vi.waitFor(() => store.ping(), { timeout: 5_000, interval: 100 });
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 
   it('a Redis without CONFIG (managed) is trusted with a warning', async () => {
@@ -301,6 +327,6 @@ describe.skipIf(eviction.skip)(`RedisReplayStore eviction policy${eviction.reaso
     const log = fakeLog();
     const store = await openStore({ url: `redis://127.0.0.1:${port}`, log });
     expect(log.warn).toHaveBeenCalledWith(expect.anything(), expect.stringMatching(/CONFIG is not allowed/));
-    expect(await store.claim(nanoid(), Date.now() + MINUTE)).toBe(true);
+    expect(await claim(store, nanoid(), Date.now() + MINUTE)).toBe(true);
   });
 });

@@ -1,11 +1,15 @@
 /**
- * The contract every `ReplayStore` must pass (src/replay-store.ts; design.md "Single use"):
- * one winner per jti however many callers race, claims independent per jti, expiry at
- * `keepUntil`. Implementations call `replayStoreContract(name, open)` from their own test file.
+ * The contract every `ReplayStore` must pass (src/replay-store.ts; design.md "Single use: one
+ * download per token"): a byte is reserved at most once per jti however many callers race,
+ * adjacent ranges do not overlap, releases give bytes back, the byte and response bounds hold,
+ * jtis are independent, and a record expires at `keepUntil`. Implementations call
+ * `replayStoreContract(name, open)` from their own test file (the memory store's file adds the
+ * restarts, Redis' file a second replica).
  */
+import fc from 'fast-check';
 import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
-import type { ReplayStore } from '../src/replay-store.ts';
+import type { Limits, ReplayStore } from '../src/replay-store.ts';
 
 export interface ContractOptions {
   /**
@@ -18,6 +22,18 @@ export interface ContractOptions {
 /** A jti of the shape A mints (nanoid, 21 characters). */
 const newJti = () => nanoid();
 const MINUTE = 60_000;
+/** The bounds of a 1000-byte file with a 100-byte margin: 1000 + min(1000, 800) bytes. */
+export const LIMITS: Limits = { maxBytes: 1_800, maxResponses: 32 };
+
+/** Reserves the whole of a 1000-byte file: what the tests that only need "used" call. */
+export async function claim(store: ReplayStore, jti: string, keepUntil: number): Promise<boolean> {
+  return (await store.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok;
+}
+
+/** Whether anything is recorded under `jti`. */
+export async function used(store: ReplayStore, jti: string): Promise<boolean> {
+  return (await store.usage(jti)) !== undefined;
+}
 
 export function replayStoreContract(
   name: string,
@@ -35,49 +51,168 @@ export function replayStoreContract(
       onTestFinished(() => store.close());
       return store;
     }
+    const later = () => Date.now() + MINUTE;
 
-    it('the first claim of a jti wins, the second loses', async () => {
+    it('a range is granted once; any overlap with it is refused as overlap', async () => {
       const store = await fresh();
       const jti = newJti();
-      expect(await store.claim(jti, Date.now() + MINUTE)).toBe(true);
-      expect(await store.claim(jti, Date.now() + MINUTE)).toBe(false);
+      expect(await store.reserve(jti, 100, 200, later(), LIMITS)).toEqual({ ok: true });
+      for (const [start, end] of [
+        [100, 200],
+        [0, 101],
+        [199, 300],
+        [150, 160],
+        [0, 1_000],
+      ] as const) {
+        expect(await store.reserve(jti, start, end, later(), LIMITS), `${start}-${end}`).toEqual({
+          ok: false,
+          refusal: 'overlap',
+        });
+      }
+      expect(await store.usage(jti)).toEqual({ ranges: [100, 200], bytes: 100, responses: 1 });
     });
 
-    it('of 200 concurrent claims of one jti, exactly one wins', async () => {
+    it('adjacent ranges do not overlap, and merge', async () => {
       const store = await fresh();
       const jti = newJti();
-      const keepUntil = Date.now() + MINUTE;
-      const results = await Promise.all(Array.from({ length: 200 }, () => store.claim(jti, keepUntil)));
-      expect(results.filter((won) => won)).toHaveLength(1);
-      expect(results.filter((won) => !won)).toHaveLength(199);
+      expect((await store.reserve(jti, 100, 200, later(), LIMITS)).ok).toBe(true);
+      expect((await store.reserve(jti, 0, 100, later(), LIMITS)).ok).toBe(true);
+      expect((await store.reserve(jti, 200, 1_000, later(), LIMITS)).ok).toBe(true);
+      expect(await store.usage(jti)).toEqual({ ranges: [0, 1_000], bytes: 1_000, responses: 3 });
+      expect((await store.reserve(jti, 999, 1_000, later(), LIMITS)).ok).toBe(false);
     });
 
-    it('claims of distinct jtis are independent', async () => {
+    it('of 200 concurrent reserves of one range, exactly one wins; of overlapping ranges too', async () => {
+      const store = await fresh();
+      const jti = newJti();
+      const keepUntil = later();
+      const same = await Promise.all(
+        Array.from({ length: 200 }, () => store.reserve(jti, 0, 1_000, keepUntil, LIMITS)),
+      );
+      expect(same.filter((r) => r.ok)).toHaveLength(1);
+      expect(same.filter((r) => !r.ok && r.refusal === 'overlap')).toHaveLength(199);
+
+      const other = newJti();
+      // Ranges [i*10, i*10+20): each overlaps its neighbours, so no two neighbours both win.
+      const results = await Promise.all(
+        Array.from({ length: 50 }, (_, i) => store.reserve(other, i * 10, i * 10 + 20, keepUntil, LIMITS)),
+      );
+      const won = results.flatMap((r, i) => (r.ok ? [i] : []));
+      for (let k = 1; k < won.length; k++)
+        expect((won[k] as number) - (won[k - 1] as number)).toBeGreaterThan(1);
+      expect((await store.usage(other))?.responses).toBe(won.length);
+    });
+
+    it('a release gives the bytes back: a later reserve gets exactly them', async () => {
+      const store = await fresh();
+      const jti = newJti();
+      expect((await store.reserve(jti, 0, 1_000, later(), LIMITS)).ok).toBe(true);
+      // The response wrote 400 bytes; 100 before that and the 600 unwritten are released.
+      await store.release(jti, 300, 1_000, 600);
+      expect(await store.usage(jti)).toEqual({ ranges: [0, 300], bytes: 400, responses: 1 });
+      expect((await store.reserve(jti, 299, 1_000, later(), LIMITS)).ok).toBe(false);
+      expect((await store.reserve(jti, 300, 1_000, later(), LIMITS)).ok).toBe(true);
+      expect(await store.usage(jti)).toEqual({ ranges: [0, 1_000], bytes: 1_100, responses: 2 });
+      // A release in the middle splits a range.
+      await store.release(jti, 400, 500, 100);
+      expect((await store.usage(jti))?.ranges).toEqual([0, 400, 500, 1_000]);
+      // Releasing what was never reserved, or under an unknown jti, changes nothing.
+      const unknown = newJti();
+      await store.release(unknown, 0, 10, 10);
+      expect(await store.usage(unknown)).toBeUndefined();
+    });
+
+    it('the byte bound: bytes re-sent after releases count until maxBytes, then bytes is refused', async () => {
+      const store = await fresh();
+      const jti = newJti();
+      // Each round writes 400 bytes and releases them all as written-but-maybe-lost.
+      for (let round = 0; round < 4; round++) {
+        expect((await store.reserve(jti, 0, 400, later(), LIMITS)).ok, `round ${round}`).toBe(true);
+        await store.release(jti, 0, 400, 0);
+      }
+      expect((await store.usage(jti))?.bytes).toBe(1_600);
+      expect(await store.reserve(jti, 0, 400, later(), LIMITS)).toEqual({ ok: false, refusal: 'bytes' });
+      expect((await store.reserve(jti, 0, 200, later(), LIMITS)).ok).toBe(true);
+      // A range bigger than the bound is refused at once.
+      expect(await store.reserve(newJti(), 0, 1_801, later(), LIMITS)).toEqual({
+        ok: false,
+        refusal: 'bytes',
+      });
+    });
+
+    it('the response bound: the 33rd response is refused, however small', async () => {
+      const store = await fresh();
+      const jti = newJti();
+      for (let i = 0; i < 32; i++)
+        expect((await store.reserve(jti, i, i + 1, later(), LIMITS)).ok).toBe(true);
+      expect(await store.reserve(jti, 500, 501, later(), LIMITS)).toEqual({
+        ok: false,
+        refusal: 'responses',
+      });
+      expect((await store.usage(jti))?.responses).toBe(32);
+    });
+
+    it('any sequence of reserves and releases matches a byte-by-byte model', async () => {
+      const store = await fresh();
+      const SIZE = 64;
+      const unbounded: Limits = { maxBytes: Number.MAX_SAFE_INTEGER, maxResponses: Number.MAX_SAFE_INTEGER };
+      // Non-empty ranges, as B reserves for any file that is not empty.
+      const range = fc
+        .tuple(fc.nat(SIZE - 1), fc.nat(SIZE - 1))
+        .map(([a, b]) => [Math.min(a, b), Math.max(a, b) + 1] as const);
+      const op = fc.record({ release: fc.boolean(), range });
+      await fc.assert(
+        fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 30 }), async (ops) => {
+          const jti = newJti();
+          const model = new Array<boolean>(SIZE).fill(false);
+          for (const {
+            release,
+            range: [start, end],
+          } of ops) {
+            if (release) {
+              await store.release(jti, start, end, 0);
+              model.fill(false, start, end);
+              continue;
+            }
+            const free = model.slice(start, end).every((taken) => !taken);
+            expect((await store.reserve(jti, start, end, later(), unbounded)).ok).toBe(free);
+            if (free) model.fill(true, start, end);
+          }
+          // The recorded ranges are exactly the model's runs of reserved bytes.
+          const runs: number[] = [];
+          model.forEach((taken, i) => {
+            if (taken && !model[i - 1]) runs.push(i);
+            if (taken && !model[i + 1]) runs.push(i + 1);
+          });
+          expect((await store.usage(jti))?.ranges ?? []).toEqual(runs);
+        }),
+        { numRuns: 40 },
+      );
+    });
+
+    it('reserves of distinct jtis are independent', async () => {
       const store = await fresh();
       const [a, b, c] = [newJti(), newJti(), newJti()];
-      const keepUntil = Date.now() + MINUTE;
-      expect(await store.claim(a, keepUntil)).toBe(true);
-      expect(await store.claim(b, keepUntil)).toBe(true);
-      expect(await store.isClaimed(c)).toBe(false);
-      expect(await store.claim(a, keepUntil)).toBe(false);
-      expect(await store.claim(c, keepUntil)).toBe(true);
-      // Concurrent claims of many distinct jtis all win.
+      expect(await claim(store, a, later())).toBe(true);
+      expect(await claim(store, b, later())).toBe(true);
+      expect(await used(store, c)).toBe(false);
+      expect(await claim(store, a, later())).toBe(false);
+      expect(await claim(store, c, later())).toBe(true);
       const many = Array.from({ length: 50 }, newJti);
-      const results = await Promise.all(many.map((jti) => store.claim(jti, keepUntil)));
+      const results = await Promise.all(many.map((jti) => claim(store, jti, later())));
       expect(results.every((won) => won)).toBe(true);
     });
 
-    it('isClaimed is false before the claim and true after it', async () => {
+    it('usage reserves nothing', async () => {
       const store = await fresh();
       const jti = newJti();
-      expect(await store.isClaimed(jti)).toBe(false);
-      // Asking does not claim.
-      expect(await store.isClaimed(jti)).toBe(false);
-      expect(await store.claim(jti, Date.now() + MINUTE)).toBe(true);
-      expect(await store.isClaimed(jti)).toBe(true);
+      expect(await store.usage(jti)).toBeUndefined();
+      expect(await store.usage(jti)).toBeUndefined();
+      expect(await claim(store, jti, later())).toBe(true);
+      expect(await used(store, jti)).toBe(true);
     });
 
-    it('a claim is forgotten once its keepUntil has passed', async () => {
+    it('a record is forgotten once its keepUntil has passed', async () => {
       const store = await fresh();
       const jti = newJti();
       const start = Date.now();
@@ -85,14 +220,17 @@ export function replayStoreContract(
         vi.useFakeTimers({ toFake: ['Date'] });
         vi.setSystemTime(start);
       }
-      expect(await store.claim(jti, start + 50)).toBe(true);
-      expect(await store.isClaimed(jti)).toBe(true);
+      expect(await claim(store, jti, start + 50)).toBe(true);
+      expect(await used(store, jti)).toBe(true);
       if (options.realClock) await new Promise((resolve) => setTimeout(resolve, 100));
       else vi.setSystemTime(start + 100);
-      expect(await store.isClaimed(jti)).toBe(false);
+      expect(await used(store, jti)).toBe(false);
+      // A release after expiry does not bring the record back.
+      await store.release(jti, 0, 10, 10);
+      expect(await used(store, jti)).toBe(false);
       // The jti is free again (a token that old is refused by verification anyway).
-      expect(await store.claim(jti, Date.now() + MINUTE)).toBe(true);
-      expect(await store.claim(jti, Date.now() + MINUTE)).toBe(false);
+      expect(await claim(store, jti, Date.now() + MINUTE)).toBe(true);
+      expect(await claim(store, jti, Date.now() + MINUTE)).toBe(false);
     });
 
     it('ping resolves when the store can answer', async () => {
@@ -102,7 +240,7 @@ export function replayStoreContract(
 
     it('close resolves', async () => {
       const store = await open();
-      await store.claim(newJti(), Date.now() + MINUTE);
+      await claim(store, newJti(), later());
       await expect(store.close()).resolves.toBeUndefined();
     });
   });

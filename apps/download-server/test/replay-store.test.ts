@@ -11,7 +11,7 @@ import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { MemoryReplayStore } from '../src/replay-store.ts';
 import { tempDir } from './helpers.ts';
-import { replayStoreContract } from './replay-store.contract.ts';
+import { claim, LIMITS, replayStoreContract, used } from './replay-store.contract.ts';
 
 replayStoreContract('MemoryReplayStore (memory only)', () => MemoryReplayStore.open({ windowMs: 60_000 }));
 replayStoreContract('MemoryReplayStore (journal)', async () =>
@@ -42,15 +42,54 @@ describe('MemoryReplayStore journal', () => {
     const dir = await tempDir('replay-store-');
     const jti = nanoid();
     const first = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
-    expect(await first.claim(jti, Date.now() + 60_000)).toBe(true);
+    expect(await claim(first, jti, Date.now() + 60_000)).toBe(true);
     await first.close();
 
     const second = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
     try {
-      expect(await second.isClaimed(jti)).toBe(true);
-      expect(await second.claim(jti, Date.now() + 60_000)).toBe(false);
+      expect(await used(second, jti)).toBe(true);
+      expect(await claim(second, jti, Date.now() + 60_000)).toBe(false);
     } finally {
       await second.close();
+    }
+  });
+
+  it('ranges, releases and counts survive a restart; the reopened store goes on from them', async () => {
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    const keepUntil = Date.now() + 60_000;
+    const first = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    expect((await first.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok).toBe(true);
+    await first.release(jti, 300, 1_000, 600);
+    expect((await first.reserve(jti, 300, 500, keepUntil, LIMITS)).ok).toBe(true);
+    await first.close();
+
+    const second = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    try {
+      expect(await second.usage(jti)).toEqual({ ranges: [0, 500], bytes: 600, responses: 2 });
+      expect(await second.reserve(jti, 499, 600, keepUntil, LIMITS)).toEqual({
+        ok: false,
+        refusal: 'overlap',
+      });
+      expect((await second.reserve(jti, 500, 1_000, keepUntil, LIMITS)).ok).toBe(true);
+    } finally {
+      await second.close();
+    }
+  });
+
+  it('a line of the older form (jti keepUntil: a token claimed whole) reloads as fully sent', async () => {
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    await mkdir(dir, { recursive: true });
+    await appendFile(join(dir, 'claims.log'), `${jti} ${Date.now() + 60_000}\n`);
+    const store = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    try {
+      expect(await store.reserve(jti, 5, 6, Date.now() + 60_000, LIMITS)).toEqual({
+        ok: false,
+        refusal: 'overlap',
+      });
+    } finally {
+      await store.close();
     }
   });
 
@@ -61,13 +100,13 @@ describe('MemoryReplayStore journal', () => {
     const dir = await tempDir('replay-store-');
     const jti = nanoid();
     const store = await openAt(dir);
-    expect(await store.claim(jti, T0 + WINDOW)).toBe(true);
+    expect(await claim(store, jti, T0 + WINDOW)).toBe(true);
     await store.close();
 
     for (let restart = 1; restart <= 5; restart++) {
       vi.setSystemTime(T0 + restart * 10);
       const again = await openAt(dir);
-      const claimed = await again.isClaimed(jti);
+      const claimed = await used(again, jti);
       await again.close();
       expect(claimed, `restart ${restart}`).toBe(true);
     }
@@ -80,30 +119,30 @@ describe('MemoryReplayStore journal', () => {
     const [old, late, mid] = [nanoid(), nanoid(), nanoid()];
 
     vi.setSystemTime(T0 + 100);
-    expect(await store.claim(old, T0 + 1_100)).toBe(true);
+    expect(await claim(store, old, T0 + 1_100)).toBe(true);
     vi.setSystemTime(T0 + 900);
-    expect(await store.claim(late, T0 + 1_900)).toBe(true);
+    expect(await claim(store, late, T0 + 1_900)).toBe(true);
     expect(await journal(dir, 'claims.log')).toContain(old);
     // More than a window since the journal was compacted: this claim compacts it.
     vi.setSystemTime(T0 + 1_200);
-    expect(await store.claim(mid, T0 + 2_200)).toBe(true);
+    expect(await claim(store, mid, T0 + 2_200)).toBe(true);
 
     const onDisk = await journal(dir, 'claims.log');
     expect(onDisk).not.toContain(old);
     expect(onDisk).toContain(late);
     expect(onDisk).toContain(mid);
-    expect(await store.isClaimed(old)).toBe(false); // expired
-    expect(await store.isClaimed(late)).toBe(true);
-    expect(await store.isClaimed(mid)).toBe(true);
+    expect(await used(store, old)).toBe(false); // expired
+    expect(await used(store, late)).toBe(true);
+    expect(await used(store, mid)).toBe(true);
     await store.close();
 
     // Both live claims come back after a restart.
     vi.setSystemTime(T0 + 1_300);
     const reopened = await openAt(dir);
     try {
-      expect(await reopened.isClaimed(late)).toBe(true);
-      expect(await reopened.isClaimed(mid)).toBe(true);
-      expect(await reopened.isClaimed(old)).toBe(false);
+      expect(await used(reopened, late)).toBe(true);
+      expect(await used(reopened, mid)).toBe(true);
+      expect(await used(reopened, old)).toBe(false);
     } finally {
       await reopened.close();
     }
@@ -116,10 +155,10 @@ describe('MemoryReplayStore journal', () => {
     const [first, second] = [nanoid(), nanoid()];
     try {
       vi.setSystemTime(T0 + 900);
-      const inFlight = store.claim(first, T0 + 1_900);
+      const inFlight = claim(store, first, T0 + 1_900);
       // The clock crosses the window boundary before the first claim reaches its write.
       vi.setSystemTime(T0 + 1_100);
-      const rotating = store.claim(second, T0 + 2_100);
+      const rotating = claim(store, second, T0 + 2_100);
       const results = await Promise.allSettled([inFlight, rotating]);
       expect(results).toEqual([
         { status: 'fulfilled', value: true },
@@ -130,8 +169,8 @@ describe('MemoryReplayStore journal', () => {
     }
     const reopened = await openAt(dir);
     try {
-      expect(await reopened.isClaimed(first)).toBe(true);
-      expect(await reopened.isClaimed(second)).toBe(true);
+      expect(await used(reopened, first)).toBe(true);
+      expect(await used(reopened, second)).toBe(true);
     } finally {
       await reopened.close();
     }
@@ -145,7 +184,7 @@ describe('MemoryReplayStore journal', () => {
     try {
       await Promise.all(
         jtis.map(async (jti) => {
-          expect(await store.claim(jti, Date.now() + 60_000)).toBe(true);
+          expect(await claim(store, jti, Date.now() + 60_000)).toBe(true);
           // Read at once, synchronously: nothing else gets to run between the claim and the check.
           onDiskWhenResolved.set(jti, readFileSync(join(dir, 'claims.log'), 'utf8').includes(`${jti} `));
         }),
@@ -164,13 +203,13 @@ describe('MemoryReplayStore journal', () => {
     const dir = await tempDir('replay-store-');
     const jti = nanoid();
     const store = await openAt(dir);
-    await store.claim(jti, T0 + 50);
+    await claim(store, jti, T0 + 50);
     await store.close();
 
     vi.setSystemTime(T0 + 100);
     const reopened = await openAt(dir);
     try {
-      expect(await reopened.isClaimed(jti)).toBe(false);
+      expect(await used(reopened, jti)).toBe(false);
     } finally {
       await reopened.close();
     }
@@ -180,14 +219,14 @@ describe('MemoryReplayStore journal', () => {
     const dir = await tempDir('replay-store-');
     const jti = nanoid();
     const store = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
-    await store.claim(jti, Date.now() + 60_000);
+    await claim(store, jti, Date.now() + 60_000);
     await store.close();
     await appendFile(join(dir, 'claims.log'), `${nanoid()} 17`); // no newline, truncated number
 
     const reopened = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
     try {
-      expect(await reopened.isClaimed(jti)).toBe(true);
-      expect(await reopened.claim(nanoid(), Date.now() + 60_000)).toBe(true);
+      expect(await used(reopened, jti)).toBe(true);
+      expect(await claim(reopened, nanoid(), Date.now() + 60_000)).toBe(true);
     } finally {
       await reopened.close();
     }
@@ -198,10 +237,10 @@ describe('MemoryReplayStore journal', () => {
     const dir = await tempDir('replay-store-');
     const store = await openAt(dir);
     try {
-      await store.claim(nanoid(), T0 + 1_000);
+      await claim(store, nanoid(), T0 + 1_000);
       expect(((await stat(join(dir, 'claims.log'))).mode & 0o777).toString(8)).toBe('600');
       vi.setSystemTime(T0 + 1_500); // compacts
-      await store.claim(nanoid(), T0 + 2_500);
+      await claim(store, nanoid(), T0 + 2_500);
       expect(((await stat(join(dir, 'claims.log'))).mode & 0o777).toString(8)).toBe('600');
     } finally {
       await store.close();
@@ -223,21 +262,21 @@ describe('MemoryReplayStore journal', () => {
     const store = await openAt(dir);
     try {
       const used = nanoid();
-      expect(await store.claim(used, T0 + 10_000)).toBe(true);
+      expect(await claim(store, used, T0 + 10_000)).toBe(true);
       // The compaction's temporary file cannot be written.
       await mkdir(join(dir, 'claims.log.tmp'));
       vi.setSystemTime(T0 + 1_500); // due: this claim starts a compaction, which fails
-      expect(await store.claim(nanoid(), T0 + 10_000)).toBe(true);
+      expect(await claim(store, nanoid(), T0 + 10_000)).toBe(true);
       await expect(store.ping()).rejects.toThrow(/replay journal/);
       // Later claims still work (and are journalled), not 503 for ever.
       const during = nanoid();
-      expect(await store.claim(during, T0 + 10_000)).toBe(true);
-      expect(await store.claim(used, T0 + 10_000)).toBe(false);
+      expect(await claim(store, during, T0 + 10_000)).toBe(true);
+      expect(await claim(store, used, T0 + 10_000)).toBe(false);
 
       // The obstacle goes; a claim after the retry delay compacts, and the store is ready again.
       await rm(join(dir, 'claims.log.tmp'), { recursive: true });
       vi.setSystemTime(T0 + 3_000);
-      expect(await store.claim(nanoid(), T0 + 10_000)).toBe(true);
+      expect(await claim(store, nanoid(), T0 + 10_000)).toBe(true);
       await store.ping();
       const lines = await journal(dir, 'claims.log');
       expect(lines).toContain(used);
@@ -256,10 +295,10 @@ describe('MemoryReplayStore lock', () => {
       /Another download server \(B\) uses the replay journal.*REDIS_URL/,
     );
     // Still the only writer: its claims work, and once it is closed the folder is free again.
-    expect(await first.claim('jti-1', Date.now() + 60_000)).toBe(true);
+    expect(await claim(first, 'jti-1', Date.now() + 60_000)).toBe(true);
     await first.close();
     const second = await openAt(dir);
-    expect(await second.isClaimed('jti-1')).toBe(true);
+    expect(await used(second, 'jti-1')).toBe(true);
     await second.close();
   });
 });

@@ -4,8 +4,12 @@ import { Counter, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
 declare module 'fastify' {
   interface FastifyInstance {
     metrics: {
-      /** Counts one download request by its outcome (`ok`, `partial`, `head`, or an error code). */
+      /** Counts one download request by its outcome (`ok`, `partial`, `head`, `aborted`, or an error code). */
       download(result: string, bytes: number): void;
+      /** Counts a reserve refused by the replay store, by cause (`overlap`, `bytes`, `responses`). */
+      refused(cause: string): void;
+      /** Counts a release after an interrupted response, and the written bytes it gives back. */
+      released(resendable: number): void;
     };
   }
 }
@@ -19,7 +23,7 @@ const TOKEN_REJECTIONS: Record<string, string> = {
 
 /**
  * Prometheus metrics at `GET /metrics`: downloads by result, bytes sent, token rejections by
- * reason, the key set's age and size, and the process's own (memory, descriptors, event loop).
+ * reason, replay-store refusals by cause, releases and the bytes they make sendable again, the key set's age and size, and the process's own (memory, descriptors, event loop).
  * A registry per app, so tests can build several.
  */
 export default fp(
@@ -28,7 +32,7 @@ export default fp(
     collectDefaultMetrics({ register: registry });
     const downloads = new Counter({
       name: 'download_requests_total',
-      help: 'Download requests by result: ok, partial, head, or the error code',
+      help: 'Download requests by result: ok, partial, head, aborted (the client went away), or the error code',
       labelNames: ['result'],
       registers: [registry],
     });
@@ -41,6 +45,22 @@ export default fp(
       name: 'download_token_rejections_total',
       help: 'Tokens refused, by reason: malformed, invalid, expired, used',
       labelNames: ['reason'],
+      registers: [registry],
+    });
+    const refusals = new Counter({
+      name: 'download_refusals_total',
+      help: 'Requests refused 410 TOKEN_USED by the replay store, by cause: overlap (bytes already sent or in flight), bytes or responses (a bound reached)',
+      labelNames: ['cause'],
+      registers: [registry],
+    });
+    const releases = new Counter({
+      name: 'download_releases_total',
+      help: 'Interrupted responses whose unsent bytes were released for a later request with the same token',
+      registers: [registry],
+    });
+    const resendable = new Counter({
+      name: 'download_resend_margin_bytes_total',
+      help: 'Bytes written to clients that went away, released again under RESEND_MARGIN_BYTES: the most that can be sent twice',
       registers: [registry],
     });
     new Gauge({
@@ -91,6 +111,13 @@ export default fp(
         bytes.inc(sent);
         const reason = TOKEN_REJECTIONS[result];
         if (reason) rejections.inc({ reason });
+      },
+      refused(cause: string) {
+        refusals.inc({ cause });
+      },
+      released(bytes: number) {
+        releases.inc();
+        resendable.inc(bytes);
       },
     });
 

@@ -16,11 +16,17 @@ import {
   TokenUsed,
 } from '../errors.ts';
 import { parseRange } from '../range.ts';
+import { decide, type Limits } from '../replay-store.ts';
 
 export interface DownloadOptions {
   /** Everything but the allowlist, which follows the key set. */
   verify: Omit<VerifyOptions, 'algorithms' | 'currentDate'>;
+  /** RESEND_MARGIN_BYTES: what an interrupted response gives back before its last written byte. */
+  resendMarginBytes: number;
 }
+
+/** Most responses one token may send bytes in (design.md "Single use"). */
+const MAX_RESPONSES = 32;
 
 type Params = { token: string; name?: string };
 
@@ -35,10 +41,11 @@ declare module 'fastify' {
 const ACTIVE_CONTENT = /html|xml|javascript|ecmascript|^text\/xsl|^application\/(x-)?(shockwave|java)/i;
 
 /**
- * `GET|HEAD /d/:token[/:name]`: verify the token, claim it once, stream the file.
+ * `GET|HEAD /d/:token[/:name]`: verify the token, reserve the bytes it will send, stream them.
  * Order matters: verify before anything else (a forged token never burns a real one and never
- * touches storage), then look at the file and the range (404 and 416 do not consume the token),
- * then claim atomically, then send.
+ * touches storage), then look at the file and the range (404 and 416 reserve nothing), then
+ * reserve exactly that range atomically (one replay-store call: each byte is sent at most once
+ * per token), then send. A response cut short gives back what it did not deliver.
  */
 export default async function downloadRoutes(app: FastifyInstance, options: DownloadOptions) {
   const { storage } = app;
@@ -83,12 +90,24 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     file: ObjectRead,
     range: ByteRange | undefined,
   ) {
+    const start = range ? range.start : 0;
+    const end = range ? range.end + 1 : file.size;
+    const limits: Limits = {
+      maxBytes: file.size + Math.min(file.size, 8 * options.resendMarginBytes),
+      maxResponses: MAX_RESPONSES,
+    };
     if (request.method === 'HEAD') {
-      if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
+      // Answers as GET would, reserving nothing.
+      const answer = decide(await replay(app.replayStore.usage(claims.jti)), start, end, limits);
+      if (!answer.ok) throw renewable(new TokenUsed(), claims.fid);
     } else {
       const keepUntil = keepUsedUntil(claims, options.verify);
-      if (!(await replay(app.replayStore.claim(claims.jti, keepUntil))))
+      const answer = await replay(app.replayStore.reserve(claims.jti, start, end, keepUntil, limits));
+      if (!answer.ok) {
+        app.metrics.refused(answer.refusal);
         throw renewable(new TokenUsed(), claims.fid);
+      }
+      releaseUnsent(request, reply, claims.jti, start, end);
     }
 
     reply
@@ -119,6 +138,43 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     return reply.send(file.body);
   }
 
+  /**
+   * When the response ends before all of `[start, end)` was written (the client went away, or
+   * the read failed), gives back from RESEND_MARGIN_BYTES before the last written byte to the
+   * end: the socket's count includes what the kernel and the client's unread buffer still held,
+   * which the client never saved. Off the hot path: a complete response costs one listener.
+   */
+  function releaseUnsent(
+    request: FastifyRequest,
+    reply: FastifyReply,
+    jti: string,
+    start: number,
+    end: number,
+  ) {
+    const socket = request.raw.socket;
+    const res = reply.raw;
+    res.once('close', () => {
+      const sentFile = res.statusCode === 200 || res.statusCode === 206;
+      // Ended: the whole body went to the socket (all of it but its last buffer to the kernel).
+      if (sentFile && res.writableEnded) return;
+      const wrote = socket.bytesWritten - request.bytesWrittenBefore;
+      // fastify runs onResponse only for responses that finished: count this one here.
+      if (!res.writableEnded) app.metrics.download('aborted', Math.max(0, wrote || 0));
+      // The count covers this response's head too (Node keeps it as `_header`), not only bytes.
+      const head = (res as { _header?: string | null })._header?.length ?? 0;
+      const total = wrote - head;
+      const written = sentFile && total > 0 ? Math.min(end - start, total) : 0;
+      const lastWritten = start + written;
+      const from = Math.max(start, lastWritten - options.resendMarginBytes);
+      if (from >= end) return;
+      app.replayStore.release(jti, from, end, end - lastWritten).then(
+        () => app.metrics.released(lastWritten - from),
+        (error: unknown) =>
+          request.log.warn({ err: error }, 'replay store: release failed; the unsent bytes stay reserved'),
+      );
+    });
+  }
+
   async function verify(token: string, log: FastifyBaseLogger): Promise<DownloadClaims> {
     try {
       return await verifyDownloadToken(token, app.keys.resolve, {
@@ -144,7 +200,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
   }
 
   // Outcome and bytes of every download request, for /metrics. Bytes are what the socket wrote
-  // during this response, so aborted downloads count what they really got.
+  // during this response. A download cut short never reaches onResponse: releaseUnsent counts it.
   // Callback hooks: an async one costs a promise per request on B's hot path.
   app.addHook('onRequest', (request, _reply, done) => {
     request.bytesWrittenBefore = request.raw.socket.bytesWritten;
