@@ -14,6 +14,7 @@ import {
 import { S3Store, type S3StoreOptions } from '@sfh/storage/s3';
 import { nanoid } from 'nanoid';
 import { onTestFinished } from 'vitest';
+import { skipUnless } from './skip.ts';
 
 const SCRIPT = fileURLToPath(new URL('../../infra/s3-local.sh', import.meta.url));
 
@@ -125,13 +126,11 @@ async function answers(): Promise<boolean> {
 
 export const S3_AVAILABLE = await answers();
 /** CI needs the S3 suites; elsewhere they skip, saying why. */
-export const S3_REQUIRED = Boolean(process.env.CI);
-export const S3_SKIP = !S3_AVAILABLE && !S3_REQUIRED;
-if (S3_SKIP) {
-  console.warn(
-    `[s3] skipping the S3 suites: no S3 store answers at ${endpoint} (bucket ${S3_BUCKET}); start one with \`infra/s3-local.sh start\``,
-  );
-}
+export const S3_SKIP = skipUnless(
+  'the S3 suites',
+  !S3_AVAILABLE &&
+    `no S3 store answers at ${endpoint} (bucket ${S3_BUCKET}); start one with \`infra/s3-local.sh start\``,
+).skip;
 
 /** For a suite's beforeAll: in CI, a missing store fails the suite. */
 export function requireS3(): void {
