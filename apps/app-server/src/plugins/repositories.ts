@@ -3,6 +3,7 @@ import { filesRepository } from '../repositories/files.ts';
 import { loginFailuresRepository } from '../repositories/login-failures.ts';
 import { registrationsRepository } from '../repositories/registrations.ts';
 import { sessionsRepository } from '../repositories/sessions.ts';
+import { sharesRepository } from '../repositories/shares.ts';
 import { signingKeysRepository } from '../repositories/signing-keys.ts';
 import { usersRepository } from '../repositories/users.ts';
 
@@ -12,6 +13,7 @@ export interface Repositories {
   files: ReturnType<typeof filesRepository>;
   loginFailures: ReturnType<typeof loginFailuresRepository>;
   registrations: ReturnType<typeof registrationsRepository>;
+  shares: ReturnType<typeof sharesRepository>;
   signingKeys: ReturnType<typeof signingKeysRepository>;
 }
 
@@ -29,6 +31,7 @@ export default fp(
       files: filesRepository(app.db),
       loginFailures: loginFailuresRepository(app.db),
       registrations: registrationsRepository(app.db),
+      shares: sharesRepository(app.db),
       signingKeys: signingKeysRepository(app.db),
     });
   },

@@ -10,6 +10,7 @@ import type { FileRecord } from '../repositories/files.ts';
 import { type AuthOptions, authActions, CurrentPassword, Password, Username } from './auth.ts';
 import { deleteFile, type FilesOptions, IdParams, receiveUpload } from './files.ts';
 import { device } from './sessions.ts';
+import type { SharesOptions } from './shares.ts';
 
 declare module 'fastify' {
   interface Session {
@@ -32,12 +33,13 @@ interface Flash {
 export interface PagesOptions {
   auth: AuthOptions;
   files: FilesOptions;
+  shares: SharesOptions;
   idleSeconds: number;
   /** Templates are compiled once and cached in production, re-read on every render otherwise. */
   production: boolean;
 }
 
-const VIEWS_DIR = fileURLToPath(new URL('../views', import.meta.url));
+export const VIEWS_DIR = fileURLToPath(new URL('../views', import.meta.url));
 const PUBLIC_DIR = fileURLToPath(new URL('../../public', import.meta.url));
 
 const SESSION_ENDED = 'Your session has ended. Sign in again to continue.';
@@ -109,7 +111,8 @@ const dateFormat = new Intl.DateTimeFormat('en-GB', {
   timeStyle: 'short',
   timeZone: 'UTC',
 });
-const humanDate = (date: Date) => `${dateFormat.format(date)} UTC`;
+/** "3 Dec 2026, 16:20 UTC". */
+export const humanDate = (date: Date) => `${dateFormat.format(date)} UTC`;
 
 function humanWait(seconds: number): string {
   if (seconds < 90) return `${seconds} second${seconds === 1 ? '' : 's'}`;
