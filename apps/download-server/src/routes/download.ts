@@ -64,11 +64,11 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     const range = selectRange(request, claims, file);
 
     if (request.method === 'HEAD') {
-      if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims.fid);
+      if (await replay(app.replayStore.isClaimed(claims.jti))) throw renewable(new TokenUsed(), claims);
     } else {
       const keepUntil = keepUsedUntil(claims, options.verify);
       if (!(await replay(app.replayStore.claim(claims.jti, keepUntil))))
-        throw renewable(new TokenUsed(), claims.fid);
+        throw renewable(new TokenUsed(), claims);
     }
 
     reply
@@ -113,8 +113,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       }
       if (error.code === 'TOKEN_MALFORMED') throw new TokenMalformed(error.message, { cause: error });
       // Expiry is checked after the signature, issuer and audience: these claims are genuine.
-      if (error.code === 'TOKEN_EXPIRED')
-        throw renewable(new TokenExpired({ cause: error }), error.claims?.fid);
+      if (error.code === 'TOKEN_EXPIRED') throw renewable(new TokenExpired({ cause: error }), error.claims);
       throw new TokenInvalid({ cause: error });
     }
   }
