@@ -380,3 +380,109 @@ describe('share passwords', () => {
     expect(median(right)).toBeGreaterThan(median(wrong) * 0.5);
   });
 });
+
+describe('the share page GET /s/:id', () => {
+  const page = (app: FastifyInstance, id: string) =>
+    app.inject({ method: 'GET', url: `/s/${id}`, headers: { accept: 'text/html' } });
+
+  it('shows name (control and bidi characters removed), size, expiry, downloads left and a form; counts nothing', async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app, 'evil\u202Efdp.exe');
+    const created = await share(client, file.id, { maxDownloads: 3 });
+    for (let i = 0; i < 3; i++) {
+      const response = await page(app, created.id);
+      expect(response.statusCode).toBe(200);
+      expect(response.headers['content-type']).toMatch(/^text\/html/);
+      expect(response.body).toContain('evilfdp.exe');
+      expect(response.body).not.toContain('\u202E');
+      expect(response.body).toContain('12\u00a0B');
+      expect(response.body).toContain(`datetime="${created.expiresAt}"`);
+      expect(response.body).toMatch(/data-downloads-left>3</);
+      expect(response.body).toContain(`<form method="post" action="/s/${created.id}/download">`);
+      expect(response.body).not.toContain('name="password"');
+      expect(response.body).not.toContain('<script');
+    }
+    expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
+    expect(await count(app, 'mint_counts')).toBe(0);
+  });
+
+  it('sets no cookie, and says noindex, no-referrer, no-store', async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id);
+    const response = await page(app, created.id);
+    expect(setCookies(response)).toEqual([]);
+    expect(response.headers).toMatchObject({
+      'cache-control': 'no-store',
+      'referrer-policy': 'no-referrer',
+      'x-robots-tag': 'noindex, nofollow',
+    });
+    expect(response.body).toContain('<meta name="robots" content="noindex, nofollow">');
+    expect(response.body).toContain('<meta name="referrer" content="no-referrer">');
+    // A session cookie that comes along is not touched (no session exists on this route).
+    const withCookie = await client.request({ method: 'GET', url: `/s/${created.id}` });
+    expect(setCookies(withCookie)).toEqual([]);
+  });
+
+  it('has a password field when the share has a password; a wrong one shows the page again with 401', async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id, { password: 'open sesame!' });
+    expect((await page(app, created.id)).body).toContain('name="password" type="password"');
+    const form = (password: string) =>
+      app.inject({
+        method: 'POST',
+        url: `/s/${created.id}/download`,
+        headers: { 'content-type': 'application/x-www-form-urlencoded', origin: 'http://a.test' },
+        payload: new URLSearchParams({ password }).toString(),
+        remoteAddress: '10.0.1.1',
+      });
+    const wrong = await form('open sesame?');
+    expect(wrong.statusCode).toBe(401);
+    expect(wrong.body).toContain('That password is not correct.');
+    expect(wrong.body).toContain('name="password"');
+    expect(setCookies(wrong)).toEqual([]);
+    const right = await form('open sesame!');
+    expect(right.statusCode).toBe(303);
+    expect(right.headers.location).toMatch(/^http:\/\/b\.test\/d\//);
+  });
+
+  it('an expired or used-up share is 410 with no Download button; a revoked or unknown one 404', async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const used = await share(client, file.id, { maxDownloads: 1 });
+    expect((await publicToken(app, used.id)).statusCode).toBe(201);
+    const gone = await page(app, used.id);
+    expect(gone.statusCode).toBe(410);
+    expect(gone.body).toContain('has expired or has no downloads left');
+    expect(gone.body).not.toContain('<form');
+    const formAfter = await app.inject({
+      method: 'POST',
+      url: `/s/${used.id}/download`,
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      payload: '',
+    });
+    expect(formAfter.statusCode).toBe(410);
+
+    const revoked = await share(client, file.id);
+    await client.request({ method: 'DELETE', url: `/api/shares/${revoked.id}` });
+    const missing = await page(app, revoked.id);
+    expect(missing.statusCode).toBe(404);
+    expect(missing.body).toContain('This link does not exist');
+    expect((await page(app, 'AAAAAAAAAAAAAAAAAAAAAA')).statusCode).toBe(404);
+  });
+
+  it("a link scanner's GET, HEAD and redirect-following counts nothing", async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id, { maxDownloads: 1 });
+    for (const method of ['GET', 'HEAD'] as const) {
+      const response = await app.inject({ method, url: `/s/${created.id}` });
+      expect(response.statusCode).toBe(200);
+      expect(response.headers.location).toBeUndefined();
+    }
+    expect((await app.inject({ method: 'GET', url: `/s/${created.id}/download` })).statusCode).toBe(404);
+    expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
+    expect((await publicToken(app, created.id)).statusCode).toBe(201);
+  });
+});
