@@ -387,7 +387,7 @@ describe('the share page GET /s/:id', () => {
 
   it('shows name (control and bidi characters removed), size, expiry, downloads left and a form; counts nothing', async () => {
     const { app } = await buildTestApp(db());
-    const { client, file } = await owner(app, 'evil\u202Efdp.exe');
+    const { client, user, file } = await owner(app, 'evil\u202Efdp.exe');
     const created = await share(client, file.id, { maxDownloads: 3 });
     for (let i = 0; i < 3; i++) {
       const response = await page(app, created.id);
@@ -403,7 +403,7 @@ describe('the share page GET /s/:id', () => {
       expect(response.body).not.toContain('<script');
     }
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
-    expect(await count(app, 'mint_counts')).toBe(0);
+    expect(await count(app, 'mint_counts WHERE user_id = $1', [user.id])).toBe(0);
   });
 
   it('sets no cookie, and says noindex, no-referrer, no-store', async () => {
@@ -484,5 +484,80 @@ describe('the share page GET /s/:id', () => {
     expect((await app.inject({ method: 'GET', url: `/s/${created.id}/download` })).statusCode).toBe(404);
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
     expect((await publicToken(app, created.id)).statusCode).toBe(201);
+  });
+});
+
+describe("the owner's pages", () => {
+  const form = (client: TestClient, url: string, fields: Record<string, string>) =>
+    client.request({
+      method: 'POST',
+      url,
+      payload: new URLSearchParams(fields).toString(),
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    });
+
+  it('create a link from the file row, list it with downloads and last download, revoke it', async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const files = await client.request({ method: 'GET', url: '/' });
+    expect(files.body).toContain(`action="/files/${file.id}/shares"`);
+    expect(files.body).toContain('href="/shares"');
+    expect((await client.request({ method: 'GET', url: '/sessions' })).body).toContain('href="/shares"');
+
+    const created = await form(client, `/files/${file.id}/shares`, {
+      expiresInSeconds: '3600',
+      maxDownloads: '',
+      password: '',
+    });
+    expect(created.statusCode).toBe(303);
+    expect(created.headers.location).toBe('/shares');
+    const [made] = (await client.request({ method: 'GET', url: '/api/shares' })).json<{
+      shares: ShareView[];
+    }>().shares;
+    expect(made).toMatchObject({ maxDownloads: null, hasPassword: false });
+    expect(Math.abs(Date.parse(made?.expiresAt ?? '') - Date.now() - 3_600_000)).toBeLessThan(10_000);
+
+    expect((await publicToken(app, made?.id ?? '')).statusCode).toBe(201);
+    const list = await client.request({ method: 'GET', url: '/shares' });
+    expect(list.statusCode).toBe(200);
+    expect(list.body).toContain('Share link for “report.pdf” created: http://a.test/s/');
+    expect(list.body).toContain(`value="http://a.test/s/${made?.id}"`);
+    expect(list.body).toMatch(/data-downloads>1</);
+    expect(list.body).not.toContain('>never<');
+
+    const revoked = await form(client, `/shares/${made?.id}/revoke`, {});
+    expect(revoked.statusCode).toBe(303);
+    expectError(await publicToken(app, made?.id ?? ''), 404, 'NOT_FOUND');
+    const after = await client.request({ method: 'GET', url: '/shares' });
+    expect(after.body).toContain('The link is revoked');
+    expect(after.body).toContain('Revoked');
+    expect(after.body).not.toContain(`value="http://a.test/s/${made?.id}"`);
+  });
+
+  it("refuses a bad form with the reason, and another user's file or share with NOT_FOUND", async () => {
+    const { app } = await buildTestApp(db());
+    const alice = await owner(app);
+    const bob = await owner(app);
+    const bad = await form(alice.client, `/files/${alice.file.id}/shares`, {
+      expiresInSeconds: '10',
+      password: 'x',
+    });
+    expect(bad.statusCode).toBe(303);
+    expect((await alice.client.request({ method: 'GET', url: '/' })).body).toContain(
+      'expiry of 1 minute to 30 days',
+    );
+    const theirs = await form(bob.client, `/files/${alice.file.id}/shares`, { expiresInSeconds: '3600' });
+    expect(theirs.statusCode).toBe(303);
+    expect((await bob.client.request({ method: 'GET', url: '/' })).body).toContain(
+      'That file does not exist',
+    );
+    const made = await share(alice.client, alice.file.id);
+    await form(bob.client, `/shares/${made.id}/revoke`, {});
+    expect((await bob.client.request({ method: 'GET', url: '/shares' })).body).toContain(
+      'That share link does not exist.',
+    );
+    expect((await publicToken(app, made.id)).statusCode).toBe(201);
+    expect(await count(app, 'shares WHERE user_id = $1', [alice.user.id])).toBe(1);
+    expect(await count(app, 'shares WHERE user_id = $1', [bob.user.id])).toBe(0);
   });
 });
