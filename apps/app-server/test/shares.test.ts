@@ -238,7 +238,13 @@ describe('downloads through a share', () => {
     const { app } = await buildTestApp(db());
     const { client, file } = await owner(app);
     const created = await share(client, file.id);
-    for (const headers of [{ origin: 'http://evil.test' }, { 'sec-fetch-site': 'cross-site' }]) {
+    for (const headers of [
+      { origin: 'http://evil.test' },
+      { 'sec-fetch-site': 'cross-site' },
+      { 'sec-fetch-site': 'same-site', origin: 'null' },
+      { origin: 'null' },
+      { 'sec-fetch-site': 'same-origin', origin: 'http://evil.test' },
+    ]) {
       expectError(
         await app.inject({ method: 'POST', url: `/api/shares/${created.id}/download-token`, headers }),
         403,
@@ -253,6 +259,23 @@ describe('downloads through a share', () => {
       expect(form.statusCode).toBe(403);
     }
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
+  });
+
+  it("accepts the page's own form post as a browser sends it from a no-referrer page (Origin: null)", async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id);
+    const form = await app.inject({
+      method: 'POST',
+      url: `/s/${created.id}/download`,
+      headers: {
+        'content-type': 'application/x-www-form-urlencoded',
+        origin: 'null',
+        'sec-fetch-site': 'same-origin',
+      },
+      payload: '',
+    });
+    expect(form.statusCode).toBe(303);
   });
 
   it('maxDownloads: after the last one, 410 SHARE_EXPIRED', async () => {

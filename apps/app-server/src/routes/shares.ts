@@ -148,15 +148,20 @@ export async function publicShareRoutes(
     production: options.production,
   });
 
-  // Cross-site form posts would let another site spend a share's downloads in a visitor's browser.
+  // Cross-site form posts would let another site spend a share's downloads in a visitor's
+  // browser. The page is no-referrer, so a browser posts its form with `Origin: null`; there
+  // Sec-Fetch-Site (sent by every current browser, and not settable by a page) says whether the
+  // post came from A's own page. Clients without it (curl) are judged by Origin alone.
   app.addHook('onRequest', async (request) => {
     if (SAFE_METHODS.has(request.method)) return;
     const origin = request.headers.origin;
-    if (
-      (origin !== undefined && origin !== options.appOrigin) ||
-      request.headers['sec-fetch-site'] === 'cross-site'
-    )
-      throw new CsrfInvalid();
+    const site = request.headers['sec-fetch-site'];
+    const fromA =
+      site === undefined
+        ? origin === undefined || origin === options.appOrigin
+        : site === 'same-origin' &&
+          (origin === undefined || origin === 'null' || origin === options.appOrigin);
+    if (!fromA) throw new CsrfInvalid();
   });
   // Nothing here is for search engines, caches or the Referer of the page a visitor goes to next.
   app.addHook('onSend', async (_request, reply) => {
