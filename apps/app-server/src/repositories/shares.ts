@@ -1,5 +1,5 @@
 import type { Pool } from 'pg';
-import type { FileRecord } from './files.ts';
+import { type FileRecord, fileColumns } from './files.ts';
 
 export interface ShareRecord {
   id: string;
@@ -25,9 +25,6 @@ const COLUMNS = `s.id, s.file_id AS "fileId", s.user_id AS "userId", f.name AS "
   s.expires_at AS "expiresAt", s.max_downloads AS "maxDownloads", s.downloads,
   s.last_download_at AS "lastDownloadAt", s.password_hash IS NOT NULL AS "hasPassword",
   s.created_at AS "createdAt", s.revoked_at AS "revokedAt"`;
-
-const FILE_COLUMNS = `f.id, f.user_id AS "userId", f.object_id AS "objectId", f.name, f.content_type AS "contentType",
-  f.size, f.sha256, f.created_at AS "createdAt"`;
 
 // A share may mint while it is not revoked, has not expired and has downloads left.
 const USABLE = `s.revoked_at IS NULL AND s.expires_at > now()
@@ -128,7 +125,7 @@ export function sharesRepository(db: Pool) {
               AND ($2::integer = 0 OR (SELECT count FROM counted) <= $2::integer)
            RETURNING s.id
          )
-         SELECT ${FILE_COLUMNS}, counted.count AS minted,
+         SELECT ${fileColumns('f')}, counted.count AS minted,
                 ceil(extract(epoch FROM counted.window_start + interval '1 minute' - now()))::integer
                   AS "retryAfterSeconds",
                 taken.id IS NOT NULL AS taken

@@ -128,9 +128,9 @@ const SAFE_METHODS = new Set(['GET', 'HEAD', 'OPTIONS']);
 
 /**
  * The public side of share links, for people without an account: the share page and the two
- * ways to download through it. Registered before (and beside) the session plugin, so these
- * routes have no session at all: they never set a cookie, and they need no CSRF token, only a
- * POST from A's own origin (or from no browser page at all: curl). Each download is counted in
+ * ways to download through it. A sibling of the session's scope, so these routes have no
+ * session at all: they never set a cookie, and they need no CSRF token, only a POST from A's own
+ * page (or from no browser page at all: curl). Each download is counted in
  * Postgres when its token is minted; a GET (a link scanner, a preview bot) never mints.
  */
 export async function publicShareRoutes(
