@@ -495,6 +495,35 @@ describe('the share page GET /s/:id', () => {
     expect((await page(app, 'AAAAAAAAAAAAAAAAAAAAAA')).statusCode).toBe(404);
   });
 
+  it('the form says when it is throttled (429, Retry-After) and when the link was revoked (404)', async () => {
+    const { app } = await buildTestApp(db(), { LOGIN_MAX_FAILURES_PER_ACCOUNT: '1' });
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id, { password: 'open sesame!' });
+    const form = (password?: string) =>
+      app.inject({
+        method: 'POST',
+        url: `/s/${created.id}/download`,
+        remoteAddress: '10.0.2.1',
+        ...(password === undefined
+          ? {}
+          : {
+              headers: { 'content-type': 'application/x-www-form-urlencoded' },
+              payload: new URLSearchParams({ password }).toString(),
+            }),
+      });
+    // No body at all: a missing password, not a malformed request.
+    expect((await form()).statusCode).toBe(401);
+    const limited = await form('open sesame!');
+    expect(limited.statusCode).toBe(429);
+    expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
+    expect(limited.body).toContain('Too many attempts right now.');
+    await client.request({ method: 'DELETE', url: `/api/shares/${created.id}` });
+    const revoked = await form('open sesame!');
+    expect(revoked.statusCode).toBe(404);
+    expect(revoked.body).toContain('This link does not exist');
+    expect(revoked.body).not.toContain('flash-error');
+  });
+
   it("a link scanner's GET, HEAD and redirect-following counts nothing", async () => {
     const { app } = await buildTestApp(db());
     const { client, file } = await owner(app);

@@ -5,9 +5,10 @@ import { displayFileName } from '@sfh/download-token';
 import { type Static, Type } from '@sinclair/typebox';
 import { Eta } from 'eta';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { CsrfInvalid, InvalidCredentials, NotFound, RateLimited, ShareExpired } from '../errors.ts';
+import { CsrfInvalid, InvalidCredentials, NotFound, ShareExpired } from '../errors.ts';
 import { type PasswordCost, passwordHasher } from '../passwords.ts';
 import type { PublicShare, ShareRecord } from '../repositories/shares.ts';
+import { rateLimited } from './auth.ts';
 import { IdParams, mintDownload, mintRateLimited } from './files.ts';
 import { humanBytes, humanDate, VIEWS_DIR } from './pages.ts';
 
@@ -186,8 +187,7 @@ export async function publicShareRoutes(
     if (freeAt > 0) {
       await failures.remove(attempt);
       app.stats.throttled('share_password');
-      const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
-      throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
+      throw rateLimited(freeAt);
     }
     if (!(await passwords.verify(share.passwordHash ?? undefined, password))) throw new InvalidCredentials();
     await failures.remove(attempt);
@@ -244,7 +244,11 @@ export async function publicShareRoutes(
   // The page's form: one download, then 303 to B with a fresh single-use token.
   app.post<{ Params: IdParams; Body: { password?: string } }>(
     '/s/:id/download',
-    { schema: { params: IdParams, body: SharePassword, hide: true }, config: { sharePage: true } },
+    {
+      schema: { params: IdParams, body: SharePassword, hide: true },
+      preValidation: bodyOptional,
+      config: { sharePage: true },
+    },
     async (request, reply) => {
       const { url } = await download(request, request.params.id, request.body.password);
       return reply.redirect(url, 303);
@@ -266,13 +270,18 @@ export async function publicShareRoutes(
     const id = (request.params as { id?: string }).id;
     const share = id && !error.validation ? await app.repos.shares.findLive(id) : undefined;
     if (error.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
+    const messages: Record<string, string> = {
+      INVALID_CREDENTIALS: 'That password is not correct.',
+      // Wrong passwords, or the owner's downloads per minute.
+      RATE_LIMITED: `Too many attempts right now. Try again in ${error.retryAfter ?? 60} seconds.`,
+      SHARE_EXPIRED: 'This link has expired or has no downloads left.',
+    };
+    // A link that does not exist (any more) says so on the page itself.
     const message =
-      {
-        INVALID_CREDENTIALS: 'That password is not correct.',
-        RATE_LIMITED: `Too many wrong passwords. Try again in ${error.retryAfter ?? 60} seconds.`,
-        SHARE_EXPIRED: 'This link has expired or has no downloads left.',
-        NOT_FOUND: undefined,
-      }[error.code] ?? (error.validation ? 'Please check the form and try again.' : error.message);
+      error.code === 'NOT_FOUND'
+        ? undefined
+        : (messages[error.code] ??
+          (error.validation ? 'Please check the form and try again.' : error.message));
     return page(reply, error.validation ? 400 : status, share, message);
   });
 }
