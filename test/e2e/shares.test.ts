@@ -1,7 +1,7 @@
 /**
  * Share links with A and B as real processes: a recipient with no account and no cookies
  * downloads through B; a revoked share is refused at once while a token minted before keeps
- * working until it expires; a link scanner (GET with and without following redirects) counts
+ * working until it expires; the password path and its throttle; a link scanner (GET with and without following redirects) counts
  * nothing; B sends a browser with a spent share token back to the share page.
  */
 import { randomBytes } from 'node:crypto';
@@ -97,6 +97,30 @@ describe('share links across A and B', () => {
     const file = await fetch(url);
     expect(file.status).toBe(200);
     expect(Buffer.from(await file.arrayBuffer()).equals(bytes)).toBe(true);
+  });
+
+  it('the password path: right downloads, wrong is 401, and after 5 wrong ones 429 with Retry-After', async () => {
+    const created = await share({ password: 'open sesame!' });
+    const token = (password: string) =>
+      fetch(`${stack.appOrigin}/api/shares/${created.id}/download-token`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ password }),
+      });
+    const right = await token('open sesame!');
+    expect(right.status).toBe(201);
+    const file = await fetch(((await right.json()) as { url: string }).url);
+    expect(Buffer.from(await file.arrayBuffer()).equals(bytes)).toBe(true);
+    // LOGIN_MAX_FAILURES_PER_ACCOUNT (5) per share.
+    for (let i = 0; i < 5; i++) {
+      const wrong = await token('open sesame?');
+      expect(wrong.status).toBe(401);
+      expect(((await wrong.json()) as { error: string }).error).toBe('INVALID_CREDENTIALS');
+    }
+    const limited = await token('open sesame!');
+    expect(limited.status).toBe(429);
+    expect(Number(limited.headers.get('retry-after'))).toBeGreaterThan(0);
+    expect(await downloads(created.id)).toBe(1);
   });
 
   it("a link scanner's GET, with and without following redirects, counts nothing", async () => {
