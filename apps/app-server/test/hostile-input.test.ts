@@ -284,6 +284,8 @@ describe('hostile strings in every string field get 4xx, never 5xx', () => {
           ['POST', `/api/shares/${s}/download-token`],
           ['DELETE', `/api/shares/${s}`],
           ['POST', `/api/files/${s}/shares`],
+          ['POST', `/files/${s}/shares`],
+          ['POST', `/shares/${s}/revoke`],
         ] as const) {
           expectNo5xx(await sharer.request({ method, url }), `${method} ${url}`);
         }

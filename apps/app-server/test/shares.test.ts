@@ -598,6 +598,14 @@ describe("the owner's pages", () => {
     expect((await alice.client.request({ method: 'GET', url: '/' })).body).toContain(
       'expiry of 1 minute to 30 days',
     );
+    // No body at all: the defaults, like the JSON route.
+    const bare = await alice.client.request({ method: 'POST', url: `/files/${alice.file.id}/shares` });
+    expect(bare.statusCode).toBe(303);
+    expect(bare.headers.location).toBe('/shares');
+    await alice.client.request({
+      method: 'DELETE',
+      url: `/api/shares/${(await alice.client.request({ method: 'GET', url: '/api/shares' })).json<{ shares: ShareView[] }>().shares[0]?.id}`,
+    });
     const theirs = await form(bob.client, `/files/${alice.file.id}/shares`, { expiresInSeconds: '3600' });
     expect(theirs.statusCode).toBe(303);
     expect((await bob.client.request({ method: 'GET', url: '/' })).body).toContain(
@@ -609,7 +617,7 @@ describe("the owner's pages", () => {
       'That share link does not exist.',
     );
     expect((await publicToken(app, made.id)).statusCode).toBe(201);
-    expect(await count(app, 'shares WHERE user_id = $1', [alice.user.id])).toBe(1);
+    expect(await count(app, 'shares WHERE user_id = $1 AND revoked_at IS NULL', [alice.user.id])).toBe(1);
     expect(await count(app, 'shares WHERE user_id = $1', [bob.user.id])).toBe(0);
   });
 });

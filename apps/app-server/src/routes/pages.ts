@@ -448,8 +448,9 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         },
         // A field left empty in the form means "not set".
         preValidation: async (request) => {
-          const body = request.body as Record<string, unknown>;
+          const body = (request.body ?? {}) as Record<string, unknown>;
           for (const key of Object.keys(body)) if (body[key] === '') delete body[key];
+          request.body = body;
         },
       },
       async (request, reply) => {
