@@ -78,6 +78,26 @@ describe.skipIf(missing.skip)(`the README's commands work as pasted${missing.rea
     }
   });
 
+  it('the sharing commands: page, wrong password, form and JSON downloads, the count, revoke', async () => {
+    const walkthrough = await readmeBlock('## The whole path with curl');
+    const sharing = await readmeBlock('## Sharing');
+    const result = await bash(
+      [walkthrough.replace('A=http://localhost:3000\n', `A=${stack.appOrigin}\n`), sharing].join('\n'),
+    );
+    expect(result.code, `${result.stdout}\n${result.stderr}`).toBe(0);
+    expect(result.stderr).toBe('');
+    const lines = result.stdout.split('\n');
+    const link = lines.find((line) => line.startsWith(`${stack.appOrigin}/s/`));
+    expect(link).toBeDefined();
+    // The page (200), the wrong password, two downloads, the count, the revoke (204), then 404.
+    expect(lines).toContain('200');
+    expect(result.stdout).toContain('"error":"INVALID_CREDENTIALS"');
+    // The walkthrough downloads twice itself (steps 6 and 8), the sharing block twice more.
+    expect(lines.filter((line) => line === 'hello from A and B')).toHaveLength(4);
+    expect(result.stdout).toMatch(/downloads: 2,/);
+    expect(lines.slice(-3)).toEqual(['204', '404', '']);
+  });
+
   it("the runbook's keys CLI pipes into jq (npm run -s: no banner on stdout)", async () => {
     const runbook = await readmeBlock('### Runbook');
     expect(runbook).not.toMatch(/npm run keys/);

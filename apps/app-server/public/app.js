@@ -6,6 +6,20 @@ document.documentElement.classList.add('js');
 const form = document.getElementById('upload-form');
 if (form) enhanceUpload(form);
 
+// "Copy" beside each share link: the field stays selectable by hand without this script.
+for (const button of document.querySelectorAll('[data-copy]')) {
+  button.addEventListener('click', async () => {
+    const field = document.getElementById(button.dataset.copy);
+    field.select();
+    try {
+      await navigator.clipboard.writeText(field.value);
+      button.textContent = 'Copied';
+    } catch {
+      button.textContent = 'Press Ctrl+C';
+    }
+  });
+}
+
 /** @param {HTMLFormElement} uploadForm */
 function enhanceUpload(uploadForm) {
   const input = uploadForm.querySelector('input[type="file"]');

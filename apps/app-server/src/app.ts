@@ -19,6 +19,7 @@ import healthRoutes from './routes/health.ts';
 import jwksRoutes from './routes/jwks.ts';
 import pageRoutes from './routes/pages.ts';
 import sessionRoutes from './routes/sessions.ts';
+import { publicShareRoutes, shareOwnerRoutes } from './routes/shares.ts';
 
 // Every replica picks up a new current key within this.
 const KEY_POLL_MS = 2_000;
@@ -102,16 +103,6 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     referrerPolicy: { policy: 'same-origin' },
     strictTransportSecurity: config.NODE_ENV === 'production',
   });
-  await app.register(session, {
-    secret: options.sessionSecret,
-    timeouts: {
-      idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS,
-      absoluteSeconds: config.SESSION_ABSOLUTE_TIMEOUT_SECONDS,
-    },
-    production: config.NODE_ENV === 'production',
-    // What browsers send as Origin: never a path, also when A is served under a prefix.
-    appOrigin: new URL(config.APP_PUBLIC_URL).origin,
-  });
   await app.register(keys, {
     issuer: config.APP_PUBLIC_URL,
     audience: config.DOWNLOAD_PUBLIC_URL,
@@ -136,9 +127,6 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     },
   });
 
-  await app.register(docsRoutes);
-  await app.register(healthRoutes);
-  await app.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
   const authOptions = {
     passwordCost: { memoryKib: config.ARGON2_MEMORY_KIB, timeCost: config.ARGON2_TIME_COST },
     throttle: {
@@ -155,15 +143,49 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
     mintRatePerMinute: config.MINT_RATE_PER_MINUTE,
     uploadTimeoutSeconds: config.UPLOAD_TIMEOUT_SECONDS,
   };
-  await app.register(authRoutes, authOptions);
-  await app.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
-  await app.register(fileRoutes, fileOptions);
-  // The HTML UI, on the same actions as the JSON routes above.
-  await app.register(pageRoutes, {
-    auth: authOptions,
-    files: fileOptions,
-    idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS,
+  const shareOptions = {
+    appPublicUrl: config.APP_PUBLIC_URL,
+    downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
+    mintRatePerMinute: config.MINT_RATE_PER_MINUTE,
+    passwordCost: authOptions.passwordCost,
+    throttle: {
+      maxPerShare: config.LOGIN_MAX_FAILURES_PER_ACCOUNT,
+      maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
+      windowSeconds: config.LOGIN_WINDOW_SECONDS,
+    },
     production: config.NODE_ENV === 'production',
+  };
+  // What browsers send as Origin: never a path, also when A is served under a prefix.
+  const appOrigin = new URL(config.APP_PUBLIC_URL).origin;
+  // Share pages and their downloads, for people without an account: a sibling of the scope
+  // below, so no session (and no session cookie) exists there at all.
+  await app.register(publicShareRoutes, { ...shareOptions, appOrigin });
+  // Everything with a session: its cookie, the CSRF checks, sign-in and what needs it.
+  await app.register(async (withSession) => {
+    await withSession.register(session, {
+      secret: options.sessionSecret,
+      timeouts: {
+        idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS,
+        absoluteSeconds: config.SESSION_ABSOLUTE_TIMEOUT_SECONDS,
+      },
+      production: config.NODE_ENV === 'production',
+      appOrigin,
+    });
+    await withSession.register(docsRoutes);
+    await withSession.register(healthRoutes);
+    await withSession.register(jwksRoutes, { refreshSeconds: config.JWKS_REFRESH_SECONDS });
+    await withSession.register(authRoutes, authOptions);
+    await withSession.register(sessionRoutes, { idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
+    await withSession.register(fileRoutes, fileOptions);
+    await withSession.register(shareOwnerRoutes, shareOptions);
+    // The HTML UI, on the same actions as the JSON routes above.
+    await withSession.register(pageRoutes, {
+      auth: authOptions,
+      files: fileOptions,
+      shares: shareOptions,
+      idleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS,
+      production: config.NODE_ENV === 'production',
+    });
   });
   return app;
 }

@@ -14,6 +14,11 @@ export const Unauthenticated = define('UNAUTHENTICATED', 'Sign in first', 401);
 export const InvalidCredentials = define('INVALID_CREDENTIALS', 'Wrong username or password', 401);
 export const CsrfInvalid = define('CSRF_INVALID', 'Missing or invalid CSRF token', 403);
 export const NotFound = define('NOT_FOUND', 'Not found', 404);
+export const ShareExpired = define(
+  'SHARE_EXPIRED',
+  'This share link has expired or has no downloads left',
+  410,
+);
 export const UsernameTaken = define('USERNAME_TAKEN', 'That username is taken', 409);
 export const FileTooLarge = define<[number]>(
   'FILE_TOO_LARGE',

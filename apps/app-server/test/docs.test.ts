@@ -45,6 +45,11 @@ const NOT_JSON = new Set([
   'GET /password',
   'POST /password',
   'POST /files/:id/delete',
+  'GET /shares',
+  'POST /files/:id/shares',
+  'POST /shares/:id/revoke',
+  'GET /s/:id',
+  'POST /s/:id/download',
   'GET /metrics',
   'GET /docs/json',
 ]);

@@ -261,6 +261,77 @@ describe('hostile strings in every string field get 4xx, never 5xx', () => {
     );
   });
 
+  it('share links: ids, passwords and form fields of the owner and the public routes', async () => {
+    ({ app } = await buildTestApp(db(), unthrottled));
+    const sharer = new TestClient(app);
+    await sharer.register();
+    const token = await sharer.csrfToken();
+    const upload = await sharer.upload('shared.txt', 'bytes');
+    const file = upload.json<{ file: { id: string } }>().file;
+    const made = await sharer.request({
+      method: 'POST',
+      url: `/api/files/${file.id}/shares`,
+      payload: { password: 'open sesame!' },
+    });
+    expect(made.statusCode).toBe(201);
+    const shareId = made.json<{ share: { id: string } }>().share.id;
+    await fc.assert(
+      fc.asyncProperty(hostile, hostile, async (id, password) => {
+        const s = segment(id);
+        for (const [method, url] of [
+          ['GET', `/s/${s}`],
+          ['POST', `/s/${s}/download`],
+          ['POST', `/api/shares/${s}/download-token`],
+          ['DELETE', `/api/shares/${s}`],
+          ['POST', `/api/files/${s}/shares`],
+          ['POST', `/files/${s}/shares`],
+          ['POST', `/shares/${s}/revoke`],
+        ] as const) {
+          expectNo5xx(await sharer.request({ method, url }), `${method} ${url}`);
+        }
+        expectNo5xx(
+          await app.inject({
+            method: 'POST',
+            url: `/api/shares/${shareId}/download-token`,
+            payload: JSON.stringify({ password }),
+            headers: { 'content-type': 'application/json' },
+          }),
+          'share password (JSON)',
+        );
+        expectNo5xx(
+          await app.inject({
+            method: 'POST',
+            url: `/s/${shareId}/download`,
+            payload: formBody({ password }),
+            headers: { 'content-type': 'application/x-www-form-urlencoded' },
+          }),
+          'share password (form)',
+        );
+        expectNo5xx(
+          await sharer.request({
+            method: 'POST',
+            url: `/api/files/${file.id}/shares`,
+            payload: JSON.stringify({ password, expiresInSeconds: id, maxDownloads: password }),
+            headers: { 'content-type': 'application/json' },
+          }),
+          'new share (JSON)',
+        );
+        for (const url of [`/files/${file.id}/shares`, `/files/${s}/shares`, `/shares/${s}/revoke`]) {
+          expectNo5xx(
+            await sharer.request({
+              method: 'POST',
+              url,
+              payload: formBody({ _csrf: token, expiresInSeconds: id, maxDownloads: id, password }),
+              headers: { 'content-type': 'application/x-www-form-urlencoded' },
+            }),
+            url,
+          );
+        }
+      }),
+      RUNS,
+    );
+  });
+
   it('a session the store cannot save is a catalogued 500, never the database error', async () => {
     ({ app } = await buildTestApp(db()));
     // Postgres refusing the session row (as it refused NUL and lone surrogates before they were

@@ -32,7 +32,13 @@ export const StorageUnavailable = define(
 );
 export const Internal = define('INTERNAL', 'Internal server error', 500);
 
-/** Marks a spent or expired token's error with the (verified) file id, so the client can renew. */
-export function renewable<E extends Error>(error: E, fileId: string | undefined): E & { fileId?: string } {
-  return Object.assign(error, { fileId });
+/**
+ * Marks a spent or expired token's error with its (verified) file and share ids, so the client
+ * can renew: at the share page for a share token, else at A's download link for the file.
+ */
+export function renewable<E extends Error>(
+  error: E,
+  claims: { fid?: string | undefined; shr?: string | undefined } | undefined,
+): E & { fileId?: string; shareId?: string } {
+  return Object.assign(error, { fileId: claims?.fid, shareId: claims?.shr });
 }

@@ -56,6 +56,11 @@ export interface FileClaims {
   size: number;
   /** Lowercase hex SHA-256 of the content; B's strong ETag. */
   sha256: string;
+  /**
+   * The share link the token was minted through (then `sub` is `share:<shr>`), so a browser
+   * whose token is spent goes back to the share page, never to the owner's signed-in routes.
+   */
+  shr?: string;
 }
 
 /** A verified download token's claims. */
@@ -296,7 +301,8 @@ function hasDownloadClaims(payload: JWTPayload): payload is DownloadClaims & JWT
     (p.size as number) >= 0 &&
     typeof p.sha256 === 'string' &&
     HEX_SHA256.test(p.sha256) &&
-    typeof p.nbf === 'number'
+    typeof p.nbf === 'number' &&
+    (p.shr === undefined || (typeof p.shr === 'string' && ID.test(p.shr) && p.sub === `share:${p.shr}`))
   );
 }
 

@@ -319,6 +319,23 @@ async function suite(ALG: TokenAlgorithm) {
         expect(keys.calls).toEqual([KID]);
       });
 
+      it('carries the share id of a token minted through a share link (shr, sub share:<id>)', async () => {
+        const signed = await signDownloadToken(
+          { ...FILE, shr: 'sh_AbC-12' },
+          {
+            key: aPrivate,
+            kid: KID,
+            issuer: ISSUER,
+            audience: AUDIENCE,
+            subject: 'share:sh_AbC-12',
+            ttlSeconds: TTL,
+            now: NOW,
+          },
+        );
+        const verified = await verify(signed.token);
+        expect(verified).toMatchObject({ sub: 'share:sh_AbC-12', shr: 'sh_AbC-12', fid: FILE.fid });
+      });
+
       it('mints a fresh jti for every token', async () => {
         const [a, b] = await Promise.all([realToken(), realToken()]);
         const [ca, cb] = await Promise.all([verify(a), verify(b)]);
@@ -830,6 +847,18 @@ async function suite(ALG: TokenAlgorithm) {
         { name: 'jti as a number', token: () => craft(claims({ jti: 1234567890123456 })) },
         { name: 'jti of 20 characters', token: () => craft(claims({ jti: 'a'.repeat(20) })) },
         { name: 'jti empty', token: () => craft(claims({ jti: '' })) },
+        { name: 'shr as a number', token: () => craft(claims({ sub: 'share:42', shr: 42 })) },
+        { name: 'shr empty', token: () => craft(claims({ sub: 'share:', shr: '' })) },
+        { name: 'shr with a slash', token: () => craft(claims({ sub: 'share:a/b', shr: 'a/b' })) },
+        {
+          name: 'shr of 65 characters',
+          token: () => craft(claims({ sub: `share:${'a'.repeat(65)}`, shr: 'a'.repeat(65) })),
+        },
+        { name: 'shr whose sub is not share:<shr>', token: () => craft(claims({ shr: 'sh_1' })) },
+        {
+          name: 'shr of another share than sub',
+          token: () => craft(claims({ sub: 'share:sh_2', shr: 'sh_1' })),
+        },
         { name: 'sha256 uppercase', token: () => craft(claims({ sha256: FILE.sha256.toUpperCase() })) },
         { name: 'sha256 of 63 characters', token: () => craft(claims({ sha256: FILE.sha256.slice(1) })) },
         { name: 'sha256 of 65 characters', token: () => craft(claims({ sha256: `${FILE.sha256}0` })) },

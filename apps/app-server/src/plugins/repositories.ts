@@ -4,6 +4,7 @@ import { loginFailuresRepository } from '../repositories/login-failures.ts';
 import { objectDeletionsRepository } from '../repositories/object-deletions.ts';
 import { registrationsRepository } from '../repositories/registrations.ts';
 import { sessionsRepository } from '../repositories/sessions.ts';
+import { sharesRepository } from '../repositories/shares.ts';
 import { signingKeysRepository } from '../repositories/signing-keys.ts';
 import { usersRepository } from '../repositories/users.ts';
 
@@ -14,6 +15,7 @@ export interface Repositories {
   loginFailures: ReturnType<typeof loginFailuresRepository>;
   objectDeletions: ReturnType<typeof objectDeletionsRepository>;
   registrations: ReturnType<typeof registrationsRepository>;
+  shares: ReturnType<typeof sharesRepository>;
   signingKeys: ReturnType<typeof signingKeysRepository>;
 }
 
@@ -32,6 +34,7 @@ export default fp(
       loginFailures: loginFailuresRepository(app.db),
       objectDeletions: objectDeletionsRepository(app.db),
       registrations: registrationsRepository(app.db),
+      shares: sharesRepository(app.db),
       signingKeys: signingKeysRepository(app.db),
     });
   },

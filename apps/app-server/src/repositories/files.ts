@@ -11,8 +11,11 @@ export interface FileRecord {
   createdAt: Date;
 }
 
-const COLUMNS = `id, user_id AS "userId", object_id AS "objectId", name, content_type AS "contentType", size, sha256,
-  created_at AS "createdAt"`;
+/** The columns of a `FileRecord`, from the `files` row called `table` in a query. */
+export const fileColumns = (table: string) =>
+  `${table}.id, ${table}.user_id AS "userId", ${table}.object_id AS "objectId", ${table}.name,
+  ${table}.content_type AS "contentType", ${table}.size, ${table}.sha256, ${table}.created_at AS "createdAt"`;
+const COLUMNS = fileColumns('files');
 
 // The bytes a user has taken: stored files, plus the live reservations of uploads in progress.
 const committedBytes = (user: string) =>

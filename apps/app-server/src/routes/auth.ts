@@ -32,7 +32,8 @@ export interface AuthOptions {
 const REGISTRATION_WINDOW_SECONDS = 3600;
 const CLEANUP_MS = 10 * 60_000;
 
-const rateLimited = (freeAt: number) => {
+/** 429 `RATE_LIMITED` until `freeAt` (epoch ms), with `retryAfter` for the header. */
+export const rateLimited = (freeAt: number) => {
   const seconds = Math.max(1, Math.ceil((freeAt - Date.now()) / 1000));
   return Object.assign(new RateLimited(seconds), { retryAfter: seconds });
 };

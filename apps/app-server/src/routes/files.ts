@@ -175,6 +175,41 @@ export async function deleteFile(app: FastifyInstance, userId: string, fileId: s
   await app.objectDeletions.discard(file.objectId);
 }
 
+/** 429 `RATE_LIMITED` for a user over `MINT_RATE_PER_MINUTE`, counted in the metrics. */
+export function mintRateLimited(app: FastifyInstance, retryAfterSeconds: number) {
+  const seconds = Math.max(1, retryAfterSeconds);
+  app.stats.throttled('mint');
+  return Object.assign(new RateLimited(seconds), { retryAfter: seconds });
+}
+
+/**
+ * Mints a download token for `file` and B's URL for it: for its signed-in owner (`sub` the user
+ * id), or through a share link (`sub` is `share:<id>`, and `shr` names the share).
+ */
+export async function mintDownload(
+  app: FastifyInstance,
+  downloadOrigin: string,
+  file: FileRecord,
+  by: { userId: string } | { shareId: string },
+) {
+  const { token, expiresAt } = await app.tokens.mint(
+    {
+      fid: file.id,
+      obj: file.objectId,
+      name: file.name,
+      ctype: file.contentType,
+      size: file.size,
+      sha256: file.sha256,
+      ...('shareId' in by && { shr: by.shareId }),
+    },
+    'shareId' in by ? `share:${by.shareId}` : by.userId,
+  );
+  app.stats.tokenMinted('shareId' in by ? 'share' : 'session');
+  // The trailing name is cosmetic, for tools that name files after the URL.
+  const url = `${downloadOrigin}/d/${token}/${encodeURIComponent(file.name)}`;
+  return { url, token, expiresAt: expiresAt.toISOString() };
+}
+
 /** The signed-in user's files: upload, list, get, delete, and download tokens for them. */
 export default async function fileRoutes(app: FastifyInstance, options: FilesOptions) {
   app.addHook('onRequest', app.requireUser);
@@ -206,27 +241,8 @@ export default async function fileRoutes(app: FastifyInstance, options: FilesOpt
     const limit = options.mintRatePerMinute;
     const found = await app.repos.files.findForMint(userId, fileId, limit);
     if (!found) throw new NotFound();
-    if (limit > 0 && found.minted > limit) {
-      const seconds = Math.max(1, found.retryAfterSeconds);
-      app.stats.throttled('mint');
-      throw Object.assign(new RateLimited(seconds), { retryAfter: seconds });
-    }
-    const { file } = found;
-    const { token, expiresAt } = await app.tokens.mint(
-      {
-        fid: file.id,
-        obj: file.objectId,
-        name: file.name,
-        ctype: file.contentType,
-        size: file.size,
-        sha256: file.sha256,
-      },
-      userId,
-    );
-    app.stats.tokenMinted('session');
-    // The trailing name is cosmetic, for tools that name files after the URL.
-    const url = `${options.downloadOrigin}/d/${token}/${encodeURIComponent(file.name)}`;
-    return { url, token, expiresAt: expiresAt.toISOString() };
+    if (limit > 0 && found.minted > limit) throw mintRateLimited(app, found.retryAfterSeconds);
+    return mintDownload(app, options.downloadOrigin, found.file, { userId });
   }
 
   app.post<{ Params: IdParams }>(

@@ -10,6 +10,7 @@ import type { FileRecord } from '../repositories/files.ts';
 import { type AuthOptions, authActions, CurrentPassword, Password, Username } from './auth.ts';
 import { deleteFile, type FilesOptions, IdParams, receiveUpload } from './files.ts';
 import { device } from './sessions.ts';
+import { NewShare, type SharesOptions, shareActions } from './shares.ts';
 
 declare module 'fastify' {
   interface Session {
@@ -32,12 +33,13 @@ interface Flash {
 export interface PagesOptions {
   auth: AuthOptions;
   files: FilesOptions;
+  shares: SharesOptions;
   idleSeconds: number;
   /** Templates are compiled once and cached in production, re-read on every render otherwise. */
   production: boolean;
 }
 
-const VIEWS_DIR = fileURLToPath(new URL('../views', import.meta.url));
+export const VIEWS_DIR = fileURLToPath(new URL('../views', import.meta.url));
 const PUBLIC_DIR = fileURLToPath(new URL('../../public', import.meta.url));
 
 const SESSION_ENDED = 'Your session has ended. Sign in again to continue.';
@@ -109,7 +111,8 @@ const dateFormat = new Intl.DateTimeFormat('en-GB', {
   timeStyle: 'short',
   timeZone: 'UTC',
 });
-const humanDate = (date: Date) => `${dateFormat.format(date)} UTC`;
+/** "3 Dec 2026, 16:20 UTC". */
+export const humanDate = (date: Date) => `${dateFormat.format(date)} UTC`;
 
 function humanWait(seconds: number): string {
   if (seconds < 90) return `${seconds} second${seconds === 1 ? '' : 's'}`;
@@ -175,6 +178,7 @@ declare module 'fastify' {
  */
 export default async function pageRoutes(app: FastifyInstance, options: PagesOptions) {
   const auth = authActions(app, options.auth);
+  const shares = shareActions(app, options.shares);
   // HTML for browsers, not the JSON API: left out of /docs/json.
   app.addHook('onRoute', (route) => {
     route.schema = { ...route.schema, hide: true };
@@ -244,9 +248,11 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       case 'FST_CSRF_MISSING_SECRET':
         return 'This form had expired, so nothing was changed. Please try again.';
       case 'NOT_FOUND':
-        return config.back === '/sessions'
-          ? 'That session has already ended.'
-          : 'That file does not exist (any more).';
+        return (
+          { '/sessions': 'That session has already ended.', '/shares': 'That share link does not exist.' }[
+            config.back
+          ] ?? 'That file does not exist (any more).'
+        );
       case 'INSUFFICIENT_STORAGE':
         return 'The server is out of storage space; the file was not saved. Try again later.';
       case 'VALIDATION_FAILED':
@@ -406,6 +412,65 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         await deleteFile(app, request.userId, file.id);
         flash(request, 'success', `Deleted “${displayFileName(file.name)}”.`);
         return back(reply, '/');
+      },
+    );
+
+    // Share links: made from a file's row, listed and revoked here.
+    scope.get('/shares', async (request, reply) => {
+      const now = Date.now();
+      const list = (await shares.list(request.userId)).map((share) => ({
+        ...share,
+        name: displayFileName(share.fileName),
+        state: share.revokedAt
+          ? 'revoked'
+          : Date.parse(share.expiresAt) <= now ||
+              (share.maxDownloads !== null && share.downloads >= share.maxDownloads)
+            ? 'expired'
+            : 'active',
+        expires: humanDate(new Date(share.expiresAt)),
+        expiresIso: share.expiresAt,
+        lastDownload: share.lastDownloadAt && humanDate(new Date(share.lastDownloadAt)),
+        lastDownloadIso: share.lastDownloadAt,
+      }));
+      return render(request, reply, 'shares', { title: 'Share links', shares: list });
+    });
+
+    scope.post<{ Params: IdParams; Body: NewShare }>(
+      '/files/:id/shares',
+      {
+        schema: { params: IdParams, body: NewShare },
+        config: {
+          form: {
+            back: '/',
+            invalid:
+              'A share link needs an expiry of 1 minute to 30 days, at least 1 download (or none for unlimited), and a password of 8 to 1024 characters (or none).',
+          },
+        },
+        // A field left empty in the form means "not set".
+        preValidation: async (request) => {
+          const body = (request.body ?? {}) as Record<string, unknown>;
+          for (const key of Object.keys(body)) if (body[key] === '') delete body[key];
+          request.body = body;
+        },
+      },
+      async (request, reply) => {
+        const share = await shares.create(request.userId, request.params.id, request.body);
+        flash(
+          request,
+          'success',
+          `Share link for “${displayFileName(share.fileName)}” created: ${share.url}`,
+        );
+        return back(reply, '/shares');
+      },
+    );
+
+    scope.post<{ Params: IdParams }>(
+      '/shares/:id/revoke',
+      { schema: { params: IdParams }, config: { form: { back: '/shares' } } },
+      async (request, reply) => {
+        await shares.revoke(request.userId, request.params.id);
+        flash(request, 'success', 'The link is revoked: it downloads nothing any more.');
+        return back(reply, '/shares');
       },
     );
 

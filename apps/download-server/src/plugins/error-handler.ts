@@ -3,12 +3,23 @@ import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
 import { DownloadError, Internal, NotFound } from '../errors.ts';
 
-const FILE_ID = /^[A-Za-z0-9_-]{1,64}$/;
+const ID = /^[A-Za-z0-9_-]{1,64}$/;
+type Refusal = FastifyError & { fileId?: string; shareId?: string; size?: number };
+
+/**
+ * Where a spent or expired token is renewed: the share page for a share token (its holder has no
+ * account on A, and must never be sent to A's signed-in routes), else A's download link.
+ */
+function renewalUrl(appOrigin: string, error: Refusal): string | undefined {
+  if (error.shareId !== undefined)
+    return ID.test(error.shareId) ? `${appOrigin}/s/${error.shareId}` : undefined;
+  return error.fileId && ID.test(error.fileId) ? `${appOrigin}/files/${error.fileId}/download` : undefined;
+}
 
 /**
  * Maps errors to `{ error, message }` (5xx details only in the log). A spent or expired token
- * carries the file id: browsers are sent back to A for a fresh token (303), other clients get
- * the same link as `renewUrl`.
+ * carries the file id (a share token also the share id): browsers are sent back to A for a
+ * fresh token (303), other clients get the same link as `renewUrl`.
  */
 declare module 'fastify' {
   interface FastifyReply {
@@ -20,7 +31,7 @@ declare module 'fastify' {
 export default fp(
   async (app, options: { appOrigin: string }) => {
     app.decorateReply('errorCode', undefined);
-    app.setErrorHandler((error: FastifyError & { fileId?: string; size?: number }, request, reply) => {
+    app.setErrorHandler((error: Refusal, request, reply) => {
       const known = error instanceof DownloadError ? error : new Internal({ cause: error });
       const status = known.statusCode ?? 500;
       reply.errorCode = known.code;
@@ -29,10 +40,7 @@ export default fp(
         request.log.warn({ code: known.code }, 'request refused: dependency unavailable');
       if (known.code === 'RANGE_NOT_SATISFIABLE') reply.header('content-range', `bytes */${error.size}`);
       if (status === 503) reply.header('retry-after', 5);
-      const renewUrl =
-        error.fileId && FILE_ID.test(error.fileId)
-          ? `${options.appOrigin}/files/${error.fileId}/download`
-          : undefined;
+      const renewUrl = renewalUrl(options.appOrigin, error);
       if (prefersHtml(request.headers.accept)) {
         if (renewUrl) return reply.redirect(renewUrl, 303);
         // A browser (a link copied wrong, a file deleted since) gets a page, not JSON.

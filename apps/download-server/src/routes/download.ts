@@ -99,13 +99,13 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     if (request.method === 'HEAD') {
       // Answers as GET would, reserving nothing.
       const answer = decide(await replay(app.replayStore.usage(claims.jti)), start, end, limits);
-      if (!answer.ok) throw renewable(new TokenUsed(), claims.fid);
+      if (!answer.ok) throw renewable(new TokenUsed(), claims);
     } else {
       const keepUntil = keepUsedUntil(claims, options.verify);
       const answer = await replay(app.replayStore.reserve(claims.jti, start, end, keepUntil, limits));
       if (!answer.ok) {
         app.metrics.refused(answer.refusal);
-        throw renewable(new TokenUsed(), claims.fid);
+        throw renewable(new TokenUsed(), claims);
       }
       releaseUnsent(request, reply, claims.jti, start, end);
     }
@@ -193,8 +193,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       }
       if (error.code === 'TOKEN_MALFORMED') throw new TokenMalformed(error.message, { cause: error });
       // Expiry is checked after the signature, issuer and audience: these claims are genuine.
-      if (error.code === 'TOKEN_EXPIRED')
-        throw renewable(new TokenExpired({ cause: error }), error.claims?.fid);
+      if (error.code === 'TOKEN_EXPIRED') throw renewable(new TokenExpired({ cause: error }), error.claims);
       throw new TokenInvalid({ cause: error });
     }
   }
