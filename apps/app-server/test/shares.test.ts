@@ -2,6 +2,7 @@ import { TOKEN_ALGORITHM, verifyDownloadToken } from '@sfh/download-token';
 import type { FastifyInstance } from 'fastify';
 import { type CryptoKey, importJWK, type JWK } from 'jose';
 import { describe, expect, it } from 'vitest';
+import { PUBLIC_REQUESTS_PER_MINUTE_PER_IP } from '../src/routes/shares.ts';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
 import { count, expectError, setCookies } from './test-utils.ts';
 
@@ -427,6 +428,28 @@ describe('the share page GET /s/:id', () => {
     }
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
     expect(await count(app, 'mint_counts WHERE user_id = $1', [user.id])).toBe(0);
+  });
+
+  it(`limits one client IP to ${PUBLIC_REQUESTS_PER_MINUTE_PER_IP} public requests a minute (429 with Retry-After); other clients go on`, async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id);
+    const from = (remoteAddress: string) =>
+      app.inject({ method: 'GET', url: `/s/${created.id}`, headers: { accept: 'text/html' }, remoteAddress });
+    for (let i = 0; i < PUBLIC_REQUESTS_PER_MINUTE_PER_IP; i++)
+      expect((await from('198.51.100.7')).statusCode).toBe(200);
+    const refused = await from('198.51.100.7');
+    expect(refused.statusCode).toBe(429);
+    expect(Number(refused.headers['retry-after'])).toBeGreaterThan(0);
+    const download = await app.inject({
+      method: 'POST',
+      url: `/api/shares/${created.id}/download-token`,
+      payload: {},
+      remoteAddress: '198.51.100.7',
+    });
+    expectError(download, 429, 'RATE_LIMITED');
+    expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
+    expect((await from('198.51.100.8')).statusCode).toBe(200);
   });
 
   it('sets no cookie, and says noindex, no-referrer, no-store', async () => {

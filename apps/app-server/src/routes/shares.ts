@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import fastifyFormbody from '@fastify/formbody';
+import fastifyRateLimit from '@fastify/rate-limit';
 import fastifyView from '@fastify/view';
 import { displayFileName } from '@sfh/download-token';
 import { type Static, Type } from '@sinclair/typebox';
@@ -15,6 +16,8 @@ import { humanBytes, humanDate, VIEWS_DIR } from './pages.ts';
 export const MIN_SHARE_SECONDS = 60;
 export const MAX_SHARE_SECONDS = 30 * 24 * 3600;
 export const DEFAULT_SHARE_SECONDS = 7 * 24 * 3600;
+/** Requests one client IP may make to the public share routes per minute, per replica. */
+export const PUBLIC_REQUESTS_PER_MINUTE_PER_IP = 120;
 
 // Optional password: 8–1024 characters like account passwords (argon2 takes it whole).
 export const NewShare = Type.Object(
@@ -142,6 +145,19 @@ export async function publicShareRoutes(
   const { throttle } = options;
   const failures = app.repos.loginFailures;
 
+  // Every public request (page views and downloads alike) is limited per client IP, in each
+  // replica's memory: a crawler or a script hammering share links gets 429 long before it can
+  // load A. Per share, downloads are bounded by the owner's mint limit and `maxDownloads`, both
+  // counted in Postgres for all replicas, and password guesses by checkPassword below.
+  await app.register(fastifyRateLimit, {
+    max: PUBLIC_REQUESTS_PER_MINUTE_PER_IP,
+    timeWindow: 60_000,
+    keyGenerator: (request) => request.ip,
+    errorResponseBuilder: (_request, context) => {
+      app.stats.throttled('share_ip');
+      return rateLimited(Date.now() + context.ttl);
+    },
+  });
   await app.register(fastifyFormbody);
   await app.register(fastifyView, {
     engine: { eta: new Eta({ autoEscape: true }) },
