@@ -450,6 +450,9 @@ describe('the share page GET /s/:id', () => {
     expectError(download, 429, 'RATE_LIMITED');
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
     expect((await from('198.51.100.8')).statusCode).toBe(200);
+    // The form of a limited client is refused before validation: its raw id never reaches Postgres.
+    const form = await app.inject({ method: 'POST', url: '/s/%00/download', remoteAddress: '198.51.100.7' });
+    expect(form.statusCode).toBe(429);
   });
 
   it('sets no cookie, and says noindex, no-referrer, no-store', async () => {

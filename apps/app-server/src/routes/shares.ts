@@ -16,6 +16,7 @@ import { humanBytes, humanDate, VIEWS_DIR } from './pages.ts';
 export const MIN_SHARE_SECONDS = 60;
 export const MAX_SHARE_SECONDS = 30 * 24 * 3600;
 export const DEFAULT_SHARE_SECONDS = 7 * 24 * 3600;
+const SHARE_ID = new RegExp(IdParams.properties.id.pattern as string);
 /** Requests one client IP may make to the public share routes per minute, per replica. */
 export const PUBLIC_REQUESTS_PER_MINUTE_PER_IP = 120;
 
@@ -283,8 +284,10 @@ export async function publicShareRoutes(
   app.setErrorHandler(async (error: FastifyError & { retryAfter?: number }, request, reply) => {
     const status = error.statusCode ?? 500;
     if (!request.routeOptions.config.sharePage || status >= 500 || error.code === 'CSRF_INVALID') throw error;
+    // Only an id the route's schema would take reaches the database: a refusal that comes before
+    // validation (the per-IP limit) carries the raw parameter.
     const id = (request.params as { id?: string }).id;
-    const share = id && !error.validation ? await app.repos.shares.findLive(id) : undefined;
+    const share = id && SHARE_ID.test(id) ? await app.repos.shares.findLive(id) : undefined;
     if (error.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
     const messages: Record<string, string> = {
       INVALID_CREDENTIALS: 'That password is not correct.',
