@@ -386,6 +386,39 @@ describe.skipIf(postgres.skip).each(storages)(
       }
     });
 
+    it('a share link with maxDownloads 3: 20 concurrent downloads over A1 and A2 mint exactly 3 tokens, each good at B', async () => {
+      const created = await owner.json<{ share: { id: string } }>(a1, `/api/files/${fileId}/shares`, {
+        method: 'POST',
+        headers: json,
+        body: JSON.stringify({ maxDownloads: 3 }),
+      });
+      expect(created.status).toBe(201);
+      const id = created.body.share.id;
+      // No cookie, no CSRF token: what a recipient without an account sends.
+      const answers = await Promise.all(
+        Array.from({ length: 20 }, (_, i) =>
+          fetch(`${i % 2 ? a2 : a1}/api/shares/${id}/download-token`, { method: 'POST' }).then(
+            async (response) => ({
+              status: response.status,
+              body: (await response.json()) as Minted & { error?: string },
+            }),
+          ),
+        ),
+      );
+      const minted = answers.filter((answer) => answer.status === 201);
+      const refused = answers.filter((answer) => answer.status === 410);
+      expect(minted).toHaveLength(3);
+      expect(refused).toHaveLength(17);
+      for (const answer of refused) expect(answer.body.error).toBe('SHARE_EXPIRED');
+      for (const [i, answer] of minted.entries()) {
+        const download = await downloadBytes(onReplica(answer.body, i % 2 ? b1 : b2));
+        expect(download.status).toBe(200);
+        expect(sha256(download.bytes)).toBe(sha256(fileBytes));
+      }
+      const listed = await owner.json<{ shares: { id: string; downloads: number }[] }>(a2, '/api/shares');
+      expect(listed.body.shares.find((s) => s.id === id)?.downloads).toBe(3);
+    });
+
     it('keys rotated through A1 (ops CLI): A2 mints with the new kid, both B accept it, old tokens still work', async () => {
       const before = await mint(owner, a2);
       const oldKid = tokenHeader(before.token).kid;

@@ -1,7 +1,7 @@
 /**
  * Share links with A and B as real processes: a recipient with no account and no cookies
  * downloads through B; a revoked share is refused at once while a token minted before keeps
- * working until it expires; the password path and its throttle; a link scanner (GET with and without following redirects) counts
+ * working until it expires; an expired share; the password path and its throttle; a link scanner (GET with and without following redirects) counts
  * nothing; B sends a browser with a spent share token back to the share page.
  */
 import { randomBytes } from 'node:crypto';
@@ -142,4 +142,27 @@ describe('share links across A and B', () => {
     expect(minted.status).toBe(201);
     expect(await downloads(created.id)).toBe(1);
   });
+
+  it('an expired share: the page says so (410) and mints nothing, as A and B run', async () => {
+    const created = await share({ expiresInSeconds: 60, maxDownloads: 5 });
+    expect((await fetch(created.url)).status).toBe(200);
+    // The shortest a share can live is a minute: wait it out on the real clock.
+    await new Promise((resolve) => setTimeout(resolve, 61_000));
+    const page = await fetch(created.url, { headers: { accept: BROWSER } });
+    expect(page.status).toBe(410);
+    expect(await page.text()).not.toContain('/download"');
+    const minted = await fetch(`${stack.appOrigin}/api/shares/${created.id}/download-token`, {
+      method: 'POST',
+    });
+    expect(minted.status).toBe(410);
+    expect(((await minted.json()) as { error: string }).error).toBe('SHARE_EXPIRED');
+    const form = await fetch(`${created.url}/download`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded', origin: stack.appOrigin },
+      body: '',
+      redirect: 'manual',
+    });
+    expect(form.status).toBe(410);
+    expect(await downloads(created.id)).toBe(0);
+  }, 90_000);
 });
