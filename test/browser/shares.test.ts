@@ -3,21 +3,10 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { type Browser, chromium, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CHROMIUM, CHROMIUM_ARGS } from '../support/chromium.ts';
 import { skipUnless } from '../support/skip.ts';
 import { type Stack, startStack } from '../support/stack.ts';
 
-// The same Chromium and flags as ui.test.ts (see there).
-const CHROMIUM = '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const FILE = { name: 'holiday plan.pdf', mimeType: 'application/pdf', buffer: randomBytes(120_000) };
 
 const noChromium = skipUnless(
