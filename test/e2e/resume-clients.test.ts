@@ -19,6 +19,7 @@ import type { FileClaims } from '@sfh/download-token';
 import { nanoid } from 'nanoid';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type B, startB } from '../support/download-server-alone.ts';
+import { redisAnswers } from '../support/redis.ts';
 import { skipUnless } from '../support/skip.ts';
 
 const MIB = 1024 * 1024;
@@ -246,7 +247,8 @@ describe.skipIf(clients.skip)(
 
 const redis = skipUnless(
   'two B on one Redis',
-  !(await redisAnswers()) && `no Redis answers at ${REDIS_URL} (start redis-server, or set TEST_REDIS_URL)`,
+  !(await redisAnswers(REDIS_URL)) &&
+    `no Redis answers at ${REDIS_URL} (start redis-server, or set TEST_REDIS_URL)`,
 );
 describe.skipIf(redis.skip)(`one download per token across two B on one Redis${redis.reason}`, () => {
   let b1: B;
@@ -289,22 +291,3 @@ describe.skipIf(redis.skip)(`one download per token across two B on one Redis${r
     for (const res of used) expect(JSON.parse(res.body.toString()).error).toBe('TOKEN_USED');
   });
 });
-
-async function redisAnswers(): Promise<boolean> {
-  const { Redis } = await import('ioredis');
-  const client = new Redis(REDIS_URL, {
-    lazyConnect: true,
-    retryStrategy: () => null,
-    connectTimeout: 1_000,
-  });
-  client.on('error', () => {});
-  try {
-    await client.connect();
-    await client.ping();
-    return true;
-  } catch {
-    return false;
-  } finally {
-    client.disconnect();
-  }
-}

@@ -14,7 +14,7 @@ import { Redis } from 'ioredis';
 import { nanoid } from 'nanoid';
 import { beforeAll, describe, expect, it, onTestFinished, vi } from 'vitest';
 import { freePort } from '../../../test/support/processes.ts';
-import { killRedis, startRedis } from '../../../test/support/redis.ts';
+import { killRedis, redisAnswers, startRedis } from '../../../test/support/redis.ts';
 import { skipUnless } from '../../../test/support/skip.ts';
 import {
   POLICY_RECHECK_MS,
@@ -28,28 +28,7 @@ const REQUIRED = Boolean(process.env.TEST_REDIS_URL || process.env.CI);
 const MINUTE = 60_000;
 const COMMAND_TIMEOUT_MS = 500;
 
-/** Whether a Redis answers PING at `url` within a second. */
-async function answers(url: string): Promise<boolean> {
-  const client = new Redis(url, {
-    lazyConnect: true,
-    enableOfflineQueue: false,
-    retryStrategy: () => null,
-    connectTimeout: 1_000,
-    commandTimeout: 1_000,
-  });
-  client.on('error', () => {});
-  try {
-    await client.connect();
-    await client.ping();
-    return true;
-  } catch {
-    return false;
-  } finally {
-    client.disconnect();
-  }
-}
-
-const REACHABLE = await answers(REDIS_URL);
+const REACHABLE = await redisAnswers(REDIS_URL);
 const HAS_REDIS_SERVER = spawnSync('redis-server', ['--version']).status === 0;
 
 /** A store with a unique key prefix (its keys expire on their own), closed when the test ends. */
