@@ -1,12 +1,12 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { TOKEN_ALGORITHM, verifyDownloadToken } from '@sfh/download-token';
+import { TOKEN_ALGORITHM } from '@sfh/download-token';
 import type { FastifyInstance } from 'fastify';
-import { type CryptoKey, decodeProtectedHeader, importJWK, type JWK } from 'jose';
+import { decodeProtectedHeader, type JWK } from 'jose';
 import { describe, expect, it } from 'vitest';
 import type { AppConfig } from '../src/config.ts';
-import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
+import { buildTestApp, claimsOf, TestClient, useTestDatabase } from './helpers.ts';
 import { count, expectError, multipart, setCookies, walkFiles } from './test-utils.ts';
 
 const db = useTestDatabase();
@@ -311,20 +311,7 @@ describe('download tokens', () => {
     const { keys } = await jwks(app);
     expect(keys.map((key) => key.kid)).toContain(header.kid);
 
-    const claims = await verifyDownloadToken(
-      body.token,
-      async (kid) => {
-        const jwk = keys.find((key) => key.kid === kid);
-        return jwk ? ((await importJWK(jwk, jwk.alg)) as CryptoKey) : undefined;
-      },
-      {
-        algorithms: [TOKEN_ALGORITHM],
-        issuer: 'http://a.test',
-        audience: 'http://b.test',
-        maxTokenAgeSeconds: 300,
-        clockToleranceSeconds: 5,
-      },
-    );
+    const claims = await claimsOf(app, body.token);
     expect(claims).toMatchObject({
       iss: 'http://a.test',
       aud: 'http://b.test',

@@ -1,7 +1,9 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { TOKEN_ALGORITHM, verifyDownloadToken } from '@sfh/download-token';
 import type { FastifyInstance, InjectOptions, LightMyRequestResponse } from 'fastify';
+import { type CryptoKey, importJWK, type JWK } from 'jose';
 import { afterAll, beforeAll, onTestFinished } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../../../test/support/database.ts';
 import { buildApp } from '../src/app.ts';
@@ -126,4 +128,25 @@ export class TestClient {
       headers: { 'content-type': `multipart/form-data; boundary=${boundary}` },
     });
   }
+}
+
+/** A token minted by `app`, verified as B would: against the app's own JWKS, with B's defaults. */
+export async function claimsOf(app: FastifyInstance, token: string) {
+  const { keys } = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json<{
+    keys: JWK[];
+  }>();
+  return verifyDownloadToken(
+    token,
+    async (kid) => {
+      const jwk = keys.find((key) => key.kid === kid);
+      return jwk ? ((await importJWK(jwk, jwk.alg)) as CryptoKey) : undefined;
+    },
+    {
+      algorithms: [TOKEN_ALGORITHM],
+      issuer: 'http://a.test',
+      audience: 'http://b.test',
+      maxTokenAgeSeconds: 300,
+      clockToleranceSeconds: 5,
+    },
+  );
 }

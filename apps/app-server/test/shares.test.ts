@@ -1,9 +1,7 @@
-import { TOKEN_ALGORITHM, verifyDownloadToken } from '@sfh/download-token';
 import type { FastifyInstance } from 'fastify';
-import { type CryptoKey, importJWK, type JWK } from 'jose';
 import { describe, expect, it } from 'vitest';
 import { PUBLIC_REQUESTS_PER_MINUTE_PER_IP } from '../src/routes/shares.ts';
-import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
+import { buildTestApp, claimsOf, TestClient, useTestDatabase } from './helpers.ts';
 import { count, expectError, setCookies } from './test-utils.ts';
 
 const db = useTestDatabase();
@@ -54,26 +52,6 @@ const publicToken = (
     remoteAddress,
     ...(body && { payload: body }),
   });
-
-async function claimsOf(app: FastifyInstance, token: string) {
-  const { keys } = (await app.inject({ method: 'GET', url: '/.well-known/jwks.json' })).json<{
-    keys: JWK[];
-  }>();
-  return verifyDownloadToken(
-    token,
-    async (kid) => {
-      const jwk = keys.find((key) => key.kid === kid);
-      return jwk ? ((await importJWK(jwk, jwk.alg)) as CryptoKey) : undefined;
-    },
-    {
-      algorithms: [TOKEN_ALGORITHM],
-      issuer: 'http://a.test',
-      audience: 'http://b.test',
-      maxTokenAgeSeconds: 300,
-      clockToleranceSeconds: 5,
-    },
-  );
-}
 
 describe('owner API', () => {
   it('creates a share with the defaults and the documented shape', async () => {
