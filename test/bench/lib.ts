@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import autocannon from 'autocannon';
 import { Redis } from 'ioredis';
-import { nodeArgsFor } from '../support/processes.ts';
+import { freePort, nodeArgsFor } from '../support/processes.ts';
+import { killRedis, spawnRedis } from '../support/redis-server.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 export const KIB = 1024;
@@ -110,7 +111,7 @@ export function pinLoadGenerator(): Pinning {
   const note =
     cores > 2
       ? 'server on core 0, load generator on core 1; other cores idle'
-      : 'server on core 0, load generator on core 1 (Postgres and Redis are not pinned: they share both)';
+      : 'server on core 0, load generator on core 1 (Postgres is not pinned: it shares both)';
   return { serverCpu: '0', loadCpu: '1', allCpus: `0-${cores - 1}`, note };
 }
 
@@ -507,4 +508,34 @@ export async function resultsFolder(): Promise<string> {
   await mkdir(dir, { recursive: true });
   await writeFile(join(dir, '.gitignore'), '*.json\n*.cpuprofile\n');
   return dir;
+}
+
+/** The Redis a bench's B talks to, and what to say about where it runs. */
+export interface BenchRedis {
+  url: string;
+  note: string;
+  stop(): Promise<void>;
+}
+
+/**
+ * A redis-server of the bench's own on the load generator's core, so that Redis (in production
+ * on a machine of its own) never takes B's core: what is measured is B's side of each command.
+ * Without `redis-server` here, the Redis at `fallbackUrl`, unpinned.
+ */
+export async function benchRedis(pinning: Pinning, fallbackUrl: string): Promise<BenchRedis> {
+  try {
+    execFileSync('redis-server', ['--version'], { stdio: 'ignore' });
+  } catch {
+    return { url: fallbackUrl, note: `Redis at ${fallbackUrl}, not pinned`, stop: async () => {} };
+  }
+  const port = await freePort();
+  const child = await spawnRedis(port, {
+    extraArgs: ['--maxmemory-policy', 'noeviction'],
+    cpu: pinning.loadCpu,
+  });
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    note: `a redis-server of the bench's own${pinning.loadCpu ? `, on the load generator's core ${pinning.loadCpu}` : ''}`,
+    stop: () => killRedis(child),
+  };
 }

@@ -18,7 +18,7 @@ import { APP_SERVER, buildDownloadServer, freePort } from '../support/processes.
 import { signingKey } from '../support/signing-key.ts';
 import { MINTING_USERS, mintingUsers, mintMany, putSmallFile, startB } from './fixtures.ts';
 import {
-  deleteKeys,
+  benchRedis,
   KIB,
   type LoadResult,
   load,
@@ -35,13 +35,15 @@ const seconds = Number(process.env.PROFILE_SECONDS ?? 10);
 const redis = process.env.PROFILE_REDIS === '1';
 /** Expected rate, for the number of tokens to mint (1.3× this × PROFILE_SECONDS). */
 const rate = Number(process.env.PROFILE_RATE ?? 6000);
-const redisUrl = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const databaseUrl = process.env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test';
-const prefix = `prof:${nanoid(8)}:`;
 const schema = `prof_${nanoid(8)
   .replace(/[^A-Za-z0-9]/g, '_')
   .toLowerCase()}`;
 const pinning = pinLoadGenerator();
+/** With PROFILE_REDIS=1, the bench's own Redis (as `npm run bench` runs it), stopped at the end. */
+const store = redis
+  ? await benchRedis(pinning, process.env.REDIS_URL ?? 'redis://127.0.0.1:6379')
+  : undefined;
 const dir = await mkdtemp(join(tmpdir(), 'sfh-profile-'));
 const profileDir = join(dir, 'profile');
 const nodeArgs = ['--cpu-prof', '--cpu-prof-dir', profileDir];
@@ -81,7 +83,7 @@ async function profileB(): Promise<Profiled> {
     cpu: pinning.serverCpu,
     port,
     nodeArgs,
-    ...(redis ? { env: { REDIS_URL: redisUrl, REDIS_KEY_PREFIX: prefix } } : {}),
+    ...(store ? { env: { REDIS_URL: store.url } } : {}),
   });
   let next = 0;
   const { result, window } = await timed(spawned, () =>
@@ -154,7 +156,7 @@ try {
 } finally {
   await stopAll();
   await rm(dir, { recursive: true, force: true });
-  if (redis) await deleteKeys(redisUrl, prefix);
+  await store?.stop();
   if (target === 'mint')
     await withClient((client) => client.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`));
 }

@@ -45,6 +45,7 @@ import {
   startBaseline,
 } from './fixtures.ts';
 import {
+  benchRedis,
   type CpuShare,
   deleteKeys,
   download,
@@ -347,40 +348,37 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
   });
   await b.server.stop();
 
-  let redisOk = false;
-  const prefix = `bench:${nanoid(8)}:`;
-  const redis = new Redis(config.redisUrl, {
-    lazyConnect: true,
-    maxRetriesPerRequest: 1,
-    connectTimeout: 2000,
-  });
-  redis.on('error', () => {});
-  try {
-    await redis.connect();
-    await redis.ping();
-    redisOk = true;
-  } catch (error) {
-    notes.push(`Redis at ${config.redisUrl} does not answer (${error}): B with Redis not measured`);
-    log(notes.at(-1) as string);
-  }
+  const redis = await benchRedis(pinning, config.redisUrl);
+  const client = new Redis(redis.url, { lazyConnect: true, maxRetriesPerRequest: 1, connectTimeout: 2000 });
+  client.on('error', () => {});
+  const redisOk = await client.connect().then(
+    () => client.ping().then(() => true),
+    (error: unknown) => {
+      notes.push(`Redis at ${redis.url} does not answer (${error}): B with Redis not measured`);
+      log(notes.at(-1) as string);
+      return false;
+    },
+  );
+  client.disconnect();
   if (redisOk) {
+    const prefix = `bench:${nanoid(8)}:`;
     const br = await startB({
       dir,
       storageDir,
       jwksFile: key.jwksFile,
       cpu,
-      env: { REDIS_URL: config.redisUrl, REDIS_KEY_PREFIX: prefix },
+      env: { REDIS_URL: redis.url, REDIS_KEY_PREFIX: prefix },
     });
     log('small files: B, Redis store, a fresh token per request');
     const withRedis = await bSmall(br, limit);
     record(section, 'small.b_redis', 'B, Redis store, fresh token per request', 'r/s', withRedis.values, {
       invalid: withRedis.invalid,
-      note: `${withRedis.note}; Redis itself is not pinned`,
+      note: `${withRedis.note}; Redis: ${redis.note}`,
     });
     await br.server.stop();
-    await deleteKeys(config.redisUrl, prefix);
+    await deleteKeys(redis.url, prefix);
   }
-  redis.disconnect();
+  await redis.stop();
 
   derive(
     section,
