@@ -5,6 +5,7 @@
  * Load profile).
  * - PROFILE=b (default): B under the small-file load (4 KiB, a fresh token per request);
  *   PROFILE_REDIS=1 for the Redis store instead of memory.
+ * - PROFILE=large: B streaming a 1 GiB file, 3 downloads at a time (as `npm run bench` measures it).
  * - PROFILE=mint: A minting (`POST /api/files/:id/download-token`) on the Postgres of
  *   TEST_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/test), in a schema of its own.
  * PROFILE_SECONDS (default 10).
@@ -16,9 +17,19 @@ import { nanoid } from 'nanoid';
 import pg from 'pg';
 import { APP_SERVER, buildDownloadServer, freePort } from '../support/processes.ts';
 import { signingKey } from '../support/signing-key.ts';
-import { MINTING_USERS, mintingUsers, mintMany, putSmallFile, startB } from './fixtures.ts';
+import {
+  MINTING_USERS,
+  mintingUsers,
+  mintMany,
+  mintOne,
+  putLargeFile,
+  putSmallFile,
+  startB,
+} from './fixtures.ts';
 import {
   benchRedis,
+  download,
+  GIB,
   KIB,
   type LoadResult,
   load,
@@ -53,6 +64,8 @@ interface Profiled {
   server: Server;
   result: LoadResult;
   name: string;
+  /** What `result.rate` counts: requests, or for large files GB. */
+  unit?: 'GB/s';
   window: { fromUs: number; toUs: number };
 }
 
@@ -98,6 +111,39 @@ async function profileB(): Promise<Profiled> {
   return { server: b.server, result, name: `b-${redis ? 'redis' : 'memory'}`, window };
 }
 
+async function profileLarge(): Promise<Profiled> {
+  buildDownloadServer();
+  const storageDir = join(dir, 'objects');
+  const staticDir = join(dir, 'static');
+  await mkdir(storageDir, { recursive: true });
+  await mkdir(staticDir, { recursive: true });
+  const key = await signingKey(dir);
+  const file = await putLargeFile(storageDir, staticDir, 'large.bin', GIB);
+  const spawned = performance.now();
+  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu: pinning.serverCpu, nodeArgs });
+  const { result, window } = await timed(spawned, async () => {
+    const started = performance.now();
+    let bytes = 0;
+    while (performance.now() - started < seconds * 1000) {
+      const urls = await Promise.all([1, 2, 3].map(() => mintOne(key, b.origin, file)));
+      const done = await Promise.all(urls.map((token) => download(`${b.origin}/d/${token}`)));
+      if (done.some((d) => d.status !== 200 || d.bytes !== GIB)) throw new Error('a download failed');
+      bytes += done.length * GIB;
+    }
+    const durationS = (performance.now() - started) / 1000;
+    return {
+      rate: bytes / durationS / 1e9,
+      ok: bytes / GIB,
+      non2xx: 0,
+      errors: 0,
+      timeouts: 0,
+      durationS,
+      latencyP99Ms: 0,
+    };
+  });
+  return { server: b.server, result, name: 'b-large', unit: 'GB/s', window };
+}
+
 async function profileMint(): Promise<Profiled> {
   await withClient((client) => client.query(`CREATE SCHEMA ${schema}`));
   const url = new URL(databaseUrl);
@@ -140,9 +186,13 @@ async function withClient(run: (client: pg.Client) => Promise<unknown>): Promise
 }
 
 try {
-  const { server, result, name, window } = await (target === 'mint' ? profileMint() : profileB());
+  const { server, result, name, unit, window } = await (target === 'mint'
+    ? profileMint()
+    : target === 'large'
+      ? profileLarge()
+      : profileB());
   process.stderr.write(
-    `${name}: ${Math.round(result.rate)} r/s${result.invalid ? ` [${result.invalid}]` : ''}; ${pinning.note}\n`,
+    `${name}: ${unit ? `${result.rate.toFixed(2)} ${unit}` : `${Math.round(result.rate)} r/s`}${result.invalid ? ` [${result.invalid}]` : ''}; ${pinning.note}\n`,
   );
   await server.stop();
 
