@@ -11,10 +11,10 @@ import {
   S3ServiceException,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
-import { nanoid } from 'nanoid';
 import {
   type ByteRange,
   isObjectId,
+  newObjectId,
   type ObjectRead,
   type ObjectStore,
   StorageUnavailableError,
@@ -44,7 +44,8 @@ const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
 /**
  * Objects in an S3 bucket, as `<prefix><id>`. An upload is one PUT when it fits in a part and a
  * multipart upload otherwise, hashed as it streams; a failed one is aborted, so it leaves neither
- * an object nor parts (a crash can still leave parts: the bucket's lifecycle rule removes those).
+ * an object nor parts (a crash, or a bucket gone mid-upload, can still leave parts: `delete(id)`
+ * aborts them, and so does the bucket's lifecycle rule).
  */
 export class S3Store implements ObjectStore {
   readonly #client: S3Client;
@@ -78,7 +79,8 @@ export class S3Store implements ObjectStore {
     return `${this.#prefix}${id}`;
   }
 
-  async put(source: Readable): Promise<StoredObject> {
+  async put(source: Readable, id = newObjectId()): Promise<StoredObject> {
+    if (!isObjectId(id)) throw new Error('Malformed object id');
     // The source's own error (a client gone, a size limit) is what the caller must see; not the
     // abort that stopping to read it causes once the upload itself has failed.
     let sourceError: unknown;
@@ -87,7 +89,6 @@ export class S3Store implements ObjectStore {
       if (!stoppedReading) sourceError ??= error;
     };
     source.on('error', remember);
-    const id = nanoid();
     const hash = createHash('sha256');
     let size = 0;
     const body = Readable.from(
@@ -116,9 +117,9 @@ export class S3Store implements ObjectStore {
       await upload.done();
     } catch (error) {
       // lib-storage has aborted the multipart upload (if there was one) before rejecting.
-      // If the store failed, that abort may have failed too: the caller can delete `objectId` later.
+      // If the store failed, that abort may have failed too: the caller can delete `id` later.
       body.destroy();
-      throw sourceError ?? Object.assign(unavailable('upload', error), { objectId: id });
+      throw sourceError ?? unavailable('upload', error);
     } finally {
       source.off('error', remember);
     }
