@@ -4,7 +4,6 @@ import {
   AbortMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
-  HeadBucketCommand,
   ListMultipartUploadsCommand,
   S3Client,
   type S3ClientConfig,
@@ -40,6 +39,11 @@ export interface S3StoreOptions {
 }
 
 const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
+
+/** What `check()` reads: 15 characters, so never an object id (21), and normally missing. */
+const PROBE_KEY = 'readiness-probe';
+/** Answers to it that say the store is there and knows our credentials. */
+const PROBE_ANSWERS = new Set(['NoSuchKey', 'AccessDenied']);
 
 /**
  * Objects in an S3 bucket, as `<prefix><id>`. An upload is one PUT when it fits in a part and a
@@ -180,11 +184,22 @@ export class S3Store implements ObjectStore {
     }
   }
 
-  /** Resolves if the bucket answers (readiness probes). */
+  /**
+   * Resolves if the bucket answers and takes our credentials (readiness probes). One GetObject of
+   * a key that is never an object: B may only read objects, so HeadBucket (which needs
+   * `s3:ListBucket`) may be refused to it. "No such key" (404) and "access denied" (403, what S3
+   * answers for a missing key to whoever may not list the bucket) come after the store has checked
+   * the signature: ready. Unreachable, too slow, an unknown access key or a wrong secret
+   * (`InvalidAccessKeyId`, `SignatureDoesNotMatch`), no such bucket: rejects.
+   */
   async check(): Promise<void> {
     try {
-      await this.#client.send(new HeadBucketCommand({ Bucket: this.#bucket }));
+      const answer = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.#bucket, Key: this.#key(PROBE_KEY) }),
+      );
+      (answer.Body as Readable).destroy();
     } catch (error) {
+      if (error instanceof S3ServiceException && PROBE_ANSWERS.has(error.name)) return;
       throw unavailable('check', error);
     }
   }
