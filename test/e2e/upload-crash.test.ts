@@ -152,8 +152,8 @@ describe.skipIf(noPostgres.skip).each(storages)(
       await new Promise((resolve) => setTimeout(resolve, 2_000));
       expect(await contents()).toHaveLength(2);
       await sql.query('UPDATE object_deletions SET next_attempt_at = now()');
-      await expect.poll(contents, { timeout: 15_000 }).toEqual([]);
-      expect(await queued()).toBe(0);
+      // Both gone, and then their entries (each once its object is).
+      await expect.poll(async () => [await contents(), await queued()], { timeout: 15_000 }).toEqual([[], 0]);
 
       // A normal upload's object is never swept: its row took its entry off.
       const form = new FormData();
