@@ -182,8 +182,13 @@ ensure_bucket() {
     die "tempauth refused the writer's credentials"
   token=$(printf '%s' "$headers" | tr -d '\r' | sed -n 's/^[Xx]-[Aa]uth-[Tt]oken: //p')
   url=$(printf '%s' "$headers" | tr -d '\r' | sed -n 's/^[Xx]-[Ss]torage-[Uu]rl: //p')
-  curl -fsS -m 10 -o /dev/null -X PUT -H "X-Auth-Token: $token" \
-    -H "X-Container-Read: $ACCOUNT:$READER" "$url/$BUCKET" || die "creating bucket $BUCKET failed"
+  # Right after a first start the account and container servers may still answer 503: retry a while.
+  local tries=0
+  until curl -fsS -m 10 -o /dev/null -X PUT -H "X-Auth-Token: $token" \
+    -H "X-Container-Read: $ACCOUNT:$READER" "$url/$BUCKET" 2>/dev/null; do
+    ((++tries < 50)) || die "creating bucket $BUCKET failed"
+    sleep 0.2
+  done
 }
 
 wait_ready() {

@@ -116,6 +116,42 @@ ${includes.map((file) => `  include ${file};`).join('\n')}
 }
 
 /** Properties of a `[section]`-style unit file: key → values (a key may repeat). */
+/**
+ * The AWS SDK's own environment variables (the AWS SDKs and Tools reference, "Environment
+ * variables"), which our config leaves to the SDK: region, endpoint, the default credential chain.
+ * An example may set these besides the variables our config reads; any other name is a typo.
+ */
+const AWS_SDK_SETTINGS = new Set([
+  'AWS_REGION',
+  'AWS_ENDPOINT_URL',
+  'AWS_ENDPOINT_URL_S3',
+  'AWS_ACCESS_KEY_ID',
+  'AWS_SECRET_ACCESS_KEY',
+  'AWS_SESSION_TOKEN',
+  'AWS_PROFILE',
+  'AWS_CONFIG_FILE',
+  'AWS_SHARED_CREDENTIALS_FILE',
+  'AWS_ROLE_ARN',
+  'AWS_ROLE_SESSION_NAME',
+  'AWS_WEB_IDENTITY_TOKEN_FILE',
+  'AWS_CONTAINER_CREDENTIALS_FULL_URI',
+  'AWS_CONTAINER_CREDENTIALS_RELATIVE_URI',
+  'AWS_CONTAINER_AUTHORIZATION_TOKEN',
+  'AWS_CA_BUNDLE',
+]);
+/** A variable an example may set for a server whose config reads `ours`. */
+const settable = (ours: Set<string>, name: string) => ours.has(name) || AWS_SDK_SETTINGS.has(name);
+/** What every example shows for the bytes in a bucket, for A and for B. */
+const S3_SETTINGS = [
+  'S3_BUCKET',
+  'S3_PREFIX',
+  'S3_FORCE_PATH_STYLE',
+  'AWS_REGION',
+  'AWS_ENDPOINT_URL_S3',
+  'AWS_ACCESS_KEY_ID',
+  'AWS_SECRET_ACCESS_KEY',
+];
+
 function unitKeys(text: string): Map<string, string[]> {
   const keys = new Map<string, string[]>();
   for (const line of text.split('\n')) {
@@ -407,8 +443,10 @@ describe('infra/ files', () => {
           ? downloadKeys
           : null;
       if (reads) {
-        for (const key of Object.keys(environment)) expect(reads.has(key), `${name} sets ${key}`).toBe(true);
+        for (const key of Object.keys(environment))
+          expect(settable(reads, key), `${name} sets ${key}`).toBe(true);
         expect(environment.STORAGE_DIR).toBeDefined();
+        expect(Object.keys(environment)).toEqual(expect.arrayContaining(S3_SETTINGS));
         // The token's issuer and audience: the same strings on every server.
         const first = services['app-server-1']?.environment as Record<string, string>;
         expect(environment.APP_PUBLIC_URL).toBe(first.APP_PUBLIC_URL);
@@ -417,6 +455,12 @@ describe('infra/ files', () => {
     }
     const appEnv = services['app-server-1']?.environment as Record<string, string>;
     const downloadEnv = services['download-server-1']?.environment as Record<string, string>;
+    // The bucket settings pass through from the shell only when set (no value: unset otherwise,
+    // so the volume stays the default); each server's credentials are its own.
+    for (const key of ['S3_BUCKET', 'S3_PREFIX', 'S3_FORCE_PATH_STYLE', 'AWS_REGION', 'AWS_ENDPOINT_URL_S3'])
+      expect([appEnv[key], downloadEnv[key]], key).toEqual([null, null]);
+    expect(appEnv.AWS_ACCESS_KEY_ID).toMatch(/^\$\{APP_AWS_ACCESS_KEY_ID:-\}$/);
+    expect(downloadEnv.AWS_ACCESS_KEY_ID).toMatch(/^\$\{DOWNLOAD_AWS_ACCESS_KEY_ID:-\}$/);
     expect(Object.keys(appEnv)).toEqual(
       expect.arrayContaining([
         'DATABASE_URL',
@@ -505,6 +549,24 @@ describe('infra/ files', () => {
     expect(keys.get('User')?.[0]).not.toBe('root');
     if (unit.startsWith('sfh-download')) expect(keys.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
   });
+
+  it.each([
+    ['sfh-app-server@.service', AppEnv],
+    ['sfh-download-server@.service', DownloadEnv],
+  ])(
+    '%s: the environment its comment shows is what the server reads, S3 settings included',
+    async (unit, env) => {
+      const text = await readFile(join(INFRA, 'systemd', unit), 'utf8');
+      const comments = text
+        .split('\n')
+        .filter((line) => line.startsWith('#'))
+        .join('\n');
+      const shown = [...comments.matchAll(/\b([A-Z][A-Z0-9_]{2,})=/g)].map((match) => match[1] as string);
+      const ours = new Set(Object.keys(env.properties));
+      for (const name of shown) expect(settable(ours, name), `${unit} shows ${name}`).toBe(true);
+      expect(shown).toEqual(expect.arrayContaining([...S3_SETTINGS, 'AWS_SHARED_CREDENTIALS_FILE']));
+    },
+  );
 
   it.skipIf(systemd.skip)(
     `systemd-analyze verify accepts both units (as instances)${systemd.reason}`,

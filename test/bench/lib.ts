@@ -447,7 +447,7 @@ function ticksPerSecond(): number {
 }
 
 /** User + system CPU seconds of a process, all its threads (the thread pool included). */
-function cpuSecondsOf(pid: number): number | undefined {
+export function cpuSecondsOf(pid: number): number | undefined {
   try {
     const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
     const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');

@@ -16,7 +16,8 @@
  * Servers run as their own processes pinned to core 0, this process (the load generator) to
  * core 1. Each figure is measured `runs` times after a warm-up: median and min–max.
  * `BENCH_QUICK=1`: one short run of everything (a smoke test). Other knobs: BENCH_RUNS,
- * BENCH_DURATION (seconds), BENCH_CONNECTIONS, BENCH_LARGE_MIB, BENCH_ONLY=alg,small,large,mint,e2e,
+ * BENCH_DURATION (seconds), BENCH_CONNECTIONS, BENCH_LARGE_MIB, BENCH_ONLY=alg,small,large,mint,e2e,s3
+ * (s3: B on S3 storage against a presigned GetObject, test/bench/s3.ts; skipped when no S3 store answers),
  * BENCH_B_LOG_LEVEL (B's LOG_LEVEL; default info, as deployed: one line per request),
  * TEST_DATABASE_URL, REDIS_URL.
  */
@@ -93,7 +94,7 @@ const config = {
   mintProcesses: Math.max(2, Math.min(availableParallelism(), 4)),
   redisUrl: env.REDIS_URL ?? 'redis://127.0.0.1:6379',
   databaseUrl: env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test',
-  only: env.BENCH_ONLY ? env.BENCH_ONLY.split(',') : ['alg', 'small', 'large', 'mint', 'e2e'],
+  only: env.BENCH_ONLY ? env.BENCH_ONLY.split(',') : ['alg', 'small', 'large', 'mint', 'e2e', 's3'],
 };
 const TARGETS = { limitFraction: 0.85, redisCost: 0.1, largeFraction: 0.9, rssBytes: 128e6, mintRate: 2000 };
 
@@ -260,6 +261,11 @@ try {
   await baselines?.http.server.stop();
   await baselines?.static.server.stop();
   if (config.only.includes('mint') || config.only.includes('e2e')) await guarded('minting', minting);
+  // Its own table, pinning and clean-up (test/bench/s3.ts); loaded only when asked for.
+  if (config.only.includes('s3'))
+    await guarded('S3 storage', async () => {
+      await (await import('./s3.ts')).s3Bench();
+    });
 } finally {
   await cleanUp();
 }

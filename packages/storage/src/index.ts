@@ -49,11 +49,13 @@ export interface ByteRange {
  */
 export interface ObjectStore {
   /**
-   * Streams `source` into a new object and resolves once the bytes are durable. If `source`
-   * errors (an aborted upload, a size limit) or the disk fails, it rejects and leaves nothing
-   * behind: no object, no temporary file.
+   * Streams `source` into a new object `id` (from `newObjectId()`; a fresh one if omitted) and
+   * resolves once the bytes are durable. A caller that must survive its own crash records `id`
+   * before calling (A's delete outbox). If `source` errors (an aborted upload, a size limit) or the
+   * store fails, it rejects and leaves nothing behind: no object, no temporary file; where the
+   * store could not clean up (a bucket gone mid-upload, a crash), `delete(id)` removes what is left.
    */
-  put(source: Readable): Promise<StoredObject>;
+  put(source: Readable, id?: string): Promise<StoredObject>;
   /**
    * One request to the store: the object's `range` (or all of it) as a stream, with its size and
    * mtime; `undefined` if there is no such object, the id is malformed, or the range does not lie
@@ -61,8 +63,9 @@ export interface ObjectStore {
    */
   read(id: string, range?: ByteRange): Promise<ObjectRead | undefined>;
   /**
-   * Removes the object. Idempotent: deleting a missing object succeeds. Rejects (and may be
-   * retried) when the store cannot say it is gone.
+   * Removes the object, and whatever a `put` of that id that failed or never finished left (a
+   * temporary file, an incomplete multipart upload). Idempotent: deleting a missing object
+   * succeeds. Rejects (and may be retried) when the store cannot say it is gone.
    */
   delete(id: string): Promise<void>;
   /** Resolves if the store answers now; rejects with `StorageUnavailableError` otherwise (readiness). */
@@ -77,12 +80,6 @@ export interface ObjectStore {
  */
 export class StorageUnavailableError extends Error {
   override name = 'StorageUnavailableError';
-  /**
-   * Set when a `put` failed this way: the object that may be partly written (parts of a
-   * multipart upload the store could not abort). `delete(objectId)` once the store is back
-   * removes whatever there is.
-   */
-  objectId?: string;
 }
 
 /** A descriptor the store keeps open, and how many readers hold it. */
@@ -114,6 +111,9 @@ const OBJECT_ID = /^[A-Za-z0-9_-]{21}$/;
 /** Tells whether `id` has the shape of an object id. */
 export const isObjectId = (id: string): boolean => OBJECT_ID.test(id);
 
+/** A fresh object id: 126 random bits, never derived from anything a user sent. */
+export const newObjectId = (): string => nanoid();
+
 /**
  * Local-disk object store: `<root>/<2-char shard>/<id>`, temporary files in `<root>/.tmp` (same
  * file system, so the final rename is atomic).
@@ -140,14 +140,17 @@ export class LocalDiskStore implements ObjectStore {
     return join(this.#root, id.slice(0, 2), id);
   }
 
-  async put(source: Readable): Promise<StoredObject> {
+  #tmpPath(id: string): string {
+    return join(this.#tmp, `${id}.part`);
+  }
+
+  async put(source: Readable, id = newObjectId()): Promise<StoredObject> {
+    const finalPath = this.#path(id);
+    const tmpPath = this.#tmpPath(id);
     // Until `pipeline` listens, an early error from the source (a client that disconnects at
     // once) would be an unhandled 'error' event and crash the process; pipeline still sees it.
     const ignore = () => {};
     source.on('error', ignore);
-    const id = nanoid();
-    const finalPath = this.#path(id);
-    const tmpPath = join(this.#tmp, `${id}.part`);
     const hash = createHash('sha256');
     let size = 0;
     let out: WriteStream | undefined;
@@ -283,6 +286,8 @@ export class LocalDiskStore implements ObjectStore {
   async delete(id: string): Promise<void> {
     if (!isObjectId(id)) return;
     await rm(this.#path(id), { force: true });
+    // What a crash mid-upload left.
+    await rm(this.#tmpPath(id), { force: true });
   }
 
   async check(): Promise<void> {

@@ -4,17 +4,16 @@ import {
   AbortMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
-  HeadBucketCommand,
   ListMultipartUploadsCommand,
   S3Client,
   type S3ClientConfig,
   S3ServiceException,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
-import { nanoid } from 'nanoid';
 import {
   type ByteRange,
   isObjectId,
+  newObjectId,
   type ObjectRead,
   type ObjectStore,
   StorageUnavailableError,
@@ -41,10 +40,16 @@ export interface S3StoreOptions {
 
 const DEFAULT_PART_SIZE = 8 * 1024 * 1024;
 
+/** What `check()` reads: 15 characters, so never an object id (21), and normally missing. */
+const PROBE_KEY = 'readiness-probe';
+/** Answers to it that say the store is there and knows our credentials. */
+const PROBE_ANSWERS = new Set(['NoSuchKey', 'AccessDenied']);
+
 /**
  * Objects in an S3 bucket, as `<prefix><id>`. An upload is one PUT when it fits in a part and a
  * multipart upload otherwise, hashed as it streams; a failed one is aborted, so it leaves neither
- * an object nor parts (a crash can still leave parts: the bucket's lifecycle rule removes those).
+ * an object nor parts (a crash, or a bucket gone mid-upload, can still leave parts: `delete(id)`
+ * aborts them, and so does the bucket's lifecycle rule).
  */
 export class S3Store implements ObjectStore {
   readonly #client: S3Client;
@@ -78,7 +83,8 @@ export class S3Store implements ObjectStore {
     return `${this.#prefix}${id}`;
   }
 
-  async put(source: Readable): Promise<StoredObject> {
+  async put(source: Readable, id = newObjectId()): Promise<StoredObject> {
+    if (!isObjectId(id)) throw new Error('Malformed object id');
     // The source's own error (a client gone, a size limit) is what the caller must see; not the
     // abort that stopping to read it causes once the upload itself has failed.
     let sourceError: unknown;
@@ -87,7 +93,6 @@ export class S3Store implements ObjectStore {
       if (!stoppedReading) sourceError ??= error;
     };
     source.on('error', remember);
-    const id = nanoid();
     const hash = createHash('sha256');
     let size = 0;
     const body = Readable.from(
@@ -116,9 +121,9 @@ export class S3Store implements ObjectStore {
       await upload.done();
     } catch (error) {
       // lib-storage has aborted the multipart upload (if there was one) before rejecting.
-      // If the store failed, that abort may have failed too: the caller can delete `objectId` later.
+      // If the store failed, that abort may have failed too: the caller can delete `id` later.
       body.destroy();
-      throw sourceError ?? Object.assign(unavailable('upload', error), { objectId: id });
+      throw sourceError ?? unavailable('upload', error);
     } finally {
       source.off('error', remember);
     }
@@ -179,11 +184,22 @@ export class S3Store implements ObjectStore {
     }
   }
 
-  /** Resolves if the bucket answers (readiness probes). */
+  /**
+   * Resolves if the bucket answers and takes our credentials (readiness probes). One GetObject of
+   * a key that is never an object: B may only read objects, so HeadBucket (which needs
+   * `s3:ListBucket`) may be refused to it. "No such key" (404) and "access denied" (403, what S3
+   * answers for a missing key to whoever may not list the bucket) come after the store has checked
+   * the signature: ready. Unreachable, too slow, an unknown access key or a wrong secret
+   * (`InvalidAccessKeyId`, `SignatureDoesNotMatch`), no such bucket: rejects.
+   */
   async check(): Promise<void> {
     try {
-      await this.#client.send(new HeadBucketCommand({ Bucket: this.#bucket }));
+      const answer = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.#bucket, Key: this.#key(PROBE_KEY) }),
+      );
+      (answer.Body as Readable).destroy();
     } catch (error) {
+      if (error instanceof S3ServiceException && PROBE_ANSWERS.has(error.name)) return;
       throw unavailable('check', error);
     }
   }

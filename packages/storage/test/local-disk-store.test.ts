@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { basename, join, relative } from 'node:path';
 import type { Readable } from 'node:stream';
 import { describe, expect, it, onTestFinished } from 'vitest';
-import { type ByteRange, isObjectId, LocalDiskStore } from '../src/index.ts';
+import { type ByteRange, isObjectId, LocalDiskStore, newObjectId } from '../src/index.ts';
 import { bytesStream, expectSameBytes, objectStoreContract, readAll } from './object-store.contract.ts';
 
 /** A fresh temp directory, removed when the current test finishes. */
@@ -108,6 +108,19 @@ describe('LocalDiskStore.put', () => {
     const info = await stat(join(root, files[0] ?? ''));
     expect(info.isFile()).toBe(true);
     expect(info.mode & 0o777).toBe(0o600);
+  });
+});
+
+describe('LocalDiskStore.delete', () => {
+  it('also removes the temporary file of an upload that a crash interrupted', async () => {
+    const { store, root } = await freshStore();
+    const id = newObjectId();
+    // What a process killed mid-put leaves: the part written so far, never renamed.
+    await mkdir(join(root, '.tmp'), { recursive: true });
+    await writeFile(join(root, '.tmp', `${id}.part`), 'half an upload');
+    expect(await walk(root)).toEqual([`.tmp/${id}.part`]);
+    await store.delete(id);
+    expect(await walk(root)).toEqual([]);
   });
 });
 

@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { describe, expect, it } from 'vitest';
-import { type ByteRange, isObjectId, type ObjectStore } from '../src/index.ts';
+import { type ByteRange, isObjectId, newObjectId, type ObjectStore } from '../src/index.ts';
 
 /** A store for one test (closed and cleaned up when the test finishes), and what it holds. */
 export interface ContractStore {
@@ -134,6 +134,18 @@ export function objectStoreContract(
         ids.add(id);
       }
       expect(ids.size).toBe(options.puts);
+    });
+
+    it('stores under the id the caller chose beforehand, and refuses a malformed one', async () => {
+      const { store, leftovers } = await setup();
+      const id = newObjectId();
+      expect(isObjectId(id)).toBe(true);
+      expect((await store.put(bytesStream([Buffer.from('chosen')]), id)).id).toBe(id);
+      expect((await readBytes(store, id)).toString()).toBe('chosen');
+      for (const bad of ['../../etc/passwd', '', 'a/b', `${id}x`]) {
+        await expect(store.put(bytesStream([Buffer.from('no')]), bad), bad).rejects.toThrow(/Malformed/);
+      }
+      expect(await leftovers()).toHaveLength(1);
     });
 
     it('rejects with the source error and leaves nothing behind', async () => {

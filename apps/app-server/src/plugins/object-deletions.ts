@@ -5,8 +5,9 @@ declare module 'fastify' {
   interface FastifyInstance {
     objectDeletions: {
       /**
-       * Removes an object no row refers to (any more): at once if the store answers, otherwise
-       * it stays queued and the sweep retries. Never throws: the caller's answer does not depend on it.
+       * Removes a queued object no row refers to (any more): at once if the store answers,
+       * otherwise its entry is made due now and the sweep retries. Never throws: the caller's
+       * answer does not depend on it.
        */
       discard(objectId: string): Promise<void>;
       /** Deletes the objects whose turn has come; resolves with how many are gone. */
@@ -19,8 +20,10 @@ const SWEEP_BATCH = 100;
 
 /**
  * Keeps the object store in step with the `files` table through the `object_deletions` outbox
- * (migration 0010): a deleted row queues its object in the same transaction, `discard` deletes
- * it at once, and a sweep every `sweepSeconds` retries whatever failed, backing off.
+ * (migration 0010): an upload queues its object before storing it (due after the upload's deadline)
+ * and its row's insert takes the entry off; a deleted row queues its object in the same
+ * transaction; `discard` deletes at once, and a sweep every `sweepSeconds` deletes whatever is
+ * due: a delete that failed (backing off), an upload that never got its row (A crashed).
  */
 export default fp(
   async (app: FastifyInstance, options: { sweepSeconds: number }) => {
@@ -39,9 +42,9 @@ export default fp(
 
     async function discard(objectId: string): Promise<void> {
       if (await deleteObject(objectId)) return;
-      // Queued already when its row was deleted; queued here when it never had one.
+      // Queued when its upload began or its row was deleted: due now rather than later.
       await objectDeletions.queue(objectId).catch((error: unknown) => {
-        app.log.error({ err: error, objectId }, 'object could not be deleted nor queued: orphaned');
+        app.log.warn({ err: error, objectId }, 'object stays queued for when its entry comes due');
       });
     }
 

@@ -1,4 +1,5 @@
 import type { Pool, PoolClient } from 'pg';
+import { StorageUnavailable } from '../errors.ts';
 
 export interface FileRecord {
   id: string;
@@ -89,7 +90,10 @@ export function filesRepository(db: Pool) {
      * Inserts the file unless it takes the user's total, with the other uploads' reservations,
      * over `quotaBytes` (0: no quota); then returns `undefined`. The user's row is locked
      * meanwhile, so concurrent uploads cannot both squeeze in. The upload's own reservation
-     * (`reservationId`) goes in the same transaction.
+     * (`reservationId`) and its object's entry in the delete outbox go in the same transaction.
+     * Rejects with `STORAGE_UNAVAILABLE` (inserting nothing) when that entry is no longer there
+     * untouched: a sweep has claimed the object (the upload outlived its due time), so a row would
+     * point at bytes about to go.
      */
     async createWithinQuota(
       file: Omit<FileRecord, 'createdAt'>,
@@ -116,6 +120,17 @@ export function filesRepository(db: Pool) {
             quotaBytes,
           ],
         );
+        if (!rows[0]) return undefined;
+        // Not yet tried by a sweep (attempts 0): a sweep that claims it first makes this wait for
+        // its update and then find nothing; one that comes later skips the locked entry.
+        const { rowCount } = await client.query(
+          'DELETE FROM object_deletions WHERE object_id = $1 AND attempts = 0',
+          [file.objectId],
+        );
+        if (rowCount !== 1)
+          throw new StorageUnavailable({
+            cause: new Error(`object ${file.objectId} was claimed by the delete sweep before its row`),
+          });
         return rows[0];
       });
     },

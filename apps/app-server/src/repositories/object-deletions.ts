@@ -1,13 +1,25 @@
 import type { Pool } from 'pg';
 
-/** The outbox of objects to delete from the store (migration 0010): filled by a trigger on `files`. */
+/**
+ * The outbox of objects to delete from the store (migration 0010): an upload queues its object
+ * before the first byte is stored, due once the upload can no longer be running; its file row
+ * takes the entry off again (`files.createWithinQuota`); the row's deletion puts it back, due at once
+ * (a trigger on `files`). So an object no row knows is always queued, whenever A crashed.
+ */
 export function objectDeletionsRepository(db: Pool) {
   return {
-    /** Queues an object that has no row (a refused upload whose bytes could not be removed). */
-    async queue(objectId: string): Promise<void> {
-      await db.query('INSERT INTO object_deletions (object_id) VALUES ($1) ON CONFLICT DO NOTHING', [
-        objectId,
-      ]);
+    /**
+     * Queues an object for deletion in `delaySeconds` (0: now), or sooner if it is queued for
+     * sooner already.
+     */
+    async queue(objectId: string, delaySeconds = 0): Promise<void> {
+      await db.query(
+        `INSERT INTO object_deletions (object_id, next_attempt_at)
+         VALUES ($1, now() + make_interval(secs => $2))
+         ON CONFLICT (object_id) DO UPDATE
+           SET next_attempt_at = least(object_deletions.next_attempt_at, excluded.next_attempt_at)`,
+        [objectId, delaySeconds],
+      );
     },
 
     /** The object is gone from the store. */

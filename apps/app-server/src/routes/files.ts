@@ -1,5 +1,5 @@
 import { MAX_FILE_NAME_LENGTH } from '@sfh/download-token';
-import { StorageUnavailableError, type StoredObject } from '@sfh/storage';
+import { newObjectId, type StoredObject } from '@sfh/storage';
 import { Type } from '@sinclair/typebox';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
@@ -27,6 +27,12 @@ declare module 'fastify' {
 
 export const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
 export type IdParams = { id: string };
+
+/**
+ * How long after UPLOAD_TIMEOUT_SECONDS an upload's object may still be waiting for its row: the
+ * store finishing the object (a multipart upload's completion, with its retries) and the insert.
+ */
+const UPLOAD_SWEEP_MARGIN_SECONDS = 600;
 
 const MIME_TYPE = /^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$/;
 
@@ -84,7 +90,7 @@ export async function receiveUpload(
 async function storeUpload(
   app: FastifyInstance,
   request: FastifyRequest,
-  options: Pick<FilesOptions, 'maxUploadBytes' | 'quotaBytes'>,
+  options: Pick<FilesOptions, 'maxUploadBytes' | 'quotaBytes' | 'uploadTimeoutSeconds'>,
   reservation: { id: string; bytes: number } | undefined,
 ): Promise<FileRecord> {
   const quota = options.quotaBytes;
@@ -92,6 +98,7 @@ async function storeUpload(
   const overLimit = () =>
     limit < options.maxUploadBytes ? new QuotaExceeded(quota) : new FileTooLarge(options.maxUploadBytes);
 
+  let objectId: string | undefined;
   let stored: StoredObject | undefined;
   let name = '';
   let contentType = '';
@@ -125,12 +132,17 @@ async function storeUpload(
       // the store discard what it wrote so far; the `truncated` check catches a limit reached
       // before this listener existed (a small body parsed in one go).
       part.file.once('limit', () => part.file.destroy(overLimit()));
-      stored = await app.storage.put(part.file);
+      // Queued for deletion before a byte is stored, due once this upload cannot be running any
+      // more; its row takes the entry off. If A dies in between (mid-upload, or between a complete
+      // object and its row), the sweep deletes what it left: no object without a row, ever.
+      const id = newObjectId();
+      await app.repos.objectDeletions.queue(id, options.uploadTimeoutSeconds + UPLOAD_SWEEP_MARGIN_SECONDS);
+      objectId = id;
+      stored = await app.storage.put(part.file, id);
       if (part.file.truncated) throw overLimit();
     }
   } catch (error) {
-    // What was stored, or what a failing bucket may keep of it (parts it could not abort).
-    const objectId = stored?.id ?? (error instanceof StorageUnavailableError ? error.objectId : undefined);
+    // Whatever was stored of it, or what a failing bucket may keep (parts it could not abort).
     if (objectId) await app.objectDeletions.discard(objectId);
     rethrowMalformed(error);
   }

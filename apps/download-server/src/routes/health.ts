@@ -3,14 +3,26 @@ import type { FastifyInstance } from 'fastify';
 export default async function healthRoutes(app: FastifyInstance) {
   app.get('/healthz', async () => ({ status: 'ok' }));
 
-  /** Ready when B can verify tokens and remember them; otherwise 503 naming what is missing. */
+  /**
+   * Ready when B can verify tokens, remember them and read the bytes; otherwise 503 naming what
+   * is missing.
+   */
   app.get('/readyz', async (_request, reply) => {
     const keys = app.keys.status();
-    const replayStore = await app.replayStore.ping().then(
-      () => true,
-      () => false,
-    );
-    const missing = [...(keys.usable ? [] : ['keys']), ...(replayStore ? [] : ['replay-store'])];
+    const answers = (check: Promise<void>) =>
+      check.then(
+        () => true,
+        () => false,
+      );
+    const [replayStore, storage] = await Promise.all([
+      answers(app.replayStore.ping()),
+      answers(app.storage.check()),
+    ]);
+    const missing = [
+      ...(keys.usable ? [] : ['keys']),
+      ...(replayStore ? [] : ['replay-store']),
+      ...(storage ? [] : ['storage']),
+    ];
     return reply.code(missing.length ? 503 : 200).send({
       status: missing.length ? 'unavailable' : 'ready',
       missing,
