@@ -53,6 +53,21 @@ const publicToken = (
     ...(body && { payload: body }),
   });
 
+/** The share page's form post, as a browser sends it (a urlencoded body, with the password if any). */
+const formPost = (
+  app: FastifyInstance,
+  id: string,
+  options: { headers?: Record<string, string>; password?: string; remoteAddress?: string } = {},
+) =>
+  app.inject({
+    method: 'POST',
+    url: `/s/${id}/download`,
+    headers: { ...options.headers, 'content-type': 'application/x-www-form-urlencoded' },
+    payload:
+      options.password === undefined ? '' : new URLSearchParams({ password: options.password }).toString(),
+    ...(options.remoteAddress && { remoteAddress: options.remoteAddress }),
+  });
+
 describe('owner API', () => {
   it('creates a share with the defaults and the documented shape', async () => {
     const { app } = await buildTestApp(db());
@@ -200,12 +215,7 @@ describe('downloads through a share', () => {
     const { app } = await buildTestApp(db());
     const { client, file } = await owner(app);
     const created = await share(client, file.id);
-    const form = await app.inject({
-      method: 'POST',
-      url: `/s/${created.id}/download`,
-      headers: { 'content-type': 'application/x-www-form-urlencoded', origin: 'http://a.test' },
-      payload: '',
-    });
+    const form = await formPost(app, created.id, { headers: { origin: 'http://a.test' } });
     expect(form.statusCode).toBe(303);
     expect(form.headers.location).toMatch(/^http:\/\/b\.test\/d\/[\w-]+\.[\w-]+\.[\w-]+\/report\.pdf$/);
     expect(form.headers['cache-control']).toBe('no-store');
@@ -229,12 +239,7 @@ describe('downloads through a share', () => {
         403,
         'CSRF_INVALID',
       );
-      const form = await app.inject({
-        method: 'POST',
-        url: `/s/${created.id}/download`,
-        headers: { ...headers, 'content-type': 'application/x-www-form-urlencoded' },
-        payload: '',
-      });
+      const form = await formPost(app, created.id, { headers });
       expect(form.statusCode).toBe(403);
     }
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 0', [created.id])).toBe(1);
@@ -244,15 +249,8 @@ describe('downloads through a share', () => {
     const { app } = await buildTestApp(db());
     const { client, file } = await owner(app);
     const created = await share(client, file.id);
-    const form = await app.inject({
-      method: 'POST',
-      url: `/s/${created.id}/download`,
-      headers: {
-        'content-type': 'application/x-www-form-urlencoded',
-        origin: 'null',
-        'sec-fetch-site': 'same-origin',
-      },
-      payload: '',
+    const form = await formPost(app, created.id, {
+      headers: { origin: 'null', 'sec-fetch-site': 'same-origin' },
     });
     expect(form.statusCode).toBe(303);
   });
@@ -457,11 +455,9 @@ describe('the share page GET /s/:id', () => {
     const created = await share(client, file.id, { password: 'open sesame!' });
     expect((await page(app, created.id)).body).toContain('name="password" type="password"');
     const form = (password: string) =>
-      app.inject({
-        method: 'POST',
-        url: `/s/${created.id}/download`,
-        headers: { 'content-type': 'application/x-www-form-urlencoded', origin: 'http://a.test' },
-        payload: new URLSearchParams({ password }).toString(),
+      formPost(app, created.id, {
+        headers: { origin: 'http://a.test' },
+        password,
         remoteAddress: '10.0.1.1',
       });
     const wrong = await form('open sesame?');
@@ -483,12 +479,7 @@ describe('the share page GET /s/:id', () => {
     expect(gone.statusCode).toBe(410);
     expect(gone.body).toContain('has expired or has no downloads left');
     expect(gone.body).not.toContain('<form');
-    const formAfter = await app.inject({
-      method: 'POST',
-      url: `/s/${used.id}/download`,
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      payload: '',
-    });
+    const formAfter = await formPost(app, used.id);
     expect(formAfter.statusCode).toBe(410);
 
     const revoked = await share(client, file.id);
