@@ -57,7 +57,7 @@ const publicToken = (
 const formPost = (
   app: FastifyInstance,
   id: string,
-  options: { headers?: Record<string, string>; password?: string; remoteAddress?: string } = {},
+  options: { headers?: Record<string, string | undefined>; password?: string; remoteAddress?: string } = {},
 ) =>
   app.inject({
     method: 'POST',
