@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { createReadStream, createWriteStream, read, type WriteStream } from 'node:fs';
+import { createReadStream, createWriteStream, read, type Stats, type WriteStream } from 'node:fs';
 import { type FileHandle, mkdir, open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { finished, type Readable } from 'node:stream';
@@ -13,18 +13,6 @@ export interface StoredObject {
   size: number;
   /** Lowercase hex SHA-256 of the content. */
   sha256: string;
-}
-
-/**
- * An object held open for reading. Whoever opens it calls `release()` once, when done with it;
- * streams made meanwhile keep it open until they close.
- */
-export interface OpenObject {
-  size: number;
-  mtime: Date;
-  /** The object's bytes, or the inclusive `range` of them. */
-  createReadStream(range?: ByteRange): Readable;
-  release(): void;
 }
 
 /**
@@ -184,66 +172,46 @@ export class LocalDiskStore implements ObjectStore {
     return { id, size, sha256: hash.digest('hex') };
   }
 
-  /**
-   * The object, open for reading, or `undefined` if there is no such object (or the id is
-   * malformed). After `delete`, `undefined`; streams made before still finish.
-   */
-  async open(id: string): Promise<OpenObject | undefined> {
+  async read(id: string, range?: ByteRange): Promise<ObjectRead | undefined> {
     if (!isObjectId(id)) return undefined;
     const file = this.#openFiles.get(id) ?? this.#cache(id);
     // Most recently used last: the least recently used unused descriptors go first.
     this.#openFiles.delete(id);
     this.#openFiles.set(id, file);
+    // Held from here; the stream, once made, gives it back when it ends (below).
     file.users++;
+    let handle: FileHandle;
+    let info: Stats;
     try {
-      const handle = await file.handle;
-      const info = await handle.stat();
+      handle = await file.handle;
+      info = await handle.stat();
       // Deleted since it was opened: as if it was never there.
       if (info.nlink === 0) throw Object.assign(new Error('Object deleted'), { code: 'ENOENT' });
-      let released = false;
-      return {
-        size: info.size,
-        mtime: info.mtime,
-        createReadStream: (range) => {
-          const { start, end } = range ?? { start: 0, end: Math.max(0, info.size - 1) };
-          file.users++;
-          // Reads of up to 256 KiB: large files stream at disk speed with few syscalls, and memory
-          // stays bounded because the HTTP response applies backpressure. A buffer no larger than
-          // the range spares small files a 256 KiB allocation. Reads are positional (`start`), so
-          // streams share the descriptor.
-          const stream = createReadStream('', {
-            fd: handle.fd,
-            fs: SHARED_DESCRIPTOR,
-            start,
-            end,
-            highWaterMark: Math.min(256 * 1024, end - start + 1),
-          });
-          // Read to the end, failed or destroyed (a client gone): the descriptor is free again.
-          finished(stream, () => this.#release(file));
-          return stream;
-        },
-        release: () => {
-          if (!released) this.#release(file);
-          released = true;
-        },
-      };
     } catch (error) {
       this.#evict(id, file);
       this.#release(file);
       if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
       throw error;
     }
-  }
-
-  async read(id: string, range?: ByteRange): Promise<ObjectRead | undefined> {
-    const file = await this.open(id);
-    if (!file) return undefined;
-    try {
-      if (range && (range.start > range.end || range.end >= file.size)) return undefined;
-      return { size: file.size, mtime: file.mtime, body: file.createReadStream(range) };
-    } finally {
-      file.release();
+    const { start, end } = range ?? { start: 0, end: Math.max(0, info.size - 1) };
+    if (range && (start > end || end >= info.size)) {
+      this.#release(file);
+      return undefined;
     }
+    // Reads of up to 256 KiB: large files stream at disk speed with few syscalls, and memory stays
+    // bounded because the HTTP response applies backpressure. A buffer no larger than the range
+    // spares small files a 256 KiB allocation. Reads are positional (`start`), so streams share
+    // the descriptor.
+    const body = createReadStream('', {
+      fd: handle.fd,
+      fs: SHARED_DESCRIPTOR,
+      start,
+      end,
+      highWaterMark: Math.min(256 * 1024, end - start + 1),
+    });
+    // Read to the end, failed or destroyed (a client gone): the descriptor is free again.
+    finished(body, () => this.#release(file));
+    return { size: info.size, mtime: info.mtime, body };
   }
 
   #cache(id: string): OpenFile {

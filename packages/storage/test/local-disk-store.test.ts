@@ -24,21 +24,17 @@ async function freshStore(): Promise<{ store: LocalDiskStore; root: string; base
   return { store, root, base };
 }
 
-/** The object's bytes (or a range of them), read through `open` and released. */
+/** The object's bytes (or a range of them), read to the end. */
 async function read(store: LocalDiskStore, id: string, range?: ByteRange): Promise<Buffer> {
-  const file = await store.open(id);
+  const file = await store.read(id, range);
   if (!file) throw Object.assign(new Error(`no object ${id}`), { code: 'ENOENT' });
-  try {
-    return await readAll(file.createReadStream(range));
-  } finally {
-    file.release();
-  }
+  return readAll(file.body);
 }
 
-/** Size and mtime through `open`, released at once; `undefined` when there is no object. */
+/** Size and mtime, the body left unread; `undefined` when there is no object. */
 async function statOf(store: LocalDiskStore, id: string) {
-  const file = await store.open(id);
-  file?.release();
+  const file = await store.read(id);
+  file?.body.destroy();
   return file && { size: file.size, mtime: file.mtime };
 }
 
@@ -142,15 +138,13 @@ describe('LocalDiskStore.open', () => {
     const { store, root } = await freshStore();
     const bytes = randomBytes(4_000_000);
     const { id } = await store.put(bytesStream([bytes]));
-    const file = await store.open(id);
-    const survivor = readAll(file?.createReadStream() as Readable);
+    const survivor = readAll((await store.read(id))?.body as Readable);
     for (let i = 0; i < 20; i++) {
-      const aborted = file?.createReadStream() as Readable;
+      const aborted = (await store.read(id))?.body as Readable;
       await once(aborted, 'data');
       aborted.destroy();
       await once(aborted, 'close');
     }
-    file?.release();
     expectSameBytes(await survivor, bytes);
     expectSameBytes(await read(store, id), bytes);
     expect(await descriptorsUnder(root)).toHaveLength(1);
@@ -160,12 +154,10 @@ describe('LocalDiskStore.open', () => {
     const { store, root } = await freshStore();
     const bytes = randomBytes(2_000_000);
     const { id } = await store.put(bytesStream([bytes]));
-    const file = await store.open(id);
-    const stream = file?.createReadStream();
-    file?.release();
+    const stream = (await store.read(id))?.body;
     await store.delete(id);
     // The descriptor is still cached, but its file has no name any more.
-    expect(await store.open(id)).toBeUndefined();
+    expect(await store.read(id)).toBeUndefined();
     expectSameBytes(await readAll(stream as Readable), bytes);
     // The last reader gone, the descriptor is closed and the disk space freed.
     await expect.poll(() => descriptorsUnder(root)).toEqual([]);
