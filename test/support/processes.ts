@@ -1,5 +1,6 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 
@@ -19,15 +20,41 @@ export function nodeArgsFor(entry: string): string[] {
   return entry.endsWith('.ts') ? ['--import', 'tsx', entry] : [entry];
 }
 
-/** A port that was free a moment ago (the OS picks it). */
+/**
+ * The first port of the kernel's ephemeral range, from which it picks the source port of every
+ * outgoing connection (Linux's default is 32768).
+ */
+const EPHEMERAL_START = (() => {
+  try {
+    return (
+      Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || 32768
+    );
+  } catch {
+    return 32768;
+  }
+})();
+
+/**
+ * A port that was free a moment ago, for a server another process will listen on. Chosen at
+ * random below the ephemeral range: a port the OS handed out (`listen(0)`) comes from that range,
+ * so between closing it here and the server binding it, any outgoing connection of a parallel test
+ * (to Postgres, Redis, the bucket) could take it as its source port, and the server then fails
+ * with EADDRINUSE.
+ */
 export async function freePort(): Promise<number> {
-  const server = createServer();
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const { port } = server.address() as { port: number };
-  server.close();
-  await once(server, 'close');
-  return port;
+  const low = 10_000;
+  for (;;) {
+    const port = low + Math.floor(Math.random() * (EPHEMERAL_START - low));
+    const server = createServer();
+    const bound = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(port, '127.0.0.1', () => resolve(true));
+    });
+    if (!bound) continue;
+    server.close();
+    await once(server, 'close');
+    return port;
+  }
 }
 
 export interface ServerProcess {
