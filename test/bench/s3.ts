@@ -4,21 +4,25 @@
  *
  * - Large file: curl downloading one 256 MiB object through B (a fresh token per run) against curl
  *   fetching the same object with a presigned GetObject URL, straight from the store. Target: B at
- *   least 0.9 of the direct rate.
+ *   least 0.9 of the direct rate. Beside them, the same presigned URL through nginx in B's seat (a
+ *   plain reverse proxy in C, reading 64 KiB at a time as Node does; left out when nginx is not
+ *   installed): what one more process copying the bytes costs at the least, on this machine.
  * - Small files: 4 KiB downloads through B (a token minted beforehand for each), 16 at a time,
  *   against presigned GETs of the same object at the same concurrency.
  *
- * Fair by construction: the same object, the same pinning for both sides, a warm-up of each, then
- * BENCH_RUNS runs (default 5) alternating which side goes first; median and min–max. The pinning
+ * Fair by construction: the same object, the same pinning for every side, a warm-up of each (B's
+ * is three downloads: its JIT and GC take that long to settle), then BENCH_RUNS runs (default 5)
+ * rotating which side goes first; median and min–max. The pinning
  * alternates cores along the path of the bytes (Swift's object server on core 1 → its proxy on
  * core 0 → B on core 1 → curl on core 0), so every hop is one process handing bytes to another
- * running beside it; the direct side has the same Swift and curl placement, and B idle. Swift is
+ * running beside it; the other sides have the same Swift and curl placement, nginx on B's core, and
+ * whatever is not measured idle. Swift is
  * Python and needs ~1.4 of the 2 cores for its own ~330 MiB/s, so the CPU each process used during
  * the runs is printed as well: it is what bounds B's ratio on a machine this small.
  */
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile, execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -29,7 +33,7 @@ import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import type { FileClaims } from '@sfh/download-token';
 import { S3Store } from '@sfh/storage/s3';
-import { buildDownloadServer } from '../support/processes.ts';
+import { buildDownloadServer, freePort } from '../support/processes.ts';
 import { freshPrefix, S3_AVAILABLE, S3_BUCKET, s3Env, s3StoreOptions } from '../support/s3.ts';
 import { signingKey } from '../support/signing-key.ts';
 import { mintOne, startB } from './fixtures.ts';
@@ -42,6 +46,8 @@ const RUNS = Number(process.env.BENCH_RUNS ?? (process.env.BENCH_QUICK === '1' ?
 const SMALL_REQUESTS = 400;
 const CONCURRENCY = 16;
 const TARGET = 0.9;
+/** Unmeasured downloads through B first: a fresh B's first ones cost it up to twice the CPU. */
+const B_WARM_UP = 3;
 /** Where infra/s3-local.sh keeps each service's pid (its session: a service and its workers). */
 const SWIFT_RUN_DIR = join(process.env.S3_LOCAL_DIR ?? '/var/lib/sfh-s3', 'run');
 
@@ -150,6 +156,65 @@ async function throughput(urls: string[], concurrency: number): Promise<number> 
   return urls.length / ((performance.now() - started) / 1000);
 }
 
+const NGINX = ['nginx', '/usr/sbin/nginx'].find((bin) => spawnSync(bin, ['-v']).status === 0);
+
+/**
+ * nginx (one worker, on `cpu`) proxying every request to the store at `upstream` (host:port),
+ * Host header kept so presigned URLs still match their signature. Buffers of 64 KiB, the size of
+ * Node's socket reads; nothing spooled to disk. Undefined when nginx is not installed.
+ */
+async function startNginx(dir: string, upstream: string, cpu: string | undefined) {
+  if (!NGINX) return undefined;
+  const port = await freePort();
+  const conf = join(dir, 'nginx.conf');
+  writeFileSync(
+    conf,
+    `daemon off; worker_processes 1; pid ${dir}/nginx.pid; error_log ${dir}/nginx.log;
+events {}
+http {
+  access_log off; proxy_temp_path ${dir}/nginx-tmp;
+  upstream store { server ${upstream}; keepalive 4; }
+  server {
+    listen 127.0.0.1:${port};
+    location / {
+      proxy_pass http://store; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host ${upstream};
+      proxy_buffering on; proxy_max_temp_file_size 0;
+      proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_busy_buffers_size 128k;
+    }
+  }
+}
+`,
+  );
+  const args = ['-c', conf, '-p', dir];
+  const master = cpu ? spawn('taskset', ['-c', cpu, NGINX, ...args]) : spawn(NGINX, args);
+  const origin = `http://127.0.0.1:${port}`;
+  for (
+    let tries = 0;
+    !(await fetch(origin).then(
+      () => true,
+      () => false,
+    ));
+    tries++
+  ) {
+    if (tries === 50 || master.exitCode !== null)
+      throw new Error(`nginx did not start: ${readFileSync(`${dir}/nginx.log`, 'utf8')}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  return {
+    origin,
+    /** The master and its worker. */
+    pids: () => [
+      master.pid as number,
+      ...execFileSync('pgrep', ['-P', String(master.pid)], { encoding: 'utf8' })
+        .trim()
+        .split('\n')
+        .map(Number),
+    ],
+    stop: () => master.kill('SIGQUIT'),
+  };
+}
+
 const range = (s: Stat, digits = 0) =>
   `${s.median.toFixed(digits)} (${s.min.toFixed(digits)}–${s.max.toFixed(digits)})`;
 
@@ -205,33 +270,50 @@ export async function s3Bench(): Promise<boolean> {
   const viaB = async (file: FileClaims) => `${b.origin}/d/${await mintOne(key, b.origin, file)}`;
   const large = await put(randomBytes(LARGE));
   const small = await put(randomBytes(SMALL));
+  const nginx = await startNginx(dir, new URL(await presign(large)).host, where.b);
+  if (!nginx) log('nginx is not installed: no reverse-proxy reference');
+  const viaNginx = async (file: FileClaims) => {
+    const url = new URL(await presign(file));
+    return `${nginx?.origin}${url.pathname}${url.search}`;
+  };
   try {
-    log(`large: ${LARGE / MIB} MiB, a warm-up and ${RUNS} runs of each side`);
-    const rates = { b: [] as number[], direct: [] as number[] };
-    const cpu = { b: { proxy: [], object: [], b: [] }, direct: { proxy: [], object: [], b: [] } } as Record<
-      'b' | 'direct',
-      Record<'proxy' | 'object' | 'b', number[]>
-    >;
-    const once = async (side: 'b' | 'direct', measured: boolean) => {
-      const url = side === 'b' ? await viaB(large) : await presign(large);
-      const before = [cpuOf(proxy), cpuOf(object), cpuOf([b.server.pid])];
+    type Side = 'direct' | 'b' | 'nginx';
+    const sides: Side[] = nginx ? ['direct', 'b', 'nginx'] : ['direct', 'b'];
+    log(`large: ${LARGE / MIB} MiB, a warm-up and ${RUNS} runs of each of ${sides.join(', ')}`);
+    const rates: Record<Side, number[]> = { direct: [], b: [], nginx: [] };
+    /** CPU, as a share of one core, of each process during each side's runs. */
+    const cpu: Record<Side, Record<'proxy' | 'object' | 'relay', number[]>> = {
+      direct: { proxy: [], object: [], relay: [] },
+      b: { proxy: [], object: [], relay: [] },
+      nginx: { proxy: [], object: [], relay: [] },
+    };
+    const relayPids = (side: Side) =>
+      side === 'b' ? [b.server.pid as number] : side === 'nginx' && nginx ? nginx.pids() : [];
+    const once = async (side: Side, measured: boolean) => {
+      const url =
+        side === 'b' ? await viaB(large) : side === 'nginx' ? await viaNginx(large) : await presign(large);
+      const relay = relayPids(side);
+      const before = [cpuOf(proxy), cpuOf(object), cpuOf(relay)];
       const seconds = await curl(url, LARGE, where.client);
-      const after = [cpuOf(proxy), cpuOf(object), cpuOf([b.server.pid])];
+      const after = [cpuOf(proxy), cpuOf(object), cpuOf(relay)];
       if (!measured) return;
       rates[side].push(LARGE / MIB / seconds);
-      (['proxy', 'object', 'b'] as const).forEach((name, i) => {
+      (['proxy', 'object', 'relay'] as const).forEach((name, i) => {
         cpu[side][name].push(((after[i] as number) - (before[i] as number)) / seconds);
       });
     };
-    await once('direct', false);
-    await once('b', false);
-    for (let i = 0; i < RUNS; i++) {
-      for (const side of i % 2 === 0 ? (['direct', 'b'] as const) : (['b', 'direct'] as const))
-        await once(side, true);
+    for (const side of sides) {
+      for (let i = 0; i < (side === 'b' ? B_WARM_UP : 1); i++) await once(side, false);
     }
-    const bLarge = stat(rates.b);
-    const directLarge = stat(rates.direct);
-    const ratio = bLarge.median / directLarge.median;
+    for (let i = 0; i < RUNS; i++) {
+      for (let j = 0; j < sides.length; j++) await once(sides[(i + j) % sides.length] as Side, true);
+    }
+    const largeStats = {
+      direct: stat(rates.direct),
+      b: stat(rates.b),
+      nginx: nginx ? stat(rates.nginx) : undefined,
+    };
+    const ratio = largeStats.b.median / largeStats.direct.median;
 
     log(`small: ${SMALL_REQUESTS} GETs of ${SMALL / KIB} KiB, ${CONCURRENCY} at a time, ${RUNS} runs`);
     const smallRates = { b: [] as number[], direct: [] as number[] };
@@ -245,27 +327,34 @@ export async function s3Bench(): Promise<boolean> {
     const bSmall = stat(smallRates.b);
     const directSmall = stat(smallRates.direct);
 
-    const share = (side: 'b' | 'direct', name: 'proxy' | 'object' | 'b') =>
-      stat(cpu[side][name]).median.toFixed(2);
+    const share = (side: Side, name: 'proxy' | 'object' | 'relay') => stat(cpu[side][name]).median.toFixed(2);
     console.log(
       `\nS3 storage (infra/s3-local.sh: OpenStack Swift's s3api, one node), median of ${RUNS} (min–max); ${where.note}\n`,
     );
-    console.log('| figure | through B | presigned GetObject | B / direct |');
-    console.log('|---|---|---|---|');
     console.log(
-      `| ${LARGE / MIB} MiB, curl | ${range(bLarge)} MiB/s | ${range(directLarge)} MiB/s | ${ratio.toFixed(2)} |`,
+      '| figure | through B | presigned GetObject | B / direct | through nginx (reference) | nginx / direct |',
+    );
+    console.log('|---|---|---|---|---|---|');
+    const reference = largeStats.nginx
+      ? `${range(largeStats.nginx)} MiB/s | ${(largeStats.nginx.median / largeStats.direct.median).toFixed(2)}`
+      : 'not installed | –';
+    console.log(
+      `| ${LARGE / MIB} MiB, curl | ${range(largeStats.b)} MiB/s | ${range(largeStats.direct)} MiB/s | ${ratio.toFixed(2)} | ${reference} |`,
     );
     console.log(
-      `| ${SMALL / KIB} KiB, ${SMALL_REQUESTS} GETs, ${CONCURRENCY} at a time | ${range(bSmall)} req/s | ${range(directSmall)} req/s | ${(bSmall.median / directSmall.median).toFixed(2)} |`,
+      `| ${SMALL / KIB} KiB, ${SMALL_REQUESTS} GETs, ${CONCURRENCY} at a time | ${range(bSmall)} req/s | ${range(directSmall)} req/s | ${(bSmall.median / directSmall.median).toFixed(2)} | – | – |`,
     );
+    const through = (side: Side, name: string) =>
+      `Swift proxy ${share(side, 'proxy')}, object server ${share(side, 'object')}, ${name} ${share(side, 'relay')}`;
     console.log(
-      `\nCPU during the ${LARGE / MIB} MiB downloads (share of one core, median): direct: Swift proxy ${share('direct', 'proxy')}, object server ${share('direct', 'object')}; through B: Swift proxy ${share('b', 'proxy')}, object server ${share('b', 'object')}, B ${share('b', 'b')}`,
+      `\nCPU during the ${LARGE / MIB} MiB downloads (share of one core, median): direct: Swift proxy ${share('direct', 'proxy')}, object server ${share('direct', 'object')}; through B: ${through('b', 'B')}${nginx ? `; through nginx: ${through('nginx', 'nginx')}` : ''}`,
     );
     console.log(
       `Target: B ≥ ${TARGET} of the direct GetObject for the large file: ${ratio >= TARGET ? 'met' : 'MISSED'} (${ratio.toFixed(2)})`,
     );
     return true;
   } finally {
+    nginx?.stop();
     await b.server.stop();
     for (const restore of unpin) restore();
     await Promise.all([writer.delete(large.obj), writer.delete(small.obj)]).catch(() => {});
