@@ -155,7 +155,7 @@ export class S3Store implements ObjectStore {
       }
       return { size: total, mtime: answer.LastModified ?? new Date(0), body };
     } catch (error) {
-      const status = error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
+      const status = statusOf(error);
       if (status === 404 || status === 416) return undefined;
       throw unavailable('read', error);
     }
@@ -178,8 +178,7 @@ export class S3Store implements ObjectStore {
         );
       }
     } catch (error) {
-      const status = error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
-      if (status === 404) return;
+      if (statusOf(error) === 404) return;
       throw unavailable('delete', error);
     }
   }
@@ -207,6 +206,11 @@ export class S3Store implements ObjectStore {
   async close(): Promise<void> {
     this.#client.destroy();
   }
+}
+
+/** The HTTP status the store answered with, if it answered at all. */
+function statusOf(error: unknown): number | undefined {
+  return error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
 }
 
 function unavailable(what: string, error: unknown): StorageUnavailableError {
