@@ -350,7 +350,7 @@ export async function s3Bench(): Promise<boolean> {
       `\nCPU during the ${LARGE / MIB} MiB downloads (share of one core, median): direct: Swift proxy ${share('direct', 'proxy')}, object server ${share('direct', 'object')}; through B: ${through('b', 'B')}${nginx ? `; through nginx: ${through('nginx', 'nginx')}` : ''}`,
     );
     console.log(
-      `Target: B ≥ ${TARGET} of the direct GetObject for the large file: ${ratio >= TARGET ? 'met' : 'MISSED'} (${ratio.toFixed(2)})`,
+      `Target: B ≥ ${TARGET} of the direct GetObject for the large file: ${ratio >= TARGET ? 'met' : 'MISSED'} (${ratio.toFixed(3)})`,
     );
     return true;
   } finally {
