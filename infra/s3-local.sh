@@ -107,9 +107,7 @@ bind_ip = $HOST
 workers = 0
 user = $RUN_AS
 swift_dir = $DIR/etc
-log_address = /dev/null-no-syslog
-disk_chunk_size = 1048576
-network_chunk_size = 1048576"
+log_address = /dev/null-no-syslog"
   local kind
   for kind in object container account; do
     printf '[DEFAULT]\n%s\nbind_port = %s\n\n[pipeline:main]\npipeline = %s-server\n\n[app:%s-server]\nuse = egg:swift#%s\n' \
@@ -132,8 +130,6 @@ use = egg:swift#proxy
 account_autocreate = true
 conn_timeout = 5
 node_timeout = 60
-object_chunk_size = 1048576
-client_chunk_size = 1048576
 
 [filter:s3api]
 use = egg:swift#s3api
