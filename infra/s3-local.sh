@@ -107,7 +107,9 @@ bind_ip = $HOST
 workers = 0
 user = $RUN_AS
 swift_dir = $DIR/etc
-log_address = /dev/null-no-syslog"
+log_address = /dev/null-no-syslog
+disk_chunk_size = 1048576
+network_chunk_size = 1048576"
   local kind
   for kind in object container account; do
     printf '[DEFAULT]\n%s\nbind_port = %s\n\n[pipeline:main]\npipeline = %s-server\n\n[app:%s-server]\nuse = egg:swift#%s\n' \
@@ -130,6 +132,10 @@ use = egg:swift#proxy
 account_autocreate = true
 conn_timeout = 5
 node_timeout = 60
+# 1 MiB instead of 64 KiB per read and write: Swift is Python, and its proxy then spends ~0.68
+# instead of ~0.80 of a core at the same ~290 MiB/s (the S3 part of npm run bench)
+object_chunk_size = 1048576
+client_chunk_size = 1048576
 
 [filter:s3api]
 use = egg:swift#s3api
