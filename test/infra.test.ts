@@ -29,6 +29,7 @@ import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
 import { createTestDatabase, type TestDatabase } from './support/database.ts';
 import { CookieJar } from './support/http-client.ts';
+import { NGINX_BINARY } from './support/nginx.ts';
 import { APP_SERVER, DOWNLOAD_SERVER, freePort, startServer } from './support/processes.ts';
 import { skipUnless } from './support/skip.ts';
 import { CHEAP_PASSWORDS } from './support/stack.ts';
@@ -37,8 +38,7 @@ const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const INFRA = join(ROOT, 'infra');
 const CLUSTER_SCRIPT = join(INFRA, 'local-cluster.sh');
 
-const nginxBinary = ['nginx', '/usr/sbin/nginx'].find((bin) => spawnSync(bin, ['-v']).status === 0);
-const nginxAvailable = nginxBinary !== undefined;
+const nginxAvailable = NGINX_BINARY !== undefined;
 const systemdAnalyze = spawnSync('systemd-analyze', ['--version']).status === 0;
 const nginx = skipUnless(
   'the nginx checks of test/infra.test.ts',
@@ -81,10 +81,10 @@ function run(
 }
 
 function requireNginx(): string {
-  if (!nginxBinary) {
+  if (!NGINX_BINARY) {
     throw new Error('nginx is not installed: CI must install it (apt-get install -y nginx in .ci/run)');
   }
-  return nginxBinary;
+  return NGINX_BINARY;
 }
 
 /** `nginx -t` on a main config, with its prefix, error log and temp paths in `dir`. */

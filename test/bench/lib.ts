@@ -164,21 +164,27 @@ export async function stopAll(): Promise<void> {
 }
 
 /**
- * Starts `node [nodeArgs] entry` (TypeScript through tsx; pinned to `cpu` with taskset when given) and waits
- * until `readyUrl` answers 200. taskset execs node, so the pid is node's own.
+ * Starts `node [nodeArgs] entry` (TypeScript through tsx), or `command` when given, pinned to
+ * `cpu` with taskset when given, and waits until `readyUrl` answers 200. taskset execs the
+ * command, so the pid is its own.
  */
 export async function startProcess(options: {
+  /** The entry point node runs, or with `command` the name used in errors. */
   entry: string;
   env: Record<string, string>;
   readyUrl: string;
   cpu: string | undefined;
   nodeArgs?: string[];
+  /** A program other than node, with its arguments. */
+  command?: string[];
 }): Promise<Server> {
-  const nodeArgs = [...(options.nodeArgs ?? []), ...nodeArgsFor(options.entry)];
-  const [command, args] = options.cpu
-    ? ['taskset', ['-c', options.cpu, process.execPath, ...nodeArgs]]
-    : [process.execPath, nodeArgs];
-  const child = spawn(command as string, args as string[], {
+  const argv = options.command ?? [
+    process.execPath,
+    ...(options.nodeArgs ?? []),
+    ...nodeArgsFor(options.entry),
+  ];
+  const [command, ...args] = options.cpu ? ['taskset', '-c', options.cpu, ...argv] : argv;
+  const child = spawn(command as string, args, {
     cwd: ROOT,
     env: { PATH: process.env.PATH, HOME: process.env.HOME, LOG_LEVEL: 'warn', ...options.env },
     stdio: ['ignore', 'pipe', 'pipe'],

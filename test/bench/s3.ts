@@ -20,7 +20,7 @@
  * Python and needs ~1.4 of the 2 cores for its own ~330 MiB/s, so the CPU each process used during
  * the runs is printed as well: it is what bounds B's ratio on a machine this small.
  */
-import { execFile, execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -33,11 +33,12 @@ import { GetObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { getSignedUrl } from '@aws-sdk/s3-request-presigner';
 import type { FileClaims } from '@sfh/download-token';
 import { S3Store } from '@sfh/storage/s3';
+import { NGINX_BINARY } from '../support/nginx.ts';
 import { buildDownloadServer, freePort } from '../support/processes.ts';
-import { freshPrefix, S3_AVAILABLE, S3_BUCKET, s3Env, s3StoreOptions } from '../support/s3.ts';
+import { freshPrefix, S3_AVAILABLE, S3_BUCKET, S3_HOST, s3Env, s3StoreOptions } from '../support/s3.ts';
 import { signingKey } from '../support/signing-key.ts';
 import { mintOne, startB } from './fixtures.ts';
-import { cpuSecondsOf, KIB, MIB, type Stat, stat } from './lib.ts';
+import { cpuSecondsOf, KIB, MIB, type Stat, startProcess, stat } from './lib.ts';
 
 const run = promisify(execFile);
 const LARGE = 256 * MIB;
@@ -156,29 +157,28 @@ async function throughput(urls: string[], concurrency: number): Promise<number> 
   return urls.length / ((performance.now() - started) / 1000);
 }
 
-const NGINX = ['nginx', '/usr/sbin/nginx'].find((bin) => spawnSync(bin, ['-v']).status === 0);
-
 /**
- * nginx (one worker, on `cpu`) proxying every request to the store at `upstream` (host:port),
- * Host header kept so presigned URLs still match their signature. Buffers of 64 KiB, the size of
- * Node's socket reads; nothing spooled to disk. Undefined when nginx is not installed.
+ * nginx (one worker, on `cpu`) proxying every request to the store, Host header kept so presigned
+ * URLs still match their signature. Buffers of 64 KiB, the size of Node's socket reads; nothing
+ * spooled to disk. Undefined when nginx is not installed.
  */
-async function startNginx(dir: string, upstream: string, cpu: string | undefined) {
-  if (!NGINX) return undefined;
+async function startNginx(dir: string, cpu: string | undefined) {
+  if (!NGINX_BINARY) return undefined;
   const port = await freePort();
   const conf = join(dir, 'nginx.conf');
   writeFileSync(
     conf,
-    `daemon off; worker_processes 1; pid ${dir}/nginx.pid; error_log ${dir}/nginx.log;
+    `daemon off; worker_processes 1; pid ${dir}/nginx.pid; error_log stderr;
 events {}
 http {
   access_log off; proxy_temp_path ${dir}/nginx-tmp;
-  upstream store { server ${upstream}; keepalive 4; }
+  upstream store { server ${S3_HOST}; keepalive 4; }
   server {
     listen 127.0.0.1:${port};
+    location = /ready { return 200; }
     location / {
       proxy_pass http://store; proxy_http_version 1.1;
-      proxy_set_header Connection ""; proxy_set_header Host ${upstream};
+      proxy_set_header Connection ""; proxy_set_header Host ${S3_HOST};
       proxy_buffering on; proxy_max_temp_file_size 0;
       proxy_buffer_size 64k; proxy_buffers 8 64k; proxy_busy_buffers_size 128k;
     }
@@ -186,33 +186,17 @@ http {
 }
 `,
   );
-  const args = ['-c', conf, '-p', dir];
-  const master = cpu ? spawn('taskset', ['-c', cpu, NGINX, ...args]) : spawn(NGINX, args);
   const origin = `http://127.0.0.1:${port}`;
-  for (
-    let tries = 0;
-    !(await fetch(origin).then(
-      () => true,
-      () => false,
-    ));
-    tries++
-  ) {
-    if (tries === 50 || master.exitCode !== null)
-      throw new Error(`nginx did not start: ${readFileSync(`${dir}/nginx.log`, 'utf8')}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-  return {
-    origin,
-    /** The master and its worker. */
-    pids: () => [
-      master.pid as number,
-      ...execFileSync('pgrep', ['-P', String(master.pid)], { encoding: 'utf8' })
-        .trim()
-        .split('\n')
-        .map(Number),
-    ],
-    stop: () => master.kill('SIGQUIT'),
-  };
+  const server = await startProcess({
+    entry: 'nginx',
+    command: [NGINX_BINARY, '-c', conf, '-p', dir],
+    env: {},
+    readyUrl: `${origin}/ready`,
+    cpu,
+  });
+  // The master and its one worker, which nginx has started by the time it answers.
+  const worker = execFileSync('pgrep', ['-P', String(server.pid)], { encoding: 'utf8' }).trim();
+  return { server, origin, pids: [server.pid, ...worker.split('\n').map(Number)] };
 }
 
 const range = (s: Stat, digits = 0) =>
@@ -270,7 +254,7 @@ export async function s3Bench(): Promise<boolean> {
   const viaB = async (file: FileClaims) => `${b.origin}/d/${await mintOne(key, b.origin, file)}`;
   const large = await put(randomBytes(LARGE));
   const small = await put(randomBytes(SMALL));
-  const nginx = await startNginx(dir, new URL(await presign(large)).host, where.b);
+  const nginx = await startNginx(dir, where.b);
   if (!nginx) log('nginx is not installed: no reverse-proxy reference');
   const viaNginx = async (file: FileClaims) => {
     const url = new URL(await presign(file));
@@ -287,15 +271,14 @@ export async function s3Bench(): Promise<boolean> {
       b: { proxy: [], object: [], relay: [] },
       nginx: { proxy: [], object: [], relay: [] },
     };
-    const relayPids = (side: Side) =>
-      side === 'b' ? [b.server.pid as number] : side === 'nginx' && nginx ? nginx.pids() : [];
+    /** The process between curl and the store, for each side. */
+    const relay: Record<Side, number[]> = { direct: [], b: [b.server.pid], nginx: nginx?.pids ?? [] };
     const once = async (side: Side, measured: boolean) => {
       const url =
         side === 'b' ? await viaB(large) : side === 'nginx' ? await viaNginx(large) : await presign(large);
-      const relay = relayPids(side);
-      const before = [cpuOf(proxy), cpuOf(object), cpuOf(relay)];
+      const before = [cpuOf(proxy), cpuOf(object), cpuOf(relay[side])];
       const seconds = await curl(url, LARGE, where.client);
-      const after = [cpuOf(proxy), cpuOf(object), cpuOf(relay)];
+      const after = [cpuOf(proxy), cpuOf(object), cpuOf(relay[side])];
       if (!measured) return;
       rates[side].push(LARGE / MIB / seconds);
       (['proxy', 'object', 'relay'] as const).forEach((name, i) => {
@@ -354,7 +337,7 @@ export async function s3Bench(): Promise<boolean> {
     );
     return true;
   } finally {
-    nginx?.stop();
+    await nginx?.server.stop();
     await b.server.stop();
     for (const restore of unpin) restore();
     await Promise.all([writer.delete(large.obj), writer.delete(small.obj)]).catch(() => {});

@@ -27,7 +27,8 @@ const settings: Record<string, string> = Object.fromEntries(
 );
 
 const endpoint = settings.AWS_ENDPOINT_URL_S3 as string;
-/** The store's port on 127.0.0.1 (for a TcpGate in front of it). */
+/** The store's host:port, and its port on 127.0.0.1 (for a TcpGate in front of it). */
+export const S3_HOST = new URL(endpoint).host;
 export const S3_PORT = Number(new URL(endpoint).port);
 const region = settings.AWS_REGION as string;
 export const S3_BUCKET = settings.S3_BUCKET as string;
