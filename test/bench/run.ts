@@ -264,7 +264,7 @@ try {
   // Its own table, pinning and clean-up (test/bench/s3.ts); loaded only when asked for.
   if (config.only.includes('s3'))
     await guarded('S3 storage', async () => {
-      await (await import('./s3.ts')).s3Bench();
+      await (await import('./s3.ts')).s3Bench(pinning);
     });
 } finally {
   await cleanUp();

@@ -23,7 +23,7 @@ import { execFile, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { cpus, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
@@ -37,7 +37,16 @@ import { buildDownloadServer, freePort } from '../support/processes.ts';
 import { freshPrefix, S3_AVAILABLE, S3_BUCKET, S3_HOST, s3Env, s3StoreOptions } from '../support/s3.ts';
 import { signingKey } from '../support/signing-key.ts';
 import { mintOne, startB } from './fixtures.ts';
-import { cpuSecondsOf, KIB, MIB, type Stat, startProcess, stat } from './lib.ts';
+import {
+  cpuSecondsOf,
+  KIB,
+  MIB,
+  type Pinning,
+  pinLoadGenerator,
+  type Stat,
+  startProcess,
+  stat,
+} from './lib.ts';
 
 const run = promisify(execFile);
 const LARGE = 256 * MIB;
@@ -52,31 +61,6 @@ const B_WARM_UP = 3;
 const SWIFT_RUN_DIR = join(process.env.S3_LOCAL_DIR ?? '/var/lib/sfh-s3', 'run');
 
 const log = (message: string) => process.stderr.write(`[bench s3] ${message}\n`);
-
-/** Where each process runs; all undefined when nothing can be pinned. */
-interface Placement {
-  store: string | undefined;
-  b: string | undefined;
-  client: string | undefined;
-  note: string;
-}
-
-function placement(): Placement {
-  const none = (note: string) => ({ store: undefined, b: undefined, client: undefined, note });
-  // The machine's cores, not this process's: `npm run bench` has pinned it to one already.
-  if (cpus().length < 2) return none('one core: nothing pinned');
-  try {
-    execFileSync('taskset', ['-V'], { stdio: 'ignore' });
-  } catch {
-    return none('no taskset: nothing pinned');
-  }
-  return {
-    store: '0',
-    b: '1',
-    client: '1',
-    note: "the store (Swift's proxy and object server) on core 0; B, curl and the small-file client on core 1",
-  };
-}
 
 /** The pids of a Swift service started by infra/s3-local.sh (every process of its session). */
 function swiftPids(service: 'proxy' | 'object'): number[] {
@@ -197,15 +181,20 @@ const range = (s: Stat, digits = 0) =>
  * Runs the S3 benchmark and prints its table (stdout). Resolves `false`, having printed why,
  * when no S3 store answers.
  */
-export async function s3Bench(): Promise<boolean> {
+export async function s3Bench(pinning: Pinning): Promise<boolean> {
   if (!S3_AVAILABLE) {
     console.log(
       'S3 storage: skipped: no S3 store answers (start one with `infra/s3-local.sh start`, then `npm run bench:s3`)',
     );
     return false;
   }
-  const where = placement();
-  log(`pinning: ${where.note}`);
+  // The store in the servers' seat; B (or nginx), curl and this process in the load generator's.
+  const storeCpu = pinning.serverCpu;
+  const downloadCpu = pinning.loadCpu;
+  const placement = storeCpu
+    ? `the store (Swift's proxy and object server) on core ${storeCpu}; B, curl and the small-file client on core ${downloadCpu}`
+    : pinning.note;
+  log(`pinning: ${placement}`);
   const dir = await mkdtemp(join(tmpdir(), 'sfh-bench-s3-'));
   const prefix = freshPrefix();
   const writer = new S3Store(s3StoreOptions(prefix));
@@ -213,14 +202,14 @@ export async function s3Bench(): Promise<boolean> {
   const key = await signingKey(dir);
   const proxy = swiftPids('proxy');
   const object = swiftPids('object');
-  const unpin = [pinFor([...proxy, ...object], where.store), pinFor([process.pid], where.client)];
-  if (where.store && (proxy.length === 0 || object.length === 0))
+  const unpin = pinFor([...proxy, ...object], storeCpu);
+  if (storeCpu && (proxy.length === 0 || object.length === 0))
     log(`Swift's processes not found in ${SWIFT_RUN_DIR}: the store is not pinned`);
   const b = await startB({
     dir,
     storageDir: join(dir, 'unused'),
     jwksFile: key.jwksFile,
-    cpu: where.b,
+    cpu: downloadCpu,
     env: { ...s3Env(prefix, 'reader'), LOG_LEVEL: 'warn' },
   });
   const put = async (bytes: Buffer): Promise<FileClaims> => {
@@ -241,7 +230,7 @@ export async function s3Bench(): Promise<boolean> {
   const viaB = async (file: FileClaims) => `${b.origin}/d/${await mintOne(key, b.origin, file)}`;
   const large = await put(randomBytes(LARGE));
   const small = await put(randomBytes(SMALL));
-  const nginx = await startNginx(dir, where.b);
+  const nginx = await startNginx(dir, downloadCpu);
   if (!nginx) log('nginx is not installed: no reverse-proxy reference');
   const viaNginx = async (file: FileClaims) => {
     const url = new URL(await presign(file));
@@ -264,7 +253,7 @@ export async function s3Bench(): Promise<boolean> {
       const url =
         side === 'b' ? await viaB(large) : side === 'nginx' ? await viaNginx(large) : await presign(large);
       const before = [cpuOf(proxy), cpuOf(object), cpuOf(relay[side])];
-      const seconds = await curl(url, LARGE, where.client);
+      const seconds = await curl(url, LARGE, downloadCpu);
       const after = [cpuOf(proxy), cpuOf(object), cpuOf(relay[side])];
       if (!measured) return;
       rates[side].push(LARGE / MIB / seconds);
@@ -299,7 +288,7 @@ export async function s3Bench(): Promise<boolean> {
 
     const share = (side: Side, name: 'proxy' | 'object' | 'relay') => stat(cpu[side][name]).median.toFixed(2);
     console.log(
-      `\nS3 storage (infra/s3-local.sh: OpenStack Swift's s3api, one node), median of ${RUNS} (min–max); ${where.note}\n`,
+      `\nS3 storage (infra/s3-local.sh: OpenStack Swift's s3api, one node), median of ${RUNS} (min–max); ${placement}\n`,
     );
     console.log(
       '| figure | through B | presigned GetObject | B / direct | through nginx (reference) | nginx / direct |',
@@ -326,7 +315,7 @@ export async function s3Bench(): Promise<boolean> {
   } finally {
     await nginx?.server.stop();
     await b.server.stop();
-    for (const restore of unpin) restore();
+    unpin();
     await Promise.all([writer.delete(large.obj), writer.delete(small.obj)]).catch(() => {});
     await writer.close();
     presigner.destroy();
@@ -336,5 +325,5 @@ export async function s3Bench(): Promise<boolean> {
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   buildDownloadServer();
-  if (!(await s3Bench())) process.exitCode = 1;
+  if (!(await s3Bench(pinLoadGenerator()))) process.exitCode = 1;
 }
