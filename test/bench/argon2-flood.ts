@@ -35,13 +35,18 @@ class Client {
     const headers: Record<string, string> = { origin: this.base };
     if (this.cookies.size) headers.cookie = [...this.cookies].map(([k, v]) => `${k}=${v}`).join('; ');
     if (method !== 'GET') headers['x-csrf-token'] = this.csrf;
-    let payload: BodyInit | undefined;
+    let payload: FormData | string | undefined;
     if (body instanceof FormData) payload = body;
     else if (body !== undefined) {
       headers['content-type'] = 'application/json';
       payload = JSON.stringify(body);
     }
-    const response = await fetch(`${this.base}${path}`, { method, headers, body: payload, redirect: 'manual' });
+    const response = await fetch(`${this.base}${path}`, {
+      method,
+      headers,
+      body: payload,
+      redirect: 'manual',
+    });
     for (const line of response.headers.getSetCookie()) {
       const [pair = ''] = line.split(';');
       const at = pair.indexOf('=');
@@ -56,7 +61,10 @@ class Client {
 
   async signUp(username: string): Promise<void> {
     await this.refreshCsrf();
-    const response = await this.request('POST', '/api/auth/register', { username, password: 'correct horse battery' });
+    const response = await this.request('POST', '/api/auth/register', {
+      username,
+      password: 'correct horse battery',
+    });
     if (response.status !== 201) throw new Error(`register: ${response.status} ${await response.text()}`);
     await this.refreshCsrf();
   }
@@ -83,7 +91,10 @@ async function measure(base: string, username: string, fileId: string, victim: C
     const browser = new Client(base);
     await browser.refreshCsrf();
     let start = performance.now();
-    const login = await browser.request('POST', '/api/auth/login', { username, password: 'correct horse battery' });
+    const login = await browser.request('POST', '/api/auth/login', {
+      username,
+      password: 'correct horse battery',
+    });
     signIns.push(ms(start));
     statuses.push(login.status);
     await login.arrayBuffer();
@@ -130,7 +141,9 @@ try {
   let stop = false;
   const workers = Array.from({ length: FLOODERS }, async () => {
     while (!stop) {
-      const response = await flooder.request('POST', `/api/files/${bait}/shares`, { password: 'open sesame!' });
+      const response = await flooder.request('POST', `/api/files/${bait}/shares`, {
+        password: 'open sesame!',
+      });
       flood.set(response.status, (flood.get(response.status) ?? 0) + 1);
       await response.arrayBuffer();
     }
@@ -143,7 +156,11 @@ try {
   const seconds = ms(started) / 1000;
   const created = flood.get(201) ?? 0;
 
-  console.log(`A: ${app} ${Object.entries(extraEnv).map(([k, v]) => `${k}=${v}`).join(' ')}`);
+  console.log(
+    `A: ${app} ${Object.entries(extraEnv)
+      .map(([k, v]) => `${k}=${v}`)
+      .join(' ')}`,
+  );
   console.log(`idle       sign-in ${summary(idle.signIns)}; mint ${summary(idle.mints)}`);
   console.log(`flooded    sign-in ${summary(loaded.signIns)}; mint ${summary(loaded.mints)}`);
   const victimStatuses = [...new Set(loaded.statuses)].sort().join(', ');

@@ -34,26 +34,42 @@ export function passwordHasher(cost: PasswordCost, work: PasswordWork) {
   // At most `concurrency` run at once; `queueMax` more wait; anything past that is shed at
   // once with 503 BUSY instead of queueing without bound.
   const limit = pLimit(work.concurrency);
-  const bounded = <T>(run: () => Promise<T>): Promise<T> => {
-    if (limit.activeCount >= work.concurrency && limit.pendingCount >= work.queueMax)
-      return Promise.reject(new Busy());
-    return limit(run);
-  };
+  const bounded =
+    (queueMax: number) =>
+    <T>(run: () => Promise<T>): Promise<T> => {
+      if (limit.activeCount >= work.concurrency && limit.pendingCount >= queueMax)
+        return Promise.reject(new Busy());
+      return limit(run);
+    };
   // Verified against when the user does not exist, so an unknown username costs as much time as
   // a wrong password and response times do not reveal which accounts exist.
   const dummy = hash('not a password of anyone', options);
+  const hasher = (queueMax: number) => {
+    const queued = bounded(queueMax);
+    return {
+      /** The argon2id hash of `password`; `BUSY` when the queue is full. */
+      hash: (password: string) => queued(() => hash(password, options)),
+      /**
+       * Verifies `password` against `stored`, or spends the same time and fails when there is
+       * no user; `BUSY` when the queue is full.
+       */
+      async verify(stored: string | undefined, password: string): Promise<boolean> {
+        const against = stored ?? (await dummy);
+        const ok = await queued(() => verify(against, password));
+        return stored !== undefined && ok;
+      },
+    };
+  };
   return {
-    /** The argon2id hash of `password`; `BUSY` when the queue is full. */
-    hash: (password: string) => bounded(() => hash(password, options)),
+    /** For accounts: sign-in, registration, password change. */
+    ...hasher(work.queueMax),
     /**
-     * Verifies `password` against `stored`, or spends the same time and fails when there is no
-     * user; `BUSY` when the queue is full.
+     * For share links (creating password shares, checking share passwords): what any account
+     * or anyone with a link can start. It is shed once half the queue waits, so the other half
+     * is kept for sign-in: a flood of share work delays a sign-in by at most half a queue of
+     * hashes, and cannot get it shed.
      */
-    async verify(stored: string | undefined, password: string): Promise<boolean> {
-      const against = stored ?? (await dummy);
-      const ok = await bounded(() => verify(against, password));
-      return stored !== undefined && ok;
-    },
+    shares: hasher(Math.floor(work.queueMax / 2)),
     /** argon2 calls running and waiting now. */
     load: () => ({ running: limit.activeCount, waiting: limit.pendingCount }),
   };

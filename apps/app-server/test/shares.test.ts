@@ -189,7 +189,12 @@ describe('owner API', () => {
 });
 
 describe('creating shares is bounded', () => {
-  const create = (client: TestClient, fileId: string, body: Record<string, unknown> = {}, remoteAddress?: string) =>
+  const create = (
+    client: TestClient,
+    fileId: string,
+    body: Record<string, unknown> = {},
+    remoteAddress?: string,
+  ) =>
     client.request({
       method: 'POST',
       url: `/api/files/${fileId}/shares`,
@@ -224,8 +229,14 @@ describe('creating shares is bounded', () => {
     for (const { client, file } of accounts.slice(0, 3))
       expect((await create(client, file.id, {}, ip)).statusCode).toBe(201);
     const [, , , fourth] = accounts;
-    expectError(await create(fourth?.client as TestClient, fourth?.file.id ?? '', {}, ip), 429, 'RATE_LIMITED');
-    expect((await create(fourth?.client as TestClient, fourth?.file.id ?? '', {}, '10.2.1.2')).statusCode).toBe(201);
+    expectError(
+      await create(fourth?.client as TestClient, fourth?.file.id ?? '', {}, ip),
+      429,
+      'RATE_LIMITED',
+    );
+    expect(
+      (await create(fourth?.client as TestClient, fourth?.file.id ?? '', {}, '10.2.1.2')).statusCode,
+    ).toBe(201);
   });
 
   it('caps live shares per file (MAX_LIVE_SHARES_PER_FILE) with 409 TOO_MANY_SHARES; revoked and expired ones do not count', async () => {
@@ -245,7 +256,9 @@ describe('creating shares is bounded', () => {
     const third = await share(client, file.id);
     expectError(await create(client, file.id), 409, 'TOO_MANY_SHARES');
     // Expired, or used up: no longer live either.
-    await app.db.query("UPDATE shares SET expires_at = now() - interval '1 second' WHERE id = $1", [third.id]);
+    await app.db.query("UPDATE shares SET expires_at = now() - interval '1 second' WHERE id = $1", [
+      third.id,
+    ]);
     const limited = await share(client, file.id, { maxDownloads: 1 });
     expectError(await create(client, file.id), 409, 'TOO_MANY_SHARES');
     expect((await publicToken(app, limited.id)).statusCode).toBe(201);
@@ -264,7 +277,11 @@ describe('creating shares is bounded', () => {
     onReplica.cookies = client.cookies;
     const responses = await Promise.all(
       Array.from({ length: 10 }, (_, i) =>
-        create(i % 2 ? onReplica : client, i % 3 ? file.id : otherFile, i % 4 ? {} : { password: 'open sesame!' }),
+        create(
+          i % 2 ? onReplica : client,
+          i % 3 ? file.id : otherFile,
+          i % 4 ? {} : { password: 'open sesame!' },
+        ),
       ),
     );
     const statuses = responses.map((r) => r.statusCode);
@@ -276,7 +293,10 @@ describe('creating shares is bounded', () => {
   });
 
   it('the share form on the file list says why it was refused', async () => {
-    const { app } = await buildTestApp(db(), { SHARE_CREATIONS_PER_USER_PER_HOUR: '2', MAX_LIVE_SHARES_PER_FILE: '1' });
+    const { app } = await buildTestApp(db(), {
+      SHARE_CREATIONS_PER_USER_PER_HOUR: '2',
+      MAX_LIVE_SHARES_PER_FILE: '1',
+    });
     const { client, file } = await owner(app);
     const post = () =>
       client.request({
@@ -408,7 +428,8 @@ describe('downloads through a share', () => {
     const { client, user, file } = await owner(app);
     const created = await share(client, file.id);
     // Recipients at several addresses, each well within the public per-IP limits.
-    for (let i = 0; i < 3; i++) expect((await publicToken(app, created.id, {}, `10.1.0.${i}`)).statusCode).toBe(201);
+    for (let i = 0; i < 3; i++)
+      expect((await publicToken(app, created.id, {}, `10.1.0.${i}`)).statusCode).toBe(201);
     const limited = await publicToken(app, created.id, {}, '10.1.0.9');
     expectError(limited, 429, 'RATE_LIMITED');
     expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
@@ -439,9 +460,9 @@ describe('downloads through a share', () => {
     expectError(await publicToken(app, two.id, {}, '10.1.1.4'), 429, 'RATE_LIMITED');
     // Another owner's shares have their own budget.
     const other = await owner(app);
-    expect((await publicToken(app, (await share(other.client, other.file.id)).id, {}, '10.1.1.5')).statusCode).toBe(
-      201,
-    );
+    expect(
+      (await publicToken(app, (await share(other.client, other.file.id)).id, {}, '10.1.1.5')).statusCode,
+    ).toBe(201);
     // The owner's own downloads still work.
     expect(
       (await client.request({ method: 'POST', url: `/api/files/${file.id}/download-token` })).statusCode,
@@ -511,14 +532,28 @@ describe('share passwords', () => {
         401,
         'INVALID_CREDENTIALS',
       );
-    expectError(await publicToken(replica, created.id, { password: 'wrong guess' }, guesser), 429, 'RATE_LIMITED');
-    expectError(await publicToken(app, created.id, { password: 'open sesame!' }, guesser), 429, 'RATE_LIMITED');
-    // Another address is not held up, on either replica, and not even by its own first mistake.
-    expectError(await publicToken(app, created.id, { password: 'typo' }, '10.0.0.8'), 401, 'INVALID_CREDENTIALS');
-    expect((await publicToken(replica, created.id, { password: 'open sesame!' }, '10.0.0.8')).statusCode).toBe(201);
-    expect((await formPost(app, created.id, { password: 'open sesame!', remoteAddress: '10.0.0.9' })).statusCode).toBe(
-      303,
+    expectError(
+      await publicToken(replica, created.id, { password: 'wrong guess' }, guesser),
+      429,
+      'RATE_LIMITED',
     );
+    expectError(
+      await publicToken(app, created.id, { password: 'open sesame!' }, guesser),
+      429,
+      'RATE_LIMITED',
+    );
+    // Another address is not held up, on either replica, and not even by its own first mistake.
+    expectError(
+      await publicToken(app, created.id, { password: 'typo' }, '10.0.0.8'),
+      401,
+      'INVALID_CREDENTIALS',
+    );
+    expect(
+      (await publicToken(replica, created.id, { password: 'open sesame!' }, '10.0.0.8')).statusCode,
+    ).toBe(201);
+    expect(
+      (await formPost(app, created.id, { password: 'open sesame!', remoteAddress: '10.0.0.9' })).statusCode,
+    ).toBe(303);
   });
 
   it('has a per-share ceiling over all addresses (SHARE_PASSWORD_MAX_FAILURES_PER_SHARE), so guessing from many stays bounded', async () => {
@@ -531,7 +566,11 @@ describe('share passwords', () => {
         401,
         'INVALID_CREDENTIALS',
       );
-    expectError(await publicToken(app, created.id, { password: 'open sesame!' }, '10.0.3.9'), 429, 'RATE_LIMITED');
+    expectError(
+      await publicToken(app, created.id, { password: 'open sesame!' }, '10.0.3.9'),
+      429,
+      'RATE_LIMITED',
+    );
     // Another share has its own count.
     const other = await share(client, file.id, { password: 'open sesame!' });
     expect((await publicToken(app, other.id, { password: 'open sesame!' }, '10.0.3.9')).statusCode).toBe(201);
@@ -542,7 +581,9 @@ describe('share passwords', () => {
     const { client, file } = await owner(app);
     const created = await share(client, file.id, { password: 'open sesame!' });
     const responses = await Promise.all(
-      Array.from({ length: 12 }, (_, i) => publicToken(app, created.id, { password: `guess ${i}` }, '10.0.4.1')),
+      Array.from({ length: 12 }, (_, i) =>
+        publicToken(app, created.id, { password: `guess ${i}` }, '10.0.4.1'),
+      ),
     );
     const statuses = responses.map((r) => r.statusCode);
     expect(statuses.filter((s) => s === 401).length).toBeLessThanOrEqual(5);
@@ -554,10 +595,13 @@ describe('share passwords', () => {
     const { client, file } = await owner(app);
     const created = await share(client, file.id, { password: 'open sesame!' });
     const quiet = await share(client, file.id, { password: 'open sesame!' });
-    for (let i = 0; i < 3; i++) await publicToken(app, created.id, { password: 'wrong guess' }, `10.0.5.${i}`);
+    for (let i = 0; i < 3; i++)
+      await publicToken(app, created.id, { password: 'wrong guess' }, `10.0.5.${i}`);
     // A right password, and a refused attempt, are no failures.
     await publicToken(app, created.id, { password: 'open sesame!' }, '10.0.5.9');
-    const { shares } = (await client.request({ method: 'GET', url: '/api/shares' })).json<{ shares: ShareView[] }>();
+    const { shares } = (await client.request({ method: 'GET', url: '/api/shares' })).json<{
+      shares: ShareView[];
+    }>();
     expect(shares.find((s) => s.id === created.id)?.recentFailures).toBe(3);
     expect(shares.find((s) => s.id === quiet.id)?.recentFailures).toBe(0);
     const list = await client.request({ method: 'GET', url: '/shares' });

@@ -133,24 +133,24 @@ export function sharesRepository(db: Pool) {
 
     /**
      * Records a share creation by the user from `ip` and counts those within the window, this
-     * one included. Recorded before it is counted, so concurrent creations cannot all pass.
+     * one included. Recorded (and committed) before it is counted, so of concurrent creations
+     * on any replica, the last to count sees all the others: they cannot all pass.
      */
     async recordCreation(userId: string, ip: string, windowSeconds: number): Promise<WindowCounts> {
-      const { rows } = await db.query<WindowCounts>(
-        `WITH added AS (INSERT INTO share_creations (user_id, ip) VALUES ($1, $2) RETURNING id, at),
-              recent AS (SELECT user_id, ip, at FROM share_creations
-                          WHERE (user_id = $1 OR ip = $2) AND at > now() - make_interval(secs => $3))
-         SELECT added.id,
-                (SELECT count(*) FROM recent WHERE user_id = $1)::int + 1 AS subject,
-                (SELECT count(*) FROM recent WHERE ip = $2)::int + 1 AS client,
-                coalesce((SELECT min(at) FROM recent WHERE user_id = $1), added.at)
-                  + make_interval(secs => $3) AS "subjectFreeAt",
-                coalesce((SELECT min(at) FROM recent WHERE ip = $2), added.at)
-                  + make_interval(secs => $3) AS "clientFreeAt"
-           FROM added`,
+      const { rows: added } = await db.query<{ id: string }>(
+        'INSERT INTO share_creations (user_id, ip) VALUES ($1, $2) RETURNING id',
+        [userId, ip],
+      );
+      const { rows } = await db.query<Omit<WindowCounts, 'id'>>(
+        `SELECT count(*) FILTER (WHERE user_id = $1)::int AS subject,
+                count(*) FILTER (WHERE ip = $2)::int AS client,
+                min(at) FILTER (WHERE user_id = $1) + make_interval(secs => $3) AS "subjectFreeAt",
+                min(at) FILTER (WHERE ip = $2) + make_interval(secs => $3) AS "clientFreeAt"
+           FROM share_creations
+          WHERE (user_id = $1 OR ip = $2) AND at > now() - make_interval(secs => $3)`,
         [userId, ip, windowSeconds],
       );
-      return rows[0] as WindowCounts;
+      return { id: added[0]?.id as string, ...(rows[0] as Omit<WindowCounts, 'id'>) };
     },
 
     /** Forgets a creation that was refused, so that refusals do not extend the wait. */
@@ -161,22 +161,22 @@ export function sharesRepository(db: Pool) {
     /**
      * Records a password attempt on the share from `ip` (a failure until `removePasswordAttempt`)
      * and counts the share's failures within the window, and those from `ip`, this one included.
+     * Recorded before it is counted, as above: concurrent guesses cannot all pass.
      */
     async recordPasswordAttempt(shareId: string, ip: string, windowSeconds: number): Promise<WindowCounts> {
-      const { rows } = await db.query<WindowCounts>(
-        `WITH added AS (INSERT INTO share_password_failures (share_id, ip) VALUES ($1, $2) RETURNING id, at),
-              recent AS (SELECT ip, at FROM share_password_failures
-                          WHERE share_id = $1 AND at > now() - make_interval(secs => $3))
-         SELECT added.id,
-                (SELECT count(*) FROM recent)::int + 1 AS subject,
-                (SELECT count(*) FROM recent WHERE ip = $2)::int + 1 AS client,
-                coalesce((SELECT min(at) FROM recent), added.at) + make_interval(secs => $3) AS "subjectFreeAt",
-                coalesce((SELECT min(at) FROM recent WHERE ip = $2), added.at)
-                  + make_interval(secs => $3) AS "clientFreeAt"
-           FROM added`,
+      const { rows: added } = await db.query<{ id: string }>(
+        'INSERT INTO share_password_failures (share_id, ip) VALUES ($1, $2) RETURNING id',
+        [shareId, ip],
+      );
+      const { rows } = await db.query<Omit<WindowCounts, 'id'>>(
+        `SELECT count(*)::int AS subject, count(*) FILTER (WHERE ip = $2)::int AS client,
+                min(at) + make_interval(secs => $3) AS "subjectFreeAt",
+                min(at) FILTER (WHERE ip = $2) + make_interval(secs => $3) AS "clientFreeAt"
+           FROM share_password_failures
+          WHERE share_id = $1 AND at > now() - make_interval(secs => $3)`,
         [shareId, ip, windowSeconds],
       );
-      return rows[0] as WindowCounts;
+      return { id: added[0]?.id as string, ...(rows[0] as Omit<WindowCounts, 'id'>) };
     },
 
     /** A right password, or a refused attempt: it counts for nothing. */

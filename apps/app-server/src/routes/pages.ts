@@ -277,7 +277,12 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     const status = error.statusCode ?? 500;
     // A cross-site post gets the plain 403: it has no business leaving a message in the session.
     const crossSite = request.headers['sec-fetch-site'] === 'cross-site';
-    if (!config || !request.session || crossSite || (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE' && error.code !== 'BUSY'))
+    if (
+      !config ||
+      !request.session ||
+      crossSite ||
+      (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE' && error.code !== 'BUSY')
+    )
       throw error;
     request.log.info({ code: error.code, err: error.message }, 'form refused');
     // A form from a page whose session has ended fails its CSRF check: that is the news to tell.

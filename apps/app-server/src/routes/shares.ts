@@ -92,7 +92,11 @@ export function shareActions(
       // A password share costs an argon2id hash, and every share a row: one account (or one
       // address with many accounts, registration being open) must not be able to make them
       // without end. Counted before the hash, across replicas; a refused attempt does not count.
-      const recent = await app.repos.shares.recordCreation(request.userId, request.ip, CREATION_WINDOW_SECONDS);
+      const recent = await app.repos.shares.recordCreation(
+        request.userId,
+        request.ip,
+        CREATION_WINDOW_SECONDS,
+      );
       const freeAt = Math.max(
         recent.subject > creation.perUserPerHour ? recent.subjectFreeAt.getTime() : 0,
         recent.client > creation.perIpPerHour ? recent.clientFreeAt.getTime() : 0,
@@ -108,7 +112,7 @@ export function shareActions(
           id: randomBytes(16).toString('base64url'),
           userId: request.userId,
           fileId,
-          passwordHash: input.password === undefined ? null : await app.passwords.hash(input.password),
+          passwordHash: input.password === undefined ? null : await app.passwords.shares.hash(input.password),
           expiresInSeconds: input.expiresInSeconds ?? DEFAULT_SHARE_SECONDS,
           maxDownloads: input.maxDownloads ?? null,
         },
@@ -264,10 +268,12 @@ export async function publicShareRoutes(
       throw rateLimited(freeAt);
     }
     // Shed by a full argon2 queue (BUSY): no guess was made, nothing counts.
-    const ok = await app.passwords.verify(share.passwordHash ?? undefined, password).catch(async (error) => {
-      await repo.removePasswordAttempt(attempt.id);
-      throw error;
-    });
+    const ok = await app.passwords.shares
+      .verify(share.passwordHash ?? undefined, password)
+      .catch(async (error) => {
+        await repo.removePasswordAttempt(attempt.id);
+        throw error;
+      });
     if (!ok) throw new InvalidCredentials();
     await repo.removePasswordAttempt(attempt.id);
   }
