@@ -119,15 +119,16 @@ describe('the argon2 queue (ARGON2_CONCURRENCY, ARGON2_QUEUE_MAX)', () => {
       });
     const other = new TestClient(app);
     await other.csrfToken();
+    const newcomer = new TestClient(app);
+    await newcomer.csrfToken();
     const [a, b, c, d] = await Promise.all([
       guess('10.3.0.1'),
       guess('10.3.0.2'),
       other.login(user.username, 'correct horse battery'),
-      new TestClient(app).request({
+      newcomer.request({
         method: 'POST',
         url: '/api/auth/register',
         payload: { username: 'newcomer', password: 'correct horse battery' },
-        csrf: false,
       }),
     ]);
     const all = [a, b, c];
