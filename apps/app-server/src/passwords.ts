@@ -1,5 +1,5 @@
 import { hash, verify } from '@node-rs/argon2';
-import pLimit from 'p-limit';
+import PQueue from 'p-queue';
 import { Busy } from './errors.ts';
 
 // `Algorithm.Argon2id`; the package exports it as a const enum, which isolated modules cannot use.
@@ -33,19 +33,18 @@ export function passwordHasher(cost: PasswordCost, work: PasswordWork) {
   // password-share creations from one account) would stall everyone's sign-in and downloads.
   // At most `concurrency` run at once; `queueMax` more wait; anything past that is shed at
   // once with 503 BUSY instead of queueing without bound.
-  const limit = pLimit(work.concurrency);
+  const queue = new PQueue({ concurrency: work.concurrency });
   const bounded =
-    (queueMax: number) =>
+    (queueMax: number, priority: number) =>
     <T>(run: () => Promise<T>): Promise<T> => {
-      if (limit.activeCount >= work.concurrency && limit.pendingCount >= queueMax)
-        return Promise.reject(new Busy());
-      return limit(run);
+      if (queue.pending >= work.concurrency && queue.size >= queueMax) return Promise.reject(new Busy());
+      return queue.add(run, { priority });
     };
   // Verified against when the user does not exist, so an unknown username costs as much time as
   // a wrong password and response times do not reveal which accounts exist.
   const dummy = hash('not a password of anyone', options);
-  const hasher = (queueMax: number) => {
-    const queued = bounded(queueMax);
+  const hasher = (queueMax: number, priority: number) => {
+    const queued = bounded(queueMax, priority);
     return {
       /** The argon2id hash of `password`; `BUSY` when the queue is full. */
       hash: (password: string) => queued(() => hash(password, options)),
@@ -62,16 +61,16 @@ export function passwordHasher(cost: PasswordCost, work: PasswordWork) {
   };
   return {
     /** For accounts: sign-in, registration, password change. */
-    ...hasher(work.queueMax),
+    ...hasher(work.queueMax, 1),
     /**
      * For share links (creating password shares, checking share passwords): what any account
-     * or anyone with a link can start. It is shed once half the queue waits, so the other half
-     * is kept for sign-in: a flood of share work delays a sign-in by at most half a queue of
-     * hashes, and cannot get it shed.
+     * or anyone with a link can start. Account work goes ahead of it in the queue, and it is
+     * shed once half the queue waits: a flood of share work delays a sign-in by the hashes
+     * running at the time, and cannot get it shed.
      */
-    shares: hasher(Math.floor(work.queueMax / 2)),
+    shares: hasher(Math.floor(work.queueMax / 2), 0),
     /** argon2 calls running and waiting now. */
-    load: () => ({ running: limit.activeCount, waiting: limit.pendingCount }),
+    load: () => ({ running: queue.pending, waiting: queue.size }),
   };
 }
 

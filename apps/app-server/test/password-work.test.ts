@@ -35,14 +35,21 @@ describe('the argon2 queue (ARGON2_CONCURRENCY, ARGON2_QUEUE_MAX)', () => {
     expect(await Promise.all(checks)).toEqual([true, false, false]);
   });
 
-  it('share work is shed once half the queue waits: the other half is kept for sign-in', async () => {
+  it('share work is shed once half the queue waits, and account work goes ahead of it', async () => {
     const passwords = passwordHasher({ memoryKib: 64, timeCost: 1 }, { concurrency: 1, queueMax: 2 });
-    const shares = [passwords.shares.hash('share one'), passwords.shares.hash('share two')];
+    const done: string[] = [];
+    const track = (name: string, work: Promise<string>) => work.then(() => done.push(name));
+    const shares = [
+      track('share one', passwords.shares.hash('share one')),
+      track('share two', passwords.shares.hash('share two')),
+    ];
     await expect(passwords.shares.hash('share three')).rejects.toMatchObject({ code: 'BUSY' });
-    const signIn = passwords.hash('an account password');
+    const signIn = track('sign-in', passwords.hash('an account password'));
     expect(passwords.load()).toEqual({ running: 1, waiting: 2 });
     await expect(passwords.hash('one more account')).rejects.toMatchObject({ code: 'BUSY' });
     await Promise.all([...shares, signIn]);
+    // The sign-in came after share two, and ran before it.
+    expect(done).toEqual(['share one', 'sign-in', 'share two']);
   });
 
   it('a queue of 0 sheds everything past the running ones', async () => {
