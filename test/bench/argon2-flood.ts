@@ -6,7 +6,8 @@
  *   npx tsx test/bench/argon2-flood.ts [--app=path/to/server.ts] [NAME=value ...]
  *
  * NAME=value pairs go to A's environment (SHARE_CREATIONS_PER_USER_PER_HOUR=100000 measures the
- * queue alone); `--app` runs another checkout's A (the code before a change).
+ * queue alone); `--app` runs another checkout's A (the code before a change); `--no-password`
+ * floods with shares without a password: the same requests without the argon2 work, the control.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -21,6 +22,7 @@ const ADMIN_URL = process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0
 
 const args = process.argv.slice(2);
 const app = args.find((arg) => arg.startsWith('--app='))?.slice('--app='.length) ?? APP_SERVER;
+const withPassword = !args.includes('--no-password');
 const extraEnv = Object.fromEntries(
   args.filter((arg) => !arg.startsWith('--')).map((arg) => arg.split(/=(.*)/s, 2) as [string, string]),
 );
@@ -141,9 +143,11 @@ try {
   let stop = false;
   const workers = Array.from({ length: FLOODERS }, async () => {
     while (!stop) {
-      const response = await flooder.request('POST', `/api/files/${bait}/shares`, {
-        password: 'open sesame!',
-      });
+      const response = await flooder.request(
+        'POST',
+        `/api/files/${bait}/shares`,
+        withPassword ? { password: 'open sesame!' } : {},
+      );
       flood.set(response.status, (flood.get(response.status) ?? 0) + 1);
       await response.arrayBuffer();
     }
@@ -166,7 +170,7 @@ try {
   const victimStatuses = [...new Set(loaded.statuses)].sort().join(', ');
   console.log(`victim statuses under the flood: ${victimStatuses}`);
   console.log(
-    `flood: ${FLOODERS} concurrent password-share creations for ${seconds.toFixed(1)} s: ` +
+    `flood: ${FLOODERS} concurrent ${withPassword ? 'password-' : 'passwordless '}share creations for ${seconds.toFixed(1)} s: ` +
       [...flood].map(([status, n]) => `${n}× ${status}`).join(', ') +
       ` (${created} shares)`,
   );

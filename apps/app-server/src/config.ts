@@ -75,9 +75,10 @@ export const AppEnv = Type.Object({
   /**
    * argon2 hashes and verifications running at once in this process. They run on libuv's thread
    * pool (4 threads unless UV_THREADPOOL_SIZE says otherwise), which token signing and file I/O
-   * share: keep this below its size.
+   * share, and each keeps a core busy: keep this below both. One is about 100 sign-ins a second
+   * at the default cost.
    */
-  ARGON2_CONCURRENCY: Type.Integer({ minimum: 1, maximum: 64, default: 2 }),
+  ARGON2_CONCURRENCY: Type.Integer({ minimum: 1, maximum: 64, default: 1 }),
   /** argon2 work that may wait for a turn; past it a request gets 503 BUSY with Retry-After. */
   ARGON2_QUEUE_MAX: Type.Integer({ minimum: 0, maximum: 10_000, default: 32 }),
 });

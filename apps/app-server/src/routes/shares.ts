@@ -91,7 +91,9 @@ export function shareActions(
     async create(request: FastifyRequest, fileId: string, input: NewShare): Promise<ShareView> {
       // A password share costs an argon2id hash, and every share a row: one account (or one
       // address with many accounts, registration being open) must not be able to make them
-      // without end. Counted before the hash, across replicas; a refused attempt does not count.
+      // without end. Counted before the hash, across replicas. An attempt refused here does not
+      // count (it cannot extend the wait); one refused later (not their file, the cap, a full
+      // argon2 queue) does, so retrying those is throttled too.
       const recent = await app.repos.shares.recordCreation(
         request.userId,
         request.ip,
