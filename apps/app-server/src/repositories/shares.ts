@@ -99,7 +99,7 @@ export function sharesRepository(db: Pool) {
       },
       caps: { perUser: number; perFile: number },
     ): Promise<CreateOutcome> {
-      return inTransaction(async (client) => {
+      const created = inTransaction<CreateOutcome>(async (client) => {
         await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [share.userId]);
         const { rows: counts } = await client.query<{ owned: boolean; user: number; file: number }>(
           `SELECT EXISTS (SELECT 1 FROM files WHERE id = $2 AND user_id = $1) AS owned,
@@ -128,6 +128,11 @@ export function sharesRepository(db: Pool) {
           ],
         );
         return { outcome: 'created', share: rows[0] as ShareRecord };
+      });
+      // The file deleted between the check and the insert: not theirs any more.
+      return created.catch((error: { code?: string }) => {
+        if (error.code === '23503') return { outcome: 'not_found' };
+        throw error;
       });
     },
 
