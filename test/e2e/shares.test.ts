@@ -111,7 +111,7 @@ describe('share links across A and B', () => {
     expect(right.status).toBe(201);
     const file = await fetch(((await right.json()) as { url: string }).url);
     expect(Buffer.from(await file.arrayBuffer()).equals(bytes)).toBe(true);
-    // LOGIN_MAX_FAILURES_PER_ACCOUNT (5) per share.
+    // SHARE_PASSWORD_MAX_FAILURES_PER_IP (5): for this share, from this address.
     for (let i = 0; i < 5; i++) {
       const wrong = await token('open sesame?');
       expect(wrong.status).toBe(401);

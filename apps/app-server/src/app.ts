@@ -10,6 +10,7 @@ import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
 import metrics from './plugins/metrics.ts';
 import objectDeletions from './plugins/object-deletions.ts';
+import passwords from './plugins/passwords.ts';
 import repositories from './plugins/repositories.ts';
 import session from './plugins/session.ts';
 import authRoutes from './routes/auth.ts';
@@ -78,6 +79,10 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   await app.register(errorHandler);
   await app.register(db, { databaseUrl: options.databaseUrl, poolMax: config.DATABASE_POOL_MAX });
   await app.register(repositories);
+  await app.register(passwords, {
+    cost: { memoryKib: config.ARGON2_MEMORY_KIB, timeCost: config.ARGON2_TIME_COST },
+    work: { concurrency: config.ARGON2_CONCURRENCY, queueMax: config.ARGON2_QUEUE_MAX },
+  });
   await app.register(metrics, { sessionIdleSeconds: config.SESSION_IDLE_TIMEOUT_SECONDS });
   await app.register(storagePlugin, { dir: config.storageDir, s3: config.s3 });
   await app.register(objectDeletions, { sweepSeconds: config.OBJECT_DELETE_RETRY_SECONDS });
@@ -128,7 +133,6 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   });
 
   const authOptions = {
-    passwordCost: { memoryKib: config.ARGON2_MEMORY_KIB, timeCost: config.ARGON2_TIME_COST },
     throttle: {
       maxPerAccount: config.LOGIN_MAX_FAILURES_PER_ACCOUNT,
       maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
@@ -146,12 +150,21 @@ export async function buildApp(config: AppConfig, options: BuildOptions): Promis
   const shareOptions = {
     appPublicUrl: config.APP_PUBLIC_URL,
     downloadOrigin: config.DOWNLOAD_PUBLIC_URL,
-    mintRatePerMinute: config.MINT_RATE_PER_MINUTE,
-    passwordCost: authOptions.passwordCost,
-    throttle: {
-      maxPerShare: config.LOGIN_MAX_FAILURES_PER_ACCOUNT,
-      maxPerIp: config.LOGIN_MAX_FAILURES_PER_IP,
+    mintBudget: {
+      perShare: config.SHARE_MINT_RATE_PER_MINUTE,
+      perOwner: config.SHARE_MINT_RATE_PER_OWNER_PER_MINUTE,
+    },
+    downloadsPerIpPerMinute: config.SHARE_DOWNLOADS_PER_IP_PER_MINUTE,
+    passwordThrottle: {
+      maxPerIp: config.SHARE_PASSWORD_MAX_FAILURES_PER_IP,
+      maxPerShare: config.SHARE_PASSWORD_MAX_FAILURES_PER_SHARE,
       windowSeconds: config.LOGIN_WINDOW_SECONDS,
+    },
+    creation: {
+      perUserPerHour: config.SHARE_CREATIONS_PER_USER_PER_HOUR,
+      perIpPerHour: config.SHARE_CREATIONS_PER_IP_PER_HOUR,
+      maxLivePerUser: config.MAX_LIVE_SHARES_PER_USER,
+      maxLivePerFile: config.MAX_LIVE_SHARES_PER_FILE,
     },
     production: config.NODE_ENV === 'production',
   };

@@ -21,6 +21,25 @@ export const AppEnv = Type.Object({
   TOKEN_TTL_SECONDS: Type.Integer({ minimum: 5, maximum: 600, default: 60 }),
   /** Download tokens a user may mint per minute, counted across replicas; 0: no limit. */
   MINT_RATE_PER_MINUTE: Type.Integer({ minimum: 0, default: 600 }),
+  // Share links. What the public does through a link is counted apart from its owner's own limits.
+  /** Downloads one share link may mint per minute, across replicas; 0: no limit. */
+  SHARE_MINT_RATE_PER_MINUTE: Type.Integer({ minimum: 0, maximum: 1_000_000, default: 60 }),
+  /** Downloads all of one user's share links together may mint per minute, across replicas; 0: no limit. */
+  SHARE_MINT_RATE_PER_OWNER_PER_MINUTE: Type.Integer({ minimum: 0, maximum: 1_000_000, default: 600 }),
+  /** Download posts (form and JSON) one client IP may make to share links per minute, per replica. */
+  SHARE_DOWNLOADS_PER_IP_PER_MINUTE: Type.Integer({ minimum: 1, maximum: 10_000, default: 20 }),
+  /** Wrong passwords for one share from one client IP within LOGIN_WINDOW_SECONDS → 429 for that IP. */
+  SHARE_PASSWORD_MAX_FAILURES_PER_IP: Type.Integer({ minimum: 1, maximum: 1000, default: 5 }),
+  /** Wrong passwords for one share from all addresses within LOGIN_WINDOW_SECONDS → 429 for everyone. */
+  SHARE_PASSWORD_MAX_FAILURES_PER_SHARE: Type.Integer({ minimum: 1, maximum: 100_000, default: 100 }),
+  /** Shares one user may create per hour, across replicas. */
+  SHARE_CREATIONS_PER_USER_PER_HOUR: Type.Integer({ minimum: 1, maximum: 100_000, default: 60 }),
+  /** Shares all users together may create from one client IP per hour, across replicas. */
+  SHARE_CREATIONS_PER_IP_PER_HOUR: Type.Integer({ minimum: 1, maximum: 100_000, default: 120 }),
+  /** Live shares (not revoked, not expired, downloads left) a user may have. */
+  MAX_LIVE_SHARES_PER_USER: Type.Integer({ minimum: 1, maximum: 1_000_000, default: 500 }),
+  /** Live shares one file may have. */
+  MAX_LIVE_SHARES_PER_FILE: Type.Integer({ minimum: 1, maximum: 1_000_000, default: 50 }),
   /** Comma-separated; the first signs cookies, all verify them (rotation). */
   SESSION_SECRET: Type.Optional(Type.String({ pattern: '^[^,]{32,}(,[^,]{32,})*$' })),
   /** 32 random bytes, base64url: encrypts the private signing keys at rest. */
@@ -53,6 +72,15 @@ export const AppEnv = Type.Object({
   // argon2id cost. The defaults are OWASP's minimum for argon2id; tests lower them through config.
   ARGON2_MEMORY_KIB: Type.Integer({ minimum: 8, default: 19456 }),
   ARGON2_TIME_COST: Type.Integer({ minimum: 1, default: 2 }),
+  /**
+   * argon2 hashes and verifications running at once in this process. They run on libuv's thread
+   * pool (4 threads unless UV_THREADPOOL_SIZE says otherwise), which token signing and file I/O
+   * share, and each keeps a core busy: keep this below both. One is about 100 sign-ins a second
+   * at the default cost.
+   */
+  ARGON2_CONCURRENCY: Type.Integer({ minimum: 1, maximum: 64, default: 1 }),
+  /** argon2 work that may wait for a turn; past it a request gets 503 BUSY with Retry-After. */
+  ARGON2_QUEUE_MAX: Type.Integer({ minimum: 0, maximum: 10_000, default: 32 }),
 });
 
 export type AppConfig = Omit<Static<typeof AppEnv>, keyof PublicUrls> &

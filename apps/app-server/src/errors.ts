@@ -35,6 +35,15 @@ export const RateLimited = define<[number]>(
   'Too many attempts; try again in %d seconds',
   429,
 );
+export const TooManyShares = define<[number, string]>(
+  'TOO_MANY_SHARES',
+  'There are already %d live share links %s; revoke one first',
+  409,
+);
+// Password hashing is bounded (ARGON2_CONCURRENCY, ARGON2_QUEUE_MAX): past the bound the server
+// sheds the request rather than queue it behind work it cannot do in time. Not RATE_LIMITED:
+// the client did nothing wrong, and a retry shortly after may well succeed.
+export const Busy = define('BUSY', 'The server is busy; try again in a few seconds', 503);
 export const DatabaseUnavailable = define(
   'DATABASE_UNAVAILABLE',
   'The database is unavailable; try again shortly',

@@ -52,6 +52,37 @@ describe('loadConfig', () => {
     expectRefused({ TOKEN_TTL_SECONDS: value }, 'TOKEN_TTL_SECONDS');
   });
 
+  it('has the share and argon2 limits documented in the README, with their bounds', () => {
+    expect(loadConfig({})).toMatchObject({
+      SHARE_MINT_RATE_PER_MINUTE: 60,
+      SHARE_MINT_RATE_PER_OWNER_PER_MINUTE: 600,
+      SHARE_DOWNLOADS_PER_IP_PER_MINUTE: 20,
+      SHARE_PASSWORD_MAX_FAILURES_PER_IP: 5,
+      SHARE_PASSWORD_MAX_FAILURES_PER_SHARE: 100,
+      SHARE_CREATIONS_PER_USER_PER_HOUR: 60,
+      SHARE_CREATIONS_PER_IP_PER_HOUR: 120,
+      MAX_LIVE_SHARES_PER_USER: 500,
+      MAX_LIVE_SHARES_PER_FILE: 50,
+      ARGON2_CONCURRENCY: 1,
+      ARGON2_QUEUE_MAX: 32,
+    });
+    expect(loadConfig({ SHARE_MINT_RATE_PER_MINUTE: '0', ARGON2_QUEUE_MAX: '0' })).toMatchObject({
+      SHARE_MINT_RATE_PER_MINUTE: 0,
+      ARGON2_QUEUE_MAX: 0,
+    });
+    for (const [name, value] of [
+      ['ARGON2_CONCURRENCY', '0'],
+      ['ARGON2_CONCURRENCY', '65'],
+      ['ARGON2_QUEUE_MAX', '-1'],
+      ['SHARE_DOWNLOADS_PER_IP_PER_MINUTE', '0'],
+      ['SHARE_PASSWORD_MAX_FAILURES_PER_IP', '0'],
+      ['SHARE_CREATIONS_PER_USER_PER_HOUR', '0'],
+      ['MAX_LIVE_SHARES_PER_FILE', '0'],
+      ['SHARE_MINT_RATE_PER_OWNER_PER_MINUTE', '-1'],
+    ] as const)
+      expectRefused({ [name]: value }, name);
+  });
+
   it.each(['70000', '-1', 'http'])('refuses APP_PORT=%s', (value) => {
     expectRefused({ APP_PORT: value }, 'APP_PORT');
   });

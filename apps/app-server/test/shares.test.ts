@@ -18,6 +18,7 @@ interface ShareView {
   hasPassword: boolean;
   createdAt: string;
   revokedAt: string | null;
+  recentFailures: number;
 }
 
 async function owner(app: FastifyInstance, name = 'report.pdf') {
@@ -86,6 +87,7 @@ describe('owner API', () => {
       hasPassword: false,
       createdAt: expect.any(String),
       revokedAt: null,
+      recentFailures: 0,
     });
     // 7 days by default.
     expect(Math.abs(Date.parse(created.expiresAt) - (before + 604_800_000))).toBeLessThan(10_000);
@@ -183,6 +185,135 @@ describe('owner API', () => {
     expectError(await publicToken(app, created.id), 404, 'NOT_FOUND');
     expect(await count(app, 'shares WHERE id = $1', [created.id])).toBe(0);
     expect((await app.inject({ method: 'GET', url: `/s/${created.id}` })).statusCode).toBe(404);
+  });
+});
+
+describe('creating shares is bounded', () => {
+  const create = (
+    client: TestClient,
+    fileId: string,
+    body: Record<string, unknown> = {},
+    remoteAddress?: string,
+  ) =>
+    client.request({
+      method: 'POST',
+      url: `/api/files/${fileId}/shares`,
+      payload: body,
+      ...(remoteAddress && { remoteAddress }),
+    });
+
+  it('per user and hour (SHARE_CREATIONS_PER_USER_PER_HOUR): 429 with Retry-After; a refused one does not count', async () => {
+    const { app } = await buildTestApp(db(), { SHARE_CREATIONS_PER_USER_PER_HOUR: '2' });
+    const { client, user, file } = await owner(app);
+    const ip = '10.2.0.1';
+    expect((await create(client, file.id, { password: 'open sesame!' }, ip)).statusCode).toBe(201);
+    expect((await create(client, file.id, {}, ip)).statusCode).toBe(201);
+    const limited = await create(client, file.id, { password: 'open sesame!' }, ip);
+    expectError(limited, 429, 'RATE_LIMITED');
+    expect(Number(limited.headers['retry-after'])).toBeGreaterThan(3500);
+    expectError(await create(client, file.id, {}, ip), 429, 'RATE_LIMITED');
+    expect(await count(app, 'share_creations WHERE user_id = $1', [user.id])).toBe(2);
+    expect(await count(app, 'shares WHERE user_id = $1', [user.id])).toBe(2);
+    // Another user from the same address goes on.
+    const other = await owner(app);
+    expect((await create(other.client, other.file.id, {}, ip)).statusCode).toBe(201);
+  });
+
+  it('per client IP and hour, over all accounts (SHARE_CREATIONS_PER_IP_PER_HOUR), across replicas', async () => {
+    const database = db();
+    const env = { SHARE_CREATIONS_PER_IP_PER_HOUR: '3' };
+    const { app } = await buildTestApp(database, env);
+    const { app: replica } = await buildTestApp(database, env);
+    const accounts = [await owner(app), await owner(replica), await owner(app), await owner(replica)];
+    const ip = '10.2.1.1';
+    for (const { client, file } of accounts.slice(0, 3))
+      expect((await create(client, file.id, {}, ip)).statusCode).toBe(201);
+    const [, , , fourth] = accounts;
+    expectError(
+      await create(fourth?.client as TestClient, fourth?.file.id ?? '', {}, ip),
+      429,
+      'RATE_LIMITED',
+    );
+    expect(
+      (await create(fourth?.client as TestClient, fourth?.file.id ?? '', {}, '10.2.1.2')).statusCode,
+    ).toBe(201);
+  });
+
+  it('caps live shares per file (MAX_LIVE_SHARES_PER_FILE) with 409 TOO_MANY_SHARES; revoked and expired ones do not count', async () => {
+    const { app } = await buildTestApp(db(), { MAX_LIVE_SHARES_PER_FILE: '2' });
+    const { client, file } = await owner(app);
+    const first = await share(client, file.id);
+    await share(client, file.id, { password: 'open sesame!' });
+    const refused = await create(client, file.id, { password: 'open sesame!' });
+    expectError(refused, 409, 'TOO_MANY_SHARES');
+    expect(refused.json<{ message: string }>().message).toContain('2 live share links to this file');
+    // Another file of the same user is not held up.
+    const upload = await client.upload('other.txt', 'more bytes');
+    const otherFile = upload.json<{ file: { id: string } }>().file.id;
+    expect((await create(client, otherFile)).statusCode).toBe(201);
+    // Revoked: room for one more.
+    await client.request({ method: 'DELETE', url: `/api/shares/${first.id}` });
+    const third = await share(client, file.id);
+    expectError(await create(client, file.id), 409, 'TOO_MANY_SHARES');
+    // Expired, or used up: no longer live either.
+    await app.db.query("UPDATE shares SET expires_at = now() - interval '1 second' WHERE id = $1", [
+      third.id,
+    ]);
+    const limited = await share(client, file.id, { maxDownloads: 1 });
+    expectError(await create(client, file.id), 409, 'TOO_MANY_SHARES');
+    expect((await publicToken(app, limited.id)).statusCode).toBe(201);
+    expect((await create(client, file.id)).statusCode).toBe(201);
+  });
+
+  it('caps live shares per user (MAX_LIVE_SHARES_PER_USER) exactly, also under concurrent creations on two replicas', async () => {
+    const database = db();
+    const env = { MAX_LIVE_SHARES_PER_USER: '3' };
+    const { app } = await buildTestApp(database, env);
+    const { app: replica } = await buildTestApp(database, env);
+    const { client, user, file } = await owner(app);
+    const upload = await client.upload('other.txt', 'more bytes');
+    const otherFile = upload.json<{ file: { id: string } }>().file.id;
+    const onReplica = new TestClient(replica);
+    onReplica.cookies = client.cookies;
+    const responses = await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        create(
+          i % 2 ? onReplica : client,
+          i % 3 ? file.id : otherFile,
+          i % 4 ? {} : { password: 'open sesame!' },
+        ),
+      ),
+    );
+    const statuses = responses.map((r) => r.statusCode);
+    expect(statuses.filter((s) => s === 201)).toHaveLength(3);
+    expect(statuses.filter((s) => s === 409)).toHaveLength(7);
+    expect(await count(app, 'shares WHERE user_id = $1', [user.id])).toBe(3);
+    const refused = responses.find((r) => r.statusCode === 409);
+    expect(refused?.json<{ message: string }>().message).toContain('3 live share links of yours');
+  });
+
+  it('the share form on the file list says why it was refused', async () => {
+    const { app } = await buildTestApp(db(), {
+      SHARE_CREATIONS_PER_USER_PER_HOUR: '2',
+      MAX_LIVE_SHARES_PER_FILE: '1',
+    });
+    const { client, file } = await owner(app);
+    const post = () =>
+      client.request({
+        method: 'POST',
+        url: `/files/${file.id}/shares`,
+        payload: '',
+        headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      });
+    expect((await post()).headers.location).toBe('/shares');
+    expect((await post()).headers.location).toBe('/');
+    expect((await client.request({ method: 'GET', url: '/' })).body).toContain(
+      'There are already 1 live share links to this file; revoke one first',
+    );
+    expect((await post()).headers.location).toBe('/');
+    expect((await client.request({ method: 'GET', url: '/' })).body).toContain(
+      'Too many share links were created in the last hour. Try again in',
+    );
   });
 });
 
@@ -292,19 +423,69 @@ describe('downloads through a share', () => {
     expect(await count(app, 'shares WHERE id = $1 AND downloads = 3', [created.id])).toBe(1);
   });
 
-  it("the owner's MINT_RATE_PER_MINUTE applies to share downloads (429 RATE_LIMITED), not counting them", async () => {
-    const { app } = await buildTestApp(db(), { MINT_RATE_PER_MINUTE: '2' });
-    const { client, file } = await owner(app);
+  it("share downloads have a budget of their own (429 RATE_LIMITED), and never spend the owner's MINT_RATE_PER_MINUTE", async () => {
+    const { app } = await buildTestApp(db(), { MINT_RATE_PER_MINUTE: '2', SHARE_MINT_RATE_PER_MINUTE: '3' });
+    const { client, user, file } = await owner(app);
     const created = await share(client, file.id);
-    expect((await publicToken(app, created.id)).statusCode).toBe(201);
-    // The owner's own download uses the same budget.
+    // Recipients at several addresses, each well within the public per-IP limits.
+    for (let i = 0; i < 3; i++)
+      expect((await publicToken(app, created.id, {}, `10.1.0.${i}`)).statusCode).toBe(201);
+    const limited = await publicToken(app, created.id, {}, '10.1.0.9');
+    expectError(limited, 429, 'RATE_LIMITED');
+    expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
+    expect(await count(app, 'shares WHERE id = $1 AND downloads = 3', [created.id])).toBe(1);
+    // The owner's own downloads are untouched: both of their 2 a minute are still there.
+    const own = () => client.request({ method: 'POST', url: `/api/files/${file.id}/download-token` });
+    expect((await own()).statusCode).toBe(201);
+    expect((await own()).statusCode).toBe(201);
+    expectError(await own(), 429, 'RATE_LIMITED');
+    expect(await count(app, 'mint_counts WHERE user_id = $1 AND count = 3', [user.id])).toBe(1);
+    // And the owner's spending does not take from the share's budget either: another share of
+    // the file has its own.
+    const other = await share(client, file.id);
+    expect((await publicToken(app, other.id, {}, '10.1.0.10')).statusCode).toBe(201);
+  });
+
+  it("all of an owner's shares together are within SHARE_MINT_RATE_PER_OWNER_PER_MINUTE, across replicas", async () => {
+    const database = db();
+    const env = { SHARE_MINT_RATE_PER_OWNER_PER_MINUTE: '3' };
+    const { app } = await buildTestApp(database, env);
+    const { app: replica } = await buildTestApp(database, env);
+    const { client, file } = await owner(app);
+    const one = await share(client, file.id);
+    const two = await share(client, file.id);
+    expect((await publicToken(app, one.id, {}, '10.1.1.1')).statusCode).toBe(201);
+    expect((await publicToken(replica, two.id, {}, '10.1.1.2')).statusCode).toBe(201);
+    expect((await publicToken(replica, one.id, {}, '10.1.1.3')).statusCode).toBe(201);
+    expectError(await publicToken(app, two.id, {}, '10.1.1.4'), 429, 'RATE_LIMITED');
+    // Another owner's shares have their own budget.
+    const other = await owner(app);
+    expect(
+      (await publicToken(app, (await share(other.client, other.file.id)).id, {}, '10.1.1.5')).statusCode,
+    ).toBe(201);
+    // The owner's own downloads still work.
     expect(
       (await client.request({ method: 'POST', url: `/api/files/${file.id}/download-token` })).statusCode,
     ).toBe(201);
-    const limited = await publicToken(app, created.id);
+  });
+
+  it('limits download posts per client IP tighter than page views (SHARE_DOWNLOADS_PER_IP_PER_MINUTE), form and JSON together', async () => {
+    const { app } = await buildTestApp(db(), { SHARE_DOWNLOADS_PER_IP_PER_MINUTE: '3' });
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id);
+    const ip = '10.1.2.1';
+    expect((await publicToken(app, created.id, {}, ip)).statusCode).toBe(201);
+    expect((await formPost(app, created.id, { remoteAddress: ip })).statusCode).toBe(303);
+    expect((await publicToken(app, created.id, {}, ip)).statusCode).toBe(201);
+    const limited = await publicToken(app, created.id, {}, ip);
     expectError(limited, 429, 'RATE_LIMITED');
     expect(Number(limited.headers['retry-after'])).toBeGreaterThan(0);
-    expect(await count(app, 'shares WHERE id = $1 AND downloads = 1', [created.id])).toBe(1);
+    expect((await formPost(app, created.id, { remoteAddress: ip })).statusCode).toBe(429);
+    // The page itself still shows, and another address still downloads.
+    const page = await app.inject({ method: 'GET', url: `/s/${created.id}`, remoteAddress: ip });
+    expect(page.statusCode).toBe(200);
+    expect((await publicToken(app, created.id, {}, '10.1.2.2')).statusCode).toBe(201);
+    expect(await count(app, 'shares WHERE id = $1 AND downloads = 4', [created.id])).toBe(1);
   });
 });
 
@@ -319,8 +500,8 @@ describe('share passwords', () => {
     expect((await publicToken(app, created.id, { password: 'open sesame!' })).statusCode).toBe(201);
   });
 
-  it('is throttled per share (429 with Retry-After), also for the right password then', async () => {
-    const { app } = await buildTestApp(db(), { LOGIN_MAX_FAILURES_PER_ACCOUNT: '3' });
+  it('is throttled per client IP on the share (429 with Retry-After), also for the right password then', async () => {
+    const { app } = await buildTestApp(db(), { SHARE_PASSWORD_MAX_FAILURES_PER_IP: '3' });
     const { client, file } = await owner(app);
     const created = await share(client, file.id, { password: 'open sesame!' });
     for (let i = 0; i < 3; i++)
@@ -337,25 +518,95 @@ describe('share passwords', () => {
     expect((await publicToken(app, other.id, { password: 'open sesame!' })).statusCode).toBe(201);
   });
 
-  it('is throttled per client IP across shares, shared by replicas through Postgres', async () => {
+  it("one address's wrong passwords lock out only that address: a recipient elsewhere with the right password gets in, on any replica", async () => {
     const database = db();
-    const env = { LOGIN_MAX_FAILURES_PER_IP: '2', LOGIN_MAX_FAILURES_PER_ACCOUNT: '100' };
-    const { app } = await buildTestApp(database, env);
-    const { app: replica } = await buildTestApp(database, env);
+    const { app } = await buildTestApp(database);
+    const { app: replica } = await buildTestApp(database);
     const { client, file } = await owner(app);
-    const one = await share(client, file.id, { password: 'open sesame!' });
-    const two = await share(client, file.id, { password: 'open sesame!' });
-    // An address of its own: the other tests' wrong guesses came from 127.0.0.1.
-    const ip = '10.0.0.7';
-    expectError(await publicToken(app, one.id, { password: 'wrong guess' }, ip), 401, 'INVALID_CREDENTIALS');
+    const created = await share(client, file.id, { password: 'open sesame!' });
+    // The default: 5 wrong passwords per address within the window.
+    const guesser = '10.0.0.7';
+    for (let i = 0; i < 5; i++)
+      expectError(
+        await publicToken(i % 2 ? replica : app, created.id, { password: `wrong guess ${i}` }, guesser),
+        401,
+        'INVALID_CREDENTIALS',
+      );
     expectError(
-      await publicToken(replica, two.id, { password: 'wrong guess' }, ip),
+      await publicToken(replica, created.id, { password: 'wrong guess' }, guesser),
+      429,
+      'RATE_LIMITED',
+    );
+    expectError(
+      await publicToken(app, created.id, { password: 'open sesame!' }, guesser),
+      429,
+      'RATE_LIMITED',
+    );
+    // Another address is not held up, on either replica, and not even by its own first mistake.
+    expectError(
+      await publicToken(app, created.id, { password: 'typo' }, '10.0.0.8'),
       401,
       'INVALID_CREDENTIALS',
     );
-    expectError(await publicToken(replica, one.id, { password: 'open sesame!' }, ip), 429, 'RATE_LIMITED');
-    // Another address is not held up.
-    expect((await publicToken(app, one.id, { password: 'open sesame!' }, '10.0.0.8')).statusCode).toBe(201);
+    expect(
+      (await publicToken(replica, created.id, { password: 'open sesame!' }, '10.0.0.8')).statusCode,
+    ).toBe(201);
+    expect(
+      (await formPost(app, created.id, { password: 'open sesame!', remoteAddress: '10.0.0.9' })).statusCode,
+    ).toBe(303);
+  });
+
+  it('has a per-share ceiling over all addresses (SHARE_PASSWORD_MAX_FAILURES_PER_SHARE), so guessing from many stays bounded', async () => {
+    const { app } = await buildTestApp(db(), { SHARE_PASSWORD_MAX_FAILURES_PER_SHARE: '4' });
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id, { password: 'open sesame!' });
+    for (let i = 0; i < 4; i++)
+      expectError(
+        await publicToken(app, created.id, { password: 'wrong guess' }, `10.0.3.${i}`),
+        401,
+        'INVALID_CREDENTIALS',
+      );
+    expectError(
+      await publicToken(app, created.id, { password: 'open sesame!' }, '10.0.3.9'),
+      429,
+      'RATE_LIMITED',
+    );
+    // Another share has its own count.
+    const other = await share(client, file.id, { password: 'open sesame!' });
+    expect((await publicToken(app, other.id, { password: 'open sesame!' }, '10.0.3.9')).statusCode).toBe(201);
+  });
+
+  it('lets no more than the per-address limit of guesses through when they arrive all at once', async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id, { password: 'open sesame!' });
+    const responses = await Promise.all(
+      Array.from({ length: 12 }, (_, i) =>
+        publicToken(app, created.id, { password: `guess ${i}` }, '10.0.4.1'),
+      ),
+    );
+    const statuses = responses.map((r) => r.statusCode);
+    expect(statuses.filter((s) => s === 401).length).toBeLessThanOrEqual(5);
+    expect(statuses.filter((s) => s !== 401).every((s) => s === 429)).toBe(true);
+  });
+
+  it("shows the owner a share's recent wrong passwords, in the API and on the share list", async () => {
+    const { app } = await buildTestApp(db());
+    const { client, file } = await owner(app);
+    const created = await share(client, file.id, { password: 'open sesame!' });
+    const quiet = await share(client, file.id, { password: 'open sesame!' });
+    for (let i = 0; i < 3; i++)
+      await publicToken(app, created.id, { password: 'wrong guess' }, `10.0.5.${i}`);
+    // A right password, and a refused attempt, are no failures.
+    await publicToken(app, created.id, { password: 'open sesame!' }, '10.0.5.9');
+    const { shares } = (await client.request({ method: 'GET', url: '/api/shares' })).json<{
+      shares: ShareView[];
+    }>();
+    expect(shares.find((s) => s.id === created.id)?.recentFailures).toBe(3);
+    expect(shares.find((s) => s.id === quiet.id)?.recentFailures).toBe(0);
+    const list = await client.request({ method: 'GET', url: '/shares' });
+    expect(list.body).toContain('3 wrong passwords in the last 15 minutes');
+    expect(list.body.match(/data-failures/g)).toHaveLength(1);
   });
 
   it('takes as long for a wrong password as for a right one', async () => {
@@ -491,7 +742,7 @@ describe('the share page GET /s/:id', () => {
   });
 
   it('the form says when it is throttled (429, Retry-After) and when the link was revoked (404)', async () => {
-    const { app } = await buildTestApp(db(), { LOGIN_MAX_FAILURES_PER_ACCOUNT: '1' });
+    const { app } = await buildTestApp(db(), { SHARE_PASSWORD_MAX_FAILURES_PER_IP: '1' });
     const { client, file } = await owner(app);
     const created = await share(client, file.id, { password: 'open sesame!' });
     const form = (password?: string) =>

@@ -428,6 +428,24 @@ describe('registration', () => {
     expect((await register(one, '10.3.3.3')).statusCode).toBe(201);
   });
 
+  it('lets no more than the limit through when registrations from one IP arrive all at once', async () => {
+    const { app: one } = await freshApp({ REGISTRATIONS_PER_IP_PER_HOUR: '3' });
+    const { app: two } = await buildTestApp(db(), { REGISTRATIONS_PER_IP_PER_HOUR: '3' });
+    const responses = await Promise.all(
+      Array.from({ length: 12 }, (_, i) =>
+        new TestClient(i % 2 ? two : one).request({
+          method: 'POST',
+          url: '/api/auth/register',
+          payload: { username: username(), password: PASSWORD },
+          remoteAddress: '10.3.5.5',
+        }),
+      ),
+    );
+    const statuses = responses.map((r) => r.statusCode);
+    expect(statuses.filter((s) => s === 201).length).toBeLessThanOrEqual(3);
+    expect(statuses.filter((s) => s !== 201).every((s) => s === 429)).toBe(true);
+  });
+
   it('checks whether the name is taken before it spends time hashing the password', async () => {
     // A high hashing cost, so that the hash dominates the time of a registration.
     const { app } = await freshApp({ ARGON2_MEMORY_KIB: '65536', ARGON2_TIME_COST: '6' });

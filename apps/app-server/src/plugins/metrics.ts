@@ -9,7 +9,9 @@ declare module 'fastify' {
       tokenMinted(kind: 'session' | 'share'): void;
       signIn(outcome: 'ok' | 'invalid_credentials' | 'throttled'): void;
       /** A request refused with 429 by one of A's limits. */
-      throttled(limit: 'sign_in' | 'mint' | 'share_password' | 'share_ip'): void;
+      throttled(
+        limit: 'sign_in' | 'mint' | 'share_mint' | 'share_password' | 'share_ip' | 'share_create',
+      ): void;
       /** An upload stored and recorded, with its size. */
       upload(bytes: number): void;
       /** A request answered 503 `DATABASE_UNAVAILABLE`. */
@@ -45,7 +47,7 @@ export default fp(
     });
     const throttled = new Counter({
       name: 'throttled_requests_total',
-      help: 'Requests refused with 429, by limit: sign_in, mint, share_password, share_ip',
+      help: 'Requests refused with 429, by limit: sign_in, mint, share_mint, share_password, share_ip, share_create',
       labelNames: ['limit'],
       registers,
     });

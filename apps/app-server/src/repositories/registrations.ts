@@ -5,20 +5,22 @@ export function registrationsRepository(db: Pool) {
   return {
     /**
      * Records a registration from `ip` and answers how many there were within the window, this
-     * one included, and when the oldest leaves it. Recorded before it is counted, so concurrent
-     * registrations cannot all pass the count.
+     * one included, and when the oldest leaves it. Recorded (and committed) before it is counted,
+     * in two statements: of concurrent registrations on any replica, the last to count sees all
+     * the others, so they cannot all pass the count. (In one statement they could: each sees
+     * only the rows committed before it started.)
      */
     async record(ip: string, windowSeconds: number): Promise<{ id: string; count: number; freeAt: Date }> {
-      const { rows } = await db.query<{ id: string; count: number; freeAt: Date }>(
-        `WITH added AS (INSERT INTO registrations (ip) VALUES ($1) RETURNING id, at)
-         SELECT added.id,
-                (SELECT count(*) FROM registrations WHERE ip = $1 AND at > now() - make_interval(secs => $2))::int + 1 AS count,
-                coalesce((SELECT min(at) FROM registrations WHERE ip = $1 AND at > now() - make_interval(secs => $2)), added.at)
-                  + make_interval(secs => $2) AS "freeAt"
-           FROM added`,
+      const { rows: added } = await db.query<{ id: string }>(
+        'INSERT INTO registrations (ip) VALUES ($1) RETURNING id',
+        [ip],
+      );
+      const { rows } = await db.query<{ count: number; freeAt: Date }>(
+        `SELECT count(*)::int AS count, min(at) + make_interval(secs => $2) AS "freeAt"
+           FROM registrations WHERE ip = $1 AND at > now() - make_interval(secs => $2)`,
         [ip, windowSeconds],
       );
-      return rows[0] as { id: string; count: number; freeAt: Date };
+      return { id: added[0]?.id as string, ...(rows[0] as { count: number; freeAt: Date }) };
     },
 
     async remove(id: string): Promise<void> {

@@ -2,7 +2,6 @@ import { Type } from '@sinclair/typebox';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { nanoid } from 'nanoid';
 import { InvalidCredentials, RateLimited, Unauthenticated, UsernameTaken } from '../errors.ts';
-import { type PasswordCost, passwordHasher } from '../passwords.ts';
 import { type User, type UserWithHash, withoutHash } from '../repositories/users.ts';
 
 /** 3–64 letters, digits, `.`, `_`, `-` (design.md). */
@@ -23,7 +22,6 @@ const userView = (user: User) => ({
 });
 
 export interface AuthOptions {
-  passwordCost: PasswordCost;
   throttle: { maxPerAccount: number; maxPerIp: number; windowSeconds: number };
   /** Registrations per client IP and hour, across replicas; 0: no limit. */
   registrationsPerIpPerHour: number;
@@ -43,7 +41,8 @@ export const rateLimited = (freeAt: number) => {
  * alike. Each throws the catalogue error the client should see.
  */
 export function authActions(app: FastifyInstance, options: AuthOptions) {
-  const passwords = passwordHasher(options.passwordCost);
+  // The process's bounded argon2 queue: a flood of password work gets 503 BUSY, not a stall.
+  const passwords = app.passwords;
   const { throttle } = options;
 
   // A new session id on every change of privilege: an id an attacker planted before sign-in

@@ -232,6 +232,8 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         return `${
           {
             '/register': 'Too many accounts were created from your network.',
+            // The share form on the file list.
+            '/': 'Too many share links were created in the last hour.',
             '/password': 'Too many wrong passwords.',
           }[config.back] ?? 'Too many failed sign-in attempts.'
         } Try again in ${humanWait(error.retryAfter ?? 60)}.`;
@@ -255,6 +257,8 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         );
       case 'INSUFFICIENT_STORAGE':
         return 'The server is out of storage space; the file was not saved. Try again later.';
+      case 'BUSY':
+        return 'The server is busy right now. Please try again in a few seconds.';
       case 'VALIDATION_FAILED':
         return error.message;
       default:
@@ -273,7 +277,12 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     const status = error.statusCode ?? 500;
     // A cross-site post gets the plain 403: it has no business leaving a message in the session.
     const crossSite = request.headers['sec-fetch-site'] === 'cross-site';
-    if (!config || !request.session || crossSite || (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE'))
+    if (
+      !config ||
+      !request.session ||
+      crossSite ||
+      (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE' && error.code !== 'BUSY')
+    )
       throw error;
     request.log.info({ code: error.code, err: error.message }, 'form refused');
     // A form from a page whose session has ended fails its CSRF check: that is the news to tell.
@@ -432,7 +441,11 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         lastDownload: share.lastDownloadAt && humanDate(new Date(share.lastDownloadAt)),
         lastDownloadIso: share.lastDownloadAt,
       }));
-      return render(request, reply, 'shares', { title: 'Share links', shares: list });
+      return render(request, reply, 'shares', {
+        title: 'Share links',
+        shares: list,
+        failureWindow: humanWait(options.shares.passwordThrottle.windowSeconds),
+      });
     });
 
     scope.post<{ Params: IdParams; Body: NewShare }>(
@@ -454,7 +467,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
         },
       },
       async (request, reply) => {
-        const share = await shares.create(request.userId, request.params.id, request.body);
+        const share = await shares.create(request, request.params.id, request.body);
         flash(
           request,
           'success',

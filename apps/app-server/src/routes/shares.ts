@@ -6,11 +6,10 @@ import { displayFileName } from '@sfh/download-token';
 import { type Static, Type } from '@sinclair/typebox';
 import { Eta } from 'eta';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { CsrfInvalid, InvalidCredentials, NotFound, ShareExpired } from '../errors.ts';
-import { type PasswordCost, passwordHasher } from '../passwords.ts';
+import { CsrfInvalid, InvalidCredentials, NotFound, ShareExpired, TooManyShares } from '../errors.ts';
 import type { PublicShare, ShareRecord } from '../repositories/shares.ts';
 import { rateLimited } from './auth.ts';
-import { IdParams, mintDownload, mintRateLimited } from './files.ts';
+import { IdParams, mintDownload } from './files.ts';
 import { humanBytes, humanDate, VIEWS_DIR } from './pages.ts';
 
 export const MIN_SHARE_SECONDS = 60;
@@ -19,6 +18,10 @@ export const DEFAULT_SHARE_SECONDS = 7 * 24 * 3600;
 const SHARE_ID = new RegExp(IdParams.properties.id.pattern as string);
 /** Requests one client IP may make to the public share routes per minute, per replica. */
 export const PUBLIC_REQUESTS_PER_MINUTE_PER_IP = 120;
+const CREATION_WINDOW_SECONDS = 3600;
+// What A's error handler answers every 503 with.
+const BUSY_RETRY_SECONDS = 5;
+const CLEANUP_MS = 10 * 60_000;
 
 // Optional password: 8–1024 characters like account passwords (argon2 takes it whole).
 export const NewShare = Type.Object(
@@ -42,11 +45,17 @@ export interface SharesOptions {
   /** A's public URL: a share's link is `<appPublicUrl>/s/<id>`. */
   appPublicUrl: string;
   downloadOrigin: string;
-  /** The share owner's MINT_RATE_PER_MINUTE (0: no limit). */
-  mintRatePerMinute: number;
-  passwordCost: PasswordCost;
-  /** Wrong share passwords per share and per client IP within the window (sign-in's numbers). */
-  throttle: { maxPerShare: number; maxPerIp: number; windowSeconds: number };
+  /**
+   * Mints per minute through one share and through all of one owner's shares (0: no limit),
+   * apart from the owner's own MINT_RATE_PER_MINUTE.
+   */
+  mintBudget: { perShare: number; perOwner: number };
+  /** Download posts (form and JSON) per client IP and minute, per replica. */
+  downloadsPerIpPerMinute: number;
+  /** Wrong passwords for one share from one client IP, and from all, within the window. */
+  passwordThrottle: { maxPerIp: number; maxPerShare: number; windowSeconds: number };
+  /** Creations per user and per client IP and hour; live shares per user and per file. */
+  creation: { perUserPerHour: number; perIpPerHour: number; maxLivePerUser: number; maxLivePerFile: number };
   production: boolean;
 }
 
@@ -62,33 +71,63 @@ const shareView = (share: ShareRecord, appPublicUrl: string) => ({
   hasPassword: share.hasPassword,
   createdAt: share.createdAt.toISOString(),
   revokedAt: share.revokedAt?.toISOString() ?? null,
+  /** Wrong passwords within the throttling window: the owner sees a share under attack. */
+  recentFailures: share.recentFailures ?? 0,
 });
 export type ShareView = ReturnType<typeof shareView>;
 
 /** What an owner does with share links, for the JSON API and the HTML forms alike. */
 export function shareActions(
   app: FastifyInstance,
-  options: Pick<SharesOptions, 'appPublicUrl' | 'passwordCost'>,
+  options: Pick<SharesOptions, 'appPublicUrl' | 'creation' | 'passwordThrottle'>,
 ) {
-  const passwords = passwordHasher(options.passwordCost);
+  const { creation } = options;
   return {
-    /** Shares the user's file; `NOT_FOUND` if it is not theirs. */
-    async create(userId: string, fileId: string, input: NewShare): Promise<ShareView> {
-      const share = await app.repos.shares.create({
-        // 128 random bits: a link cannot be guessed.
-        id: randomBytes(16).toString('base64url'),
-        userId,
-        fileId,
-        passwordHash: input.password === undefined ? null : await passwords.hash(input.password),
-        expiresInSeconds: input.expiresInSeconds ?? DEFAULT_SHARE_SECONDS,
-        maxDownloads: input.maxDownloads ?? null,
-      });
-      if (!share) throw new NotFound();
-      return shareView(share, options.appPublicUrl);
+    /**
+     * Shares the signed-in user's file; `NOT_FOUND` if it is not theirs, `RATE_LIMITED` over
+     * the creations per user or per client IP and hour, `TOO_MANY_SHARES` at the live shares
+     * cap, `BUSY` when password hashing is saturated.
+     */
+    async create(request: FastifyRequest, fileId: string, input: NewShare): Promise<ShareView> {
+      // A password share costs an argon2id hash, and every share a row: one account (or one
+      // address with many accounts, registration being open) must not be able to make them
+      // without end. Counted before the hash, across replicas. An attempt refused here does not
+      // count (it cannot extend the wait); one refused later (not their file, the cap, a full
+      // argon2 queue) does, so retrying those is throttled too.
+      const recent = await app.repos.shares.recordCreation(
+        request.userId,
+        request.ip,
+        CREATION_WINDOW_SECONDS,
+      );
+      const freeAt = Math.max(
+        recent.subject > creation.perUserPerHour ? recent.subjectFreeAt.getTime() : 0,
+        recent.client > creation.perIpPerHour ? recent.clientFreeAt.getTime() : 0,
+      );
+      if (freeAt > 0) {
+        await app.repos.shares.removeCreation(recent.id);
+        app.stats.throttled('share_create');
+        throw rateLimited(freeAt);
+      }
+      const created = await app.repos.shares.create(
+        {
+          // 128 random bits: a link cannot be guessed.
+          id: randomBytes(16).toString('base64url'),
+          userId: request.userId,
+          fileId,
+          passwordHash: input.password === undefined ? null : await app.passwords.shares.hash(input.password),
+          expiresInSeconds: input.expiresInSeconds ?? DEFAULT_SHARE_SECONDS,
+          maxDownloads: input.maxDownloads ?? null,
+        },
+        { perUser: creation.maxLivePerUser, perFile: creation.maxLivePerFile },
+      );
+      if (created.outcome === 'not_found') throw new NotFound();
+      if (created.outcome === 'too_many')
+        throw new TooManyShares(created.limit, created.per === 'user' ? 'of yours' : 'to this file');
+      return shareView(created.share, options.appPublicUrl);
     },
     async list(userId: string): Promise<ShareView[]> {
-      return (await app.repos.shares.listForUser(userId)).map((share) =>
-        shareView(share, options.appPublicUrl),
+      return (await app.repos.shares.listForUser(userId, options.passwordThrottle.windowSeconds)).map(
+        (share) => shareView(share, options.appPublicUrl),
       );
     },
     /** Revokes at once: nothing more is minted; `NOT_FOUND` if it is not the user's share. */
@@ -107,7 +146,7 @@ export async function shareOwnerRoutes(app: FastifyInstance, options: SharesOpti
     '/api/files/:id/shares',
     { schema: { params: IdParams, body: NewShare }, preValidation: bodyOptional },
     async (request, reply) =>
-      reply.code(201).send({ share: await shares.create(request.userId, request.params.id, request.body) }),
+      reply.code(201).send({ share: await shares.create(request, request.params.id, request.body) }),
   );
 
   app.get('/api/shares', async (request) => ({ shares: await shares.list(request.userId) }));
@@ -142,14 +181,23 @@ export async function publicShareRoutes(
   app: FastifyInstance,
   options: SharesOptions & { appOrigin: string },
 ) {
-  const passwords = passwordHasher(options.passwordCost);
-  const { throttle } = options;
-  const failures = app.repos.loginFailures;
+  const throttle = options.passwordThrottle;
+
+  // Throttling rows past their window count for nothing: any replica may drop them.
+  const cleanup = setInterval(() => {
+    app.repos.shares
+      .deleteOlderThan(throttle.windowSeconds, CREATION_WINDOW_SECONDS)
+      .catch((error) => app.log.warn({ err: error }, 'share throttle cleanup failed'));
+  }, CLEANUP_MS);
+  cleanup.unref();
+  app.addHook('onClose', async () => clearInterval(cleanup));
 
   // Every public request (page views and downloads alike) is limited per client IP, in each
   // replica's memory: a crawler or a script hammering share links gets 429 long before it can
-  // load A. Per share, downloads are bounded by the owner's mint limit and `maxDownloads`, both
-  // counted in Postgres for all replicas, and password guesses by checkPassword below.
+  // load A. Downloads are limited tighter (below). Per share, downloads are bounded by the
+  // share's own mint budget and its owner's budget for all their shares (never the owner's own
+  // mints), and by `maxDownloads`, all counted in Postgres for all replicas; password guesses by
+  // checkPassword below.
   await app.register(fastifyRateLimit, {
     max: PUBLIC_REQUESTS_PER_MINUTE_PER_IP,
     timeWindow: 60_000,
@@ -159,6 +207,19 @@ export async function publicShareRoutes(
       return rateLimited(Date.now() + context.ttl);
     },
   });
+  // A download mints a token and may cost an argon2 verification: a few IPs each within the
+  // page views' limit must not spend a share's budget in seconds. One count for both routes.
+  const downloadLimit = app.createRateLimit({
+    max: options.downloadsPerIpPerMinute,
+    timeWindow: 60_000,
+    keyGenerator: (request) => request.ip,
+  });
+  const limitDownloads = async (request: FastifyRequest) => {
+    const limit = await downloadLimit(request);
+    if (limit.isAllowed || !limit.isExceeded) return;
+    app.stats.throttled('share_ip');
+    throw rateLimited(Date.now() + limit.ttl);
+  };
   await app.register(fastifyFormbody);
   await app.register(fastifyView, {
     engine: { eta: new Eta({ autoEscape: true }) },
@@ -189,25 +250,34 @@ export async function publicShareRoutes(
       .header('x-robots-tag', 'noindex, nofollow');
   });
 
-  // Wrong passwords are throttled per share and per client IP, in the same Postgres table as
-  // sign-in failures (shared by all replicas, one budget per IP for password guesses of every
-  // kind). The attempt is recorded before it is counted, so concurrent guesses cannot all pass.
-  // A right password costs the same argon2 verification as a wrong one.
+  // Wrong passwords are throttled per client IP first: one holder of the link who guesses (or
+  // an attacker who has it) locks out only their own address, and a recipient elsewhere with
+  // the right password gets in. The share's count from all addresses has a far higher ceiling,
+  // so guessing from many addresses stays bounded too. Counted in Postgres for all replicas;
+  // the attempt is recorded before it is counted, so concurrent guesses cannot all pass. A
+  // refused attempt does not count (it cannot extend a lockout). A right password costs the
+  // same argon2 verification as a wrong one.
   async function checkPassword(request: FastifyRequest, share: PublicShare, password: string) {
-    const key = `share:${share.id}`;
-    const attempt = await failures.record(key, request.ip, null);
-    const recent = await failures.recent(key, request.ip, null, throttle.windowSeconds);
+    const repo = app.repos.shares;
+    const attempt = await repo.recordPasswordAttempt(share.id, request.ip, throttle.windowSeconds);
     const freeAt = Math.max(
-      recent.account > throttle.maxPerShare ? (recent.accountFreeAt?.getTime() ?? 0) : 0,
-      recent.client > throttle.maxPerIp ? (recent.clientFreeAt?.getTime() ?? 0) : 0,
+      attempt.client > throttle.maxPerIp ? attempt.clientFreeAt.getTime() : 0,
+      attempt.subject > throttle.maxPerShare ? attempt.subjectFreeAt.getTime() : 0,
     );
     if (freeAt > 0) {
-      await failures.remove(attempt);
+      await repo.removePasswordAttempt(attempt.id);
       app.stats.throttled('share_password');
       throw rateLimited(freeAt);
     }
-    if (!(await passwords.verify(share.passwordHash ?? undefined, password))) throw new InvalidCredentials();
-    await failures.remove(attempt);
+    // Shed by a full argon2 queue (BUSY): no guess was made, nothing counts.
+    const ok = await app.passwords.shares
+      .verify(share.passwordHash ?? undefined, password)
+      .catch(async (error) => {
+        await repo.removePasswordAttempt(attempt.id);
+        throw error;
+      });
+    if (!ok) throw new InvalidCredentials();
+    await repo.removePasswordAttempt(attempt.id);
   }
 
   const usable = (share: PublicShare) =>
@@ -221,10 +291,13 @@ export async function publicShareRoutes(
     // Spent or expired: said before any password work (the page shows as much to anyone).
     if (!usable(share)) throw new ShareExpired();
     if (share.passwordHash !== null) await checkPassword(request, share, password ?? '');
-    const taken = await app.repos.shares.takeDownload(shareId, options.mintRatePerMinute);
+    const taken = await app.repos.shares.takeDownload(shareId, options.mintBudget);
     if (taken.outcome === 'not_found') throw new NotFound();
     if (taken.outcome === 'expired') throw new ShareExpired();
-    if (taken.outcome === 'rate_limited') throw mintRateLimited(app, taken.retryAfterSeconds);
+    if (taken.outcome === 'rate_limited') {
+      app.stats.throttled('share_mint');
+      throw rateLimited(Date.now() + taken.retryAfterSeconds * 1000);
+    }
     return mintDownload(app, options.downloadOrigin, taken.file, { shareId });
   }
 
@@ -263,6 +336,7 @@ export async function publicShareRoutes(
     '/s/:id/download',
     {
       schema: { params: IdParams, body: SharePassword, hide: true },
+      onRequest: limitDownloads,
       preValidation: bodyOptional,
       config: { sharePage: true },
     },
@@ -274,7 +348,11 @@ export async function publicShareRoutes(
 
   app.post<{ Params: IdParams; Body: { password?: string } }>(
     '/api/shares/:id/download-token',
-    { schema: { params: IdParams, body: SharePassword }, preValidation: bodyOptional },
+    {
+      schema: { params: IdParams, body: SharePassword },
+      onRequest: limitDownloads,
+      preValidation: bodyOptional,
+    },
     async (request, reply) =>
       reply.code(201).send(await download(request, request.params.id, request.body.password)),
   );
@@ -283,16 +361,20 @@ export async function publicShareRoutes(
   // route and failures of A itself go to the app's error handler.
   app.setErrorHandler(async (error: FastifyError & { retryAfter?: number }, request, reply) => {
     const status = error.statusCode ?? 500;
-    if (!request.routeOptions.config.sharePage || status >= 500 || error.code === 'CSRF_INVALID') throw error;
+    const busy = error.code === 'BUSY';
+    if (!request.routeOptions.config.sharePage || (status >= 500 && !busy) || error.code === 'CSRF_INVALID')
+      throw error;
     // Only an id the route's schema would take reaches the database: a refusal that comes before
     // validation (the per-IP limit) carries the raw parameter.
     const id = (request.params as { id?: string }).id;
     const share = id && SHARE_ID.test(id) ? await app.repos.shares.findLive(id) : undefined;
     if (error.code === 'RATE_LIMITED') reply.header('retry-after', error.retryAfter ?? 60);
+    if (busy) reply.header('retry-after', BUSY_RETRY_SECONDS);
     const messages: Record<string, string> = {
       INVALID_CREDENTIALS: 'That password is not correct.',
-      // Wrong passwords, or the owner's downloads per minute.
+      // Wrong passwords, or the share's downloads per minute.
       RATE_LIMITED: `Too many attempts right now. Try again in ${error.retryAfter ?? 60} seconds.`,
+      BUSY: `The server is busy right now. Try again in ${BUSY_RETRY_SECONDS} seconds.`,
       SHARE_EXPIRED: 'This link has expired or has no downloads left.',
     };
     // A link that does not exist (any more) says so on the page itself.
