@@ -1072,7 +1072,7 @@ async function report() {
   lines.push(`## Benchmark${QUICK ? ' (BENCH_QUICK: one short run each, not for comparison)' : ''}`);
   lines.push('');
   lines.push(
-    `Machine: ${host.cpu}, ${host.cores} cores, ${host.memoryGiB} GiB, Node ${host.node}${runtimes[1] ? ` and ${runtimes[1].version} (rows marked${runtimes[1].label})` : ''} (${host.platform}); load average at start ${host.loadAverage}${busy ? ' — BUSY, figures not representative' : ''}.`,
+    `Machine: ${host.cpu}, ${host.cores} cores, ${host.memoryGiB} GiB, Node ${host.node}${runtimes[1] ? ` and ${runtimes[1].version} (the rows marked "${runtimes[1].label.slice(2)}")` : ''} (${host.platform}); load average at start ${host.loadAverage}${busy ? ' — BUSY, figures not representative' : ''}.`,
   );
   lines.push(
     `Pinning: ${pinning.note}. Runs: ${config.runs} × ${config.durationS} s after a ${config.warmupS} s warm-up, ${config.connections} connections; median (min–max). Command: \`${QUICK ? 'BENCH_QUICK=1 ' : ''}npm run bench\`.`,

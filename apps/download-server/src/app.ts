@@ -2,7 +2,6 @@ import { logging } from '@sfh/logging';
 import { storagePlugin } from '@sfh/storage/fastify';
 import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify';
 import type { DestinationStream } from 'pino';
-import { replayWindowMs } from './acceptance.ts';
 import type { DownloadConfig } from './config.ts';
 import errorHandler from './plugins/error-handler.ts';
 import keys from './plugins/keys.ts';
@@ -85,10 +84,9 @@ export async function buildApp(config: DownloadConfig, options: BuildOptions = {
       },
     }),
     journalDir: `${config.DATA_DIR}/replay`,
-    windowMs: replayWindowMs({
-      maxTokenAgeSeconds: config.TOKEN_MAX_AGE_SECONDS,
-      clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS,
-    }),
+    maxTokenAgeSeconds: config.TOKEN_MAX_AGE_SECONDS,
+    clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS,
+    resendMarginBytes: config.RESEND_MARGIN_BYTES,
   });
   await app.register(metrics);
   await app.register(healthRoutes);
@@ -99,7 +97,6 @@ export async function buildApp(config: DownloadConfig, options: BuildOptions = {
       maxTokenAgeSeconds: config.TOKEN_MAX_AGE_SECONDS,
       clockToleranceSeconds: config.CLOCK_TOLERANCE_SECONDS,
     },
-    resendMarginBytes: config.RESEND_MARGIN_BYTES,
   });
   return app;
 }

@@ -4,9 +4,9 @@
  * Redis (a throwaway redis-server of this test). Time is fixed with `vi.setSystemTime`.
  */
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { freePort } from '../../../test/support/processes.ts';
-import { startRedis } from '../../../test/support/redis.ts';
-import { buildTestApp } from './helpers.ts';
+import { freePort } from '../../../../test/support/processes.ts';
+import { startRedis } from '../../../../test/support/redis.ts';
+import { buildTestApp } from '../helpers.ts';
 
 afterEach(() => {
   vi.useRealTimers();

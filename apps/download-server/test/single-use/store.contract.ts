@@ -9,7 +9,7 @@
 import fc from 'fast-check';
 import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
-import type { Limits, ReplayStore } from '../src/replay-store.ts';
+import type { Limits, ReplayStore } from '../../src/single-use/policy.ts';
 
 export interface ContractOptions {
   /**
@@ -108,17 +108,17 @@ export function replayStoreContract(
       const jti = newJti();
       expect((await store.reserve(jti, 0, 1_000, later(), LIMITS)).ok).toBe(true);
       // The response wrote 400 bytes; 100 before that and the 600 unwritten are released.
-      await store.release(jti, 300, 1_000, 600);
+      await store.release(jti, 300, 1_000, 600, 0);
       expect(await store.usage(jti)).toEqual({ ranges: [0, 300], bytes: 400, responses: 1 });
       expect((await store.reserve(jti, 299, 1_000, later(), LIMITS)).ok).toBe(false);
       expect((await store.reserve(jti, 300, 1_000, later(), LIMITS)).ok).toBe(true);
       expect(await store.usage(jti)).toEqual({ ranges: [0, 1_000], bytes: 1_100, responses: 2 });
       // A release in the middle splits a range.
-      await store.release(jti, 400, 500, 100);
+      await store.release(jti, 400, 500, 100, 0);
       expect((await store.usage(jti))?.ranges).toEqual([0, 400, 500, 1_000]);
       // Releasing what was never reserved, or under an unknown jti, changes nothing.
       const unknown = newJti();
-      await store.release(unknown, 0, 10, 10);
+      await store.release(unknown, 0, 10, 10, 0);
       expect(await store.usage(unknown)).toBeUndefined();
     });
 
@@ -128,7 +128,7 @@ export function replayStoreContract(
       // Each round writes 400 bytes and releases them all as written-but-maybe-lost.
       for (let round = 0; round < 4; round++) {
         expect((await store.reserve(jti, 0, 400, later(), LIMITS)).ok, `round ${round}`).toBe(true);
-        await store.release(jti, 0, 400, 0);
+        await store.release(jti, 0, 400, 0, 0);
       }
       expect((await store.usage(jti))?.bytes).toBe(1_600);
       expect(await store.reserve(jti, 0, 400, later(), LIMITS)).toEqual({ ok: false, refusal: 'bytes' });
@@ -170,7 +170,7 @@ export function replayStoreContract(
             range: [start, end],
           } of ops) {
             if (release) {
-              await store.release(jti, start, end, 0);
+              await store.release(jti, start, end, 0, 0);
               model.fill(false, start, end);
               continue;
             }
@@ -226,7 +226,7 @@ export function replayStoreContract(
       else vi.setSystemTime(start + 100);
       expect(await used(store, jti)).toBe(false);
       // A release after expiry does not bring the record back.
-      await store.release(jti, 0, 10, 10);
+      await store.release(jti, 0, 10, 10, 0);
       expect(await used(store, jti)).toBe(false);
       // The jti is free again (a token that old is refused by verification anyway).
       expect(await claim(store, jti, Date.now() + MINUTE)).toBe(true);
