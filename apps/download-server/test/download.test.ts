@@ -512,9 +512,9 @@ describe('the replay store before storage: a refused token costs no storage requ
     const { app, token } = await withFile();
     const read = vi.spyOn(app.storage, 'read');
     for (let i = 0; i < 32; i++)
-      expect((await download(app, token, { headers: { range: `bytes=${i % 10}-${i % 10}` } })).statusCode).toBe(
-        i < 10 ? 206 : 410,
-      );
+      expect(
+        (await download(app, token, { headers: { range: `bytes=${i % 10}-${i % 10}` } })).statusCode,
+      ).toBe(i < 10 ? 206 : 410);
     expect(read).toHaveBeenCalledTimes(10);
   });
 

@@ -77,6 +77,24 @@ describe('MemoryReplayStore journal', () => {
     }
   });
 
+  it('a reservation given back whole stays given back after a restart (the last line of a jti wins)', async () => {
+    const dir = await tempDir('replay-store-');
+    const jti = nanoid();
+    const keepUntil = Date.now() + 60_000;
+    const first = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    expect((await first.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok).toBe(true);
+    await first.release(jti, 0, 1_000, 1_000, 1);
+    await first.close();
+
+    const second = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    try {
+      expect(await second.usage(jti)).toBeUndefined();
+      expect((await second.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok).toBe(true);
+    } finally {
+      await second.close();
+    }
+  });
+
   it('a claim survives any number of restarts while it is still live', async () => {
     // Supervisors restart crash-looping processes quickly: every restart within a token's
     // lifetime must still know the token was used.

@@ -152,7 +152,7 @@ export function replayStoreContract(
       expect((await store.usage(jti))?.responses).toBe(32);
     });
 
-    it('any sequence of reserves and releases matches a byte-by-byte model', async () => {
+    it('any sequence of reserves, releases and cancels matches a byte-by-byte model', async () => {
       const store = await fresh();
       const SIZE = 64;
       const unbounded: Limits = { maxBytes: Number.MAX_SAFE_INTEGER, maxResponses: Number.MAX_SAFE_INTEGER };
@@ -160,34 +160,69 @@ export function replayStoreContract(
       const range = fc
         .tuple(fc.nat(SIZE - 1), fc.nat(SIZE - 1))
         .map(([a, b]) => [Math.min(a, b), Math.max(a, b) + 1] as const);
-      const op = fc.record({ release: fc.boolean(), range });
+      const op = fc.record({ kind: fc.constantFrom('reserve', 'reserve', 'release', 'cancel'), range });
       await fc.assert(
         fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 30 }), async (ops) => {
           const jti = newJti();
           const model = new Array<boolean>(SIZE).fill(false);
-          for (const {
-            release,
-            range: [start, end],
-          } of ops) {
-            if (release) {
-              await store.release(jti, start, end, 0, 0);
-              model.fill(false, start, end);
+          let bytes = 0;
+          let responses = 0;
+          const granted: (readonly [number, number])[] = [];
+          for (const { kind, range: picked } of ops) {
+            if (kind === 'release') {
+              await store.release(jti, picked[0], picked[1], 0, 0);
+              model.fill(false, picked[0], picked[1]);
               continue;
             }
+            if (kind === 'cancel') {
+              // The latest granted reservation sent nothing: given back whole.
+              const last = granted.pop();
+              if (!last) continue;
+              const [start, end] = last;
+              await store.release(jti, start, end, end - start, 1);
+              model.fill(false, start, end);
+              bytes = Math.max(0, bytes - (end - start));
+              responses = Math.max(0, responses - 1);
+              continue;
+            }
+            const [start, end] = picked;
             const free = model.slice(start, end).every((taken) => !taken);
             expect((await store.reserve(jti, start, end, later(), unbounded)).ok).toBe(free);
-            if (free) model.fill(true, start, end);
+            if (!free) continue;
+            model.fill(true, start, end);
+            bytes += end - start;
+            responses += 1;
+            granted.push(picked);
           }
-          // The recorded ranges are exactly the model's runs of reserved bytes.
+          // The recorded ranges are exactly the model's runs of reserved bytes, with its counts;
+          // a record with nothing left in it is no record.
           const runs: number[] = [];
           model.forEach((taken, i) => {
             if (taken && !model[i - 1]) runs.push(i);
             if (taken && !model[i + 1]) runs.push(i + 1);
           });
-          expect((await store.usage(jti))?.ranges ?? []).toEqual(runs);
+          const empty = runs.length === 0 && bytes === 0 && responses === 0;
+          expect(await store.usage(jti)).toEqual(empty ? undefined : { ranges: runs, bytes, responses });
         }),
         { numRuns: 40 },
       );
+    });
+
+    it('a release with its response gives a reservation back whole; a record left empty is forgotten', async () => {
+      const store = await fresh();
+      const jti = newJti();
+      expect((await store.reserve(jti, 0, 400, later(), LIMITS)).ok).toBe(true);
+      expect((await store.reserve(jti, 400, 1_000, later(), LIMITS)).ok).toBe(true);
+      await store.release(jti, 400, 1_000, 600, 1);
+      expect(await store.usage(jti)).toEqual({ ranges: [0, 400], bytes: 400, responses: 1 });
+      await store.release(jti, 0, 400, 400, 1);
+      expect(await store.usage(jti)).toBeUndefined();
+      // Nothing counts any more: all 32 responses and every byte are there again.
+      for (let i = 0; i < 40; i++) {
+        expect((await store.reserve(jti, 0, 1_000, later(), LIMITS)).ok, `try ${i}`).toBe(true);
+        await store.release(jti, 0, 1_000, 1_000, 1);
+      }
+      expect(await store.usage(jti)).toBeUndefined();
     });
 
     it('reserves of distinct jtis are independent', async () => {
