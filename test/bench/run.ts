@@ -185,13 +185,20 @@ interface Once {
   value: number;
   invalid?: string | undefined;
   cpu?: CpuShare;
+  /** The server's CPU time per request (µs), all its threads: steadier than a rate on a shared machine. */
+  perRequestUs?: number;
 }
 
 async function repeat(
   label: string,
   once: (run: number) => Promise<Once>,
   warmups = 1,
-): Promise<{ values: number[]; invalid: string[]; note: string | undefined }> {
+): Promise<{
+  values: number[];
+  invalid: string[];
+  note: string | undefined;
+  perRequestUs: number | undefined;
+}> {
   for (let i = 0; i < warmups; i++) {
     const warm = await once(-1);
     log(`${label}: warm-up ${warm.value.toFixed(1)}${warm.invalid ? ` (${warm.invalid})` : ''}`);
@@ -200,26 +207,32 @@ async function repeat(
   const invalid: string[] = [];
   const server: number[] = [];
   const client: number[] = [];
+  const perRequest: number[] = [];
   for (let run = 0; run < config.runs; run++) {
     const result = await once(run);
     if (result.invalid) invalid.push(`run ${run + 1}: ${result.invalid}`);
     else values.push(result.value);
     if (result.cpu?.server !== undefined) server.push(result.cpu.server);
+    if (result.perRequestUs !== undefined && !result.invalid) perRequest.push(result.perRequestUs);
     if (result.cpu) client.push(result.cpu.client);
   }
   // Near 100% for the server: it was the limit. Well below, with the load generator near 100%:
   // the load generator was.
   const pct = (xs: number[]) => `${Math.round(stat(xs).median * 100)}%`;
+  const cost = perRequest.length
+    ? `, ${Math.round(stat(perRequest).median)} µs of server CPU per request`
+    : '';
   const note = client.length
-    ? `CPU: ${server.length ? `server ${pct(server)}, ` : ''}load generator ${pct(client)}`
+    ? `CPU: ${server.length ? `server ${pct(server)}, ` : ''}load generator ${pct(client)}${cost}`
     : undefined;
-  return { values, invalid, note };
+  return { values, invalid, note, perRequestUs: perRequest.length ? stat(perRequest).median : undefined };
 }
 
 const loadValue = ({ result, cpu }: { result: LoadResult; cpu: CpuShare }): Once => ({
   value: result.rate,
   invalid: result.invalid,
   cpu,
+  ...(cpu.server !== undefined && result.rate > 0 ? { perRequestUs: (cpu.server / result.rate) * 1e6 } : {}),
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -330,6 +343,7 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
       invalid: measured.invalid,
       note: `${what}; ${measured.note}`,
     });
+    if (measured.perRequestUs !== undefined) results[`${key}.cpu_us`] = measured.perRequestUs;
   };
 
   // The reference: what a file server does (size known, Content-Length, exactly the file's bytes).
@@ -393,6 +407,7 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
     invalid: memory.invalid,
     note: memory.note,
   });
+  if (memory.perRequestUs !== undefined) results[`${k('b_memory')}.cpu_us`] = memory.perRequestUs;
   await b.server.stop();
 
   const redis = await benchRedis(pinning, config.redisUrl);
@@ -423,6 +438,7 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
       invalid: withRedis.invalid,
       note: `${withRedis.note}; Redis: ${redis.note}`,
     });
+    if (withRedis.perRequestUs !== undefined) results[`${k('b_redis')}.cpu_us`] = withRedis.perRequestUs;
     await br.server.stop();
     await deleteKeys(redis.url, prefix);
   }
@@ -449,6 +465,18 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
     'fraction',
     r(k('b_memory')) / r(k('node_http')),
   );
+  // The same ratio from CPU time per request rather than rates: on a machine other work shares, a
+  // rate moves with what else runs, the time B spends per request much less. jose's time per
+  // verification is taken as 1 / its rate one at a time.
+  const joseUs = 1e6 / r(k('jose_verify'));
+  derive(
+    section,
+    k('b_memory_of_jose_limit_cpu'),
+    `B (memory) / jose limit, by server CPU time per request${on}`,
+    'fraction',
+    (r(`${k('node_http')}.cpu_us`) + joseUs) / r(`${k('b_memory')}.cpu_us`),
+    `node:http ${Math.round(r(`${k('node_http')}.cpu_us`))} µs + jose ${Math.round(joseUs)} µs against B ${Math.round(r(`${k('b_memory')}.cpu_us`))} µs`,
+  );
   if (!runtime.node)
     derive(
       section,
@@ -472,6 +500,13 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
       `Redis cost per request vs memory${on}`,
       '%',
       r(k('b_memory')) / r(k('b_redis')) - 1,
+    );
+    derive(
+      section,
+      k('redis_cost_cpu'),
+      `Redis cost per request vs memory, by server CPU time${on}`,
+      '%',
+      r(`${k('b_redis')}.cpu_us`) / r(`${k('b_memory')}.cpu_us`) - 1,
     );
   }
 }
