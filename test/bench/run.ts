@@ -279,6 +279,8 @@ const smallFile = await putSmallFile(
   Buffer.alloc(config.smallBytes, 'x'),
 );
 const notes: string[] = [];
+/** The large file, written once for every runtime's large-file section. */
+let largeFile: FileClaims | undefined;
 
 try {
   const needBaselines = config.only.includes('small') || config.only.includes('large');
@@ -383,13 +385,20 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
     ['jose', `jose jwtVerify, ${TOKEN_ALGORITHM}`],
     ['ours', `verifyDownloadToken (jose + syntax and file claims), ${TOKEN_ALGORITHM}`],
   ] as const) {
+    const costs: number[] = [];
     const rates = await repeat(
       figure,
-      async () => ({ value: await cryptoRate(TOKEN_ALGORITHM, mode, cpu, 1, runtime.node) }),
+      async () => {
+        const measured = await cryptoCost(TOKEN_ALGORITHM, mode, cpu, 1, runtime.node);
+        costs.push(measured.cpuUs);
+        return { value: measured.rate };
+      },
       0,
     );
+    const cpuUs = stat(costs).median;
+    results[`${k(`${mode}_verify`)}.cpu_us`] = cpuUs;
     record(section, k(`${mode}_verify`), `${figure}${on}`, '/s', rates.values, {
-      note: "a real token, one at a time, in a process on B's core",
+      note: `a real token, one at a time, in a process on B's core; ${Math.round(cpuUs)} µs of CPU each`,
     });
   }
 
@@ -466,9 +475,9 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtim
     r(k('b_memory')) / r(k('node_http')),
   );
   // The same ratio from CPU time per request rather than rates: on a machine other work shares, a
-  // rate moves with what else runs, the time B spends per request much less. jose's time per
-  // verification is taken as 1 / its rate one at a time.
-  const joseUs = 1e6 / r(k('jose_verify'));
+  // rate moves with what else runs, the CPU time a request takes much less. Each side is CPU time
+  // of all the process's threads (jose's verification included its thread-pool job).
+  const joseUs = r(`${k('jose_verify')}.cpu_us`);
   derive(
     section,
     k('b_memory_of_jose_limit_cpu'),
@@ -590,6 +599,17 @@ async function cryptoRate(
   inflight = 1,
   node = process.execPath,
 ): Promise<number> {
+  return (await cryptoCost(alg, mode, cpus, inflight, node)).rate;
+}
+
+/** A token-crypto rate and its CPU time per operation (µs), from `crypto-child.ts`. */
+async function cryptoCost(
+  alg: TokenAlgorithm,
+  mode: 'raw' | 'jose' | 'ours' | 'sign',
+  cpus: string | undefined,
+  inflight = 1,
+  node = process.execPath,
+): Promise<{ rate: number; cpuUs: number }> {
   const args = ['--import', 'tsx', 'test/bench/crypto-child.ts'];
   const [command, argv] = cpus ? ['taskset', ['-c', cpus, node, ...args]] : [node, args];
   const { stdout } = await execFileAsync(command as string, argv as string[], {
@@ -604,7 +624,7 @@ async function cryptoRate(
       FILE: JSON.stringify(smallFile satisfies FileClaims),
     },
   });
-  return (JSON.parse(stdout) as { rate: number }).rate;
+  return JSON.parse(stdout) as { rate: number; cpuUs: number };
 }
 
 /**
@@ -693,8 +713,6 @@ async function bSmall(b: BProcess, limit: number) {
 
 // ---------------------------------------------------------------------------------------------
 // 2. Large files
-
-let largeFile: FileClaims | undefined;
 
 async function largeFiles(baselines: Record<'http' | 'static', BProcess>, runtime: Runtime) {
   const section = 'large';
