@@ -1,6 +1,13 @@
 import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
+  // B's Lua scripts are imported as text, as esbuild's text loader bundles them.
+  plugins: [
+    {
+      name: 'lua-as-text',
+      transform: (code, id) => (id.endsWith('.lua') ? `export default ${JSON.stringify(code)};` : undefined),
+    },
+  ],
   test: {
     include: ['packages/*/test/**/*.test.ts', 'apps/*/test/**/*.test.ts', 'test/**/*.test.ts'],
     exclude: ['**/node_modules/**', 'test/bench/**', 'test/soak/**'],

@@ -1,10 +1,13 @@
 /**
  * The baselines B is compared with, as a process of their own (like B), serving the files of
  * `DIR` at `/<name>`:
- * - `MODE=http`: plain `node:http`, `fs.createReadStream(file).pipe(res)`, no checks at all;
- *   `?hwm=262144` for B's 256 KiB reads instead of the default 64 KiB, `?end` to pass the end
- *   it knows (as B does), so that the stream reads only the file's bytes, into a buffer no
- *   larger than them, and no further to find the end;
+ * - `MODE=http`: plain `node:http`, no checks at all, answering as a file server does: the
+ *   size known (read once per file), `Content-Length`, then `fs.createReadStream(file, { end })`
+ *   piped into the response, which reads exactly the file's bytes, into a buffer no larger than
+ *   them (B reads the same way). `?hwm=262144` for B's 256 KiB reads instead of the default
+ *   64 KiB. Two extra rows, not references: `?pipe` streams without passing the end (a 64 KiB
+ *   buffer for a 4 KiB file, and one more read to find the end of the file), `?chunked` also
+ *   sends no `Content-Length` (every response chunked; no file server answers a file that way);
  * - `MODE=static`: fastify (no logger) with `@fastify/static`.
  */
 import { createReadStream, existsSync, statSync } from 'node:fs';
@@ -39,14 +42,18 @@ if (mode === 'http') {
       response.writeHead(404).end();
       return;
     }
-    response.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': file.size });
+    const chunked = params.has('chunked');
+    response.writeHead(200, {
+      'content-type': 'application/octet-stream',
+      ...(chunked ? {} : { 'content-length': file.size }),
+    });
     if (request.method === 'HEAD') {
       response.end();
       return;
     }
     const stream = createReadStream(file.path, {
       ...(hwm ? { highWaterMark: hwm } : {}),
-      ...(params.has('end') ? { end: file.size - 1 } : {}),
+      ...(chunked || params.has('pipe') ? {} : { end: file.size - 1 }),
     });
     stream.on('error', () => response.destroy());
     response.on('close', () => stream.destroy());

@@ -85,6 +85,8 @@ export async function startB(options: {
   env?: Record<string, string>;
   nodeArgs?: string[];
   port?: number;
+  /** The node binary (default: the one running the bench). */
+  node?: string;
 }): Promise<BProcess> {
   const port = options.port ?? (await freePort());
   const origin = `http://127.0.0.1:${port}`;
@@ -103,11 +105,17 @@ export async function startB(options: {
     readyUrl: `${origin}/readyz`,
     cpu: options.cpu,
     ...(options.nodeArgs ? { nodeArgs: options.nodeArgs } : {}),
+    ...(options.node ? { node: options.node } : {}),
   });
   return { server, origin };
 }
 
-export async function startBaseline(mode: 'http' | 'static', dir: string, cpu: string | undefined) {
+export async function startBaseline(
+  mode: 'http' | 'static',
+  dir: string,
+  cpu: string | undefined,
+  node?: string,
+) {
   const port = await freePort();
   const origin = `http://127.0.0.1:${port}`;
   const server = await startProcess({
@@ -115,6 +123,7 @@ export async function startBaseline(mode: 'http' | 'static', dir: string, cpu: s
     env: { MODE: mode, DIR: dir, PORT: String(port) },
     readyUrl: `${origin}/small.bin`,
     cpu,
+    ...(node ? { node } : {}),
   });
   return { server, origin };
 }

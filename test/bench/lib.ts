@@ -175,11 +175,13 @@ export async function startProcess(options: {
   readyUrl: string;
   cpu: string | undefined;
   nodeArgs?: string[];
+  /** The node binary (default: the one running the bench). */
+  node?: string;
   /** A program other than node, with its arguments. */
   command?: string[];
 }): Promise<Server> {
   const argv = options.command ?? [
-    process.execPath,
+    options.node ?? process.execPath,
     ...(options.nodeArgs ?? []),
     ...nodeArgsFor(options.entry),
   ];

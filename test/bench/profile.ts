@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { nanoid } from 'nanoid';
 import pg from 'pg';
-import { APP_SERVER, buildDownloadServer, freePort } from '../support/processes.ts';
+import { APP_SERVER, buildDownloadServer, DOWNLOAD_SERVER, freePort } from '../support/processes.ts';
 import { signingKey } from '../support/signing-key.ts';
 import {
   MINTING_USERS,
@@ -201,7 +201,12 @@ try {
   const kept = join(await resultsFolder(), `${name}.cpuprofile`);
   await rename(join(profileDir, file), kept);
   // Only the samples taken under load: the start (module loading) and the exit are left out.
-  summarise(JSON.parse(await readFile(kept, 'utf8')) as Profile, window);
+  summarise(
+    JSON.parse(await readFile(kept, 'utf8')) as Profile,
+    window,
+    await bundleModules(),
+    unit ? 0 : Math.round(result.rate * result.durationS),
+  );
   process.stderr.write(`profile: ${kept}\n`);
 } finally {
   await stopAll();
@@ -220,7 +225,40 @@ interface Profile {
   timeDeltas: number[];
 }
 
-function summarise(profile: Profile, window: { fromUs: number; toUs: number }) {
+/**
+ * The module each line of B's bundle comes from: esbuild marks the start of every module's code
+ * with a `// path` comment, so a sample in the bundle is grouped by the package or source file it
+ * came from rather than as "the bundle".
+ */
+async function bundleModules(): Promise<(line: number) => string | undefined> {
+  const text = await readFile(join(ROOT, DOWNLOAD_SERVER), 'utf8').catch(() => '');
+  const starts: [number, string][] = [];
+  text.split('\n').forEach((line, index) => {
+    const marker = /^\/\/ (\S+\.(?:[cm]?[jt]s|json|lua))$/.exec(line);
+    if (marker) starts.push([index, (marker[1] as string).replace(/^(\.\.\/)+/, '')]);
+  });
+  return (line) => {
+    let low = 0;
+    let high = starts.length - 1;
+    let found: string | undefined;
+    while (low <= high) {
+      const mid = (low + high) >> 1;
+      const [start, path] = starts[mid] as [number, string];
+      if (start <= line) {
+        found = path;
+        low = mid + 1;
+      } else high = mid - 1;
+    }
+    return found;
+  };
+}
+
+function summarise(
+  profile: Profile,
+  window: { fromUs: number; toUs: number },
+  moduleOf: (line: number) => string | undefined,
+  requests: number,
+) {
   const byId = new Map(profile.nodes.map((node) => [node.id, node]));
   const self = new Map<string, number>();
   const byPackage = new Map<string, number>();
@@ -235,7 +273,8 @@ function summarise(profile: Profile, window: { fromUs: number; toUs: number }) {
     total += delta;
     if (node.callFrame.functionName === '(idle)') idle += delta;
     const { functionName, url, lineNumber } = node.callFrame;
-    const where = url.replace(/^file:\/\//, '').replace(ROOT, '');
+    const file = url.replace(/^file:\/\//, '').replace(ROOT, '');
+    const where = file === DOWNLOAD_SERVER ? (moduleOf(lineNumber) ?? file) : file;
     const label = `${functionName || '(anonymous)'} ${where ? `${where}:${lineNumber + 1}` : ''}`.trim();
     self.set(label, (self.get(label) ?? 0) + delta);
     byPackage.set(group(where, functionName), (byPackage.get(group(where, functionName)) ?? 0) + delta);
@@ -249,8 +288,14 @@ function summarise(profile: Profile, window: { fromUs: number; toUs: number }) {
         return `| ${((us / total) * 100).toFixed(1)}% | ${ofBusy} | ${(us / 1000).toFixed(0)} ms | ${label} |`;
       })
       .join('\n');
+  const perRequest = (us: number) => (requests > 0 ? `${(us / requests).toFixed(1)} µs` : '');
+  const groups = [...byPackage.entries()]
+    .filter(([label]) => label !== '(idle)')
+    .sort((a, b) => b[1] - a[1])
+    .map(([label, us]) => `| ${((us / (total - idle)) * 100).toFixed(1)}% | ${perRequest(us)} | ${label} |`)
+    .join('\n');
   process.stdout.write(
-    `\nMain thread under load: ${(total / 1e6).toFixed(1)} s sampled, ${((idle / total) * 100).toFixed(0)}% idle (waiting: the thread pool runs WebCrypto and fs work, which this profile does not see)\n\n| self | of busy | time | function |\n|---:|---:|---:|---|\n${top(self, 15)}\n\n| self | of busy | time | group |\n|---:|---:|---:|---|\n${top(byPackage, 15)}\n`,
+    `\nMain thread under load: ${(total / 1e6).toFixed(1)} s sampled, ${((idle / total) * 100).toFixed(0)}% idle (waiting: the thread pool runs WebCrypto and fs work, which this profile does not see)${requests ? `; ${perRequest(total - idle)} busy per request over ${requests} requests` : ''}\n\n| self | of busy | time | function |\n|---:|---:|---:|---|\n${top(self, 15)}\n\n| of busy | per request | group |\n|---:|---:|---|\n${groups}\n`,
   );
 }
 
@@ -259,5 +304,7 @@ function group(where: string, functionName: string): string {
   const pkg = /node_modules\/((?:@[^/]+\/)?[^/]+)/.exec(where);
   if (pkg) return pkg[1] as string;
   if (where.startsWith('node:')) return where.split('/').slice(0, 2).join('/');
+  // B's own modules (from the bundle) one by one, the workspace packages by package.
+  if (where.startsWith('src/')) return `B ${where}`;
   return where.split('/').slice(0, 4).join('/');
 }

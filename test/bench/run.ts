@@ -1,13 +1,14 @@
 /**
- * `npm run bench`: every figure of issue 8 side by side in one run, with its baselines.
+ * `npm run bench`: every figure of B, A and the algorithm side by side in one run, with its baselines.
  *
  * 0. The algorithm: jose's jwtVerify (and SignJWT) for ES256 and EdDSA, pinned to B's core and
  *    unpinned, one at a time and 32 in flight, against node:crypto's raw verify.
- * 1. Small files (4 KiB): plain node:http, @fastify/static, the token's verify rates on B's core
- *    (raw node:crypto, jose's jwtVerify, verifyDownloadToken), B with the memory store and with
- *    Redis (a fresh single-use token per request). B as a fraction of the jose limit
- *    1 / (1/node_http + 1/jose_verify), beside the physical one 1 / (1/node_http + 1/raw_verify);
- *    the same unpinned.
+ * 1. Small files (4 KiB): plain node:http answering as a file server does (Content-Length, exactly
+ *    the file's bytes; streaming without the end, and chunked, as extra rows), @fastify/static,
+ *    the token's verify rates on B's core (raw node:crypto, jose's jwtVerify,
+ *    verifyDownloadToken), B with the memory store and with Redis (a fresh single-use token per
+ *    request). B as a fraction of the jose limit 1 / (1/node_http + 1/jose_verify), beside the
+ *    physical one 1 / (1/node_http + 1/raw_verify); the same unpinned.
  * 2. Large files (1 GiB): throughput of B, node:http and @fastify/static; B's peak RSS with 8
  *    concurrent downloads at full speed and with 8 slow readers.
  * 3. Minting: POST /api/files/:id/download-token on Postgres and on PGlite, against raw signs.
@@ -19,9 +20,10 @@
  * BENCH_DURATION (seconds), BENCH_CONNECTIONS, BENCH_LARGE_MIB, BENCH_ONLY=alg,small,large,mint,e2e,s3
  * (s3: B on S3 storage against a presigned GetObject, test/bench/s3.ts; skipped when no S3 store answers),
  * BENCH_B_LOG_LEVEL (B's LOG_LEVEL; default info, as deployed: one line per request),
- * TEST_DATABASE_URL, REDIS_URL.
+ * BENCH_NODE24 (a second node binary: the small and large sections run again with B, node:http
+ * and jose on it), TEST_DATABASE_URL, REDIS_URL.
  */
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { cp, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { Agent, request as httpRequest, type IncomingHttpHeaders } from 'node:http';
 import { availableParallelism, tmpdir } from 'node:os';
@@ -96,6 +98,26 @@ const config = {
   databaseUrl: env.TEST_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test',
   only: env.BENCH_ONLY ? env.BENCH_ONLY.split(',') : ['alg', 'small', 'large', 'mint', 'e2e', 's3'],
 };
+
+/**
+ * The Node binaries B is measured on: the one running the bench, and with BENCH_NODE24 (the path
+ * of another node binary, e.g. from `npm install --prefix DIR node@24`) that one too, in the
+ * same run. Its rows carry its version; its limit comes from its own node:http and jose rates.
+ */
+interface Runtime {
+  /** Appended to the figures' names (empty for the bench's own node). */
+  label: string;
+  /** Appended to the result keys. */
+  suffix: string;
+  node?: string;
+  version: string;
+}
+const runtimes: Runtime[] = [{ label: '', suffix: '', version: process.version }];
+if (env.BENCH_NODE24) {
+  const version = execFileSync(env.BENCH_NODE24, ['--version'], { encoding: 'utf8' }).trim();
+  const major = version.replace(/^v/, '').split('.')[0];
+  runtimes.push({ label: `, Node ${major}`, suffix: `.node${major}`, node: env.BENCH_NODE24, version });
+}
 const TARGETS = { limitFraction: 0.85, redisCost: 0.1, largeFraction: 0.9, rssBytes: 128e6, mintRate: 2000 };
 
 const log = (message: string) =>
@@ -163,13 +185,20 @@ interface Once {
   value: number;
   invalid?: string | undefined;
   cpu?: CpuShare;
+  /** The server's CPU time per request (µs), all its threads: steadier than a rate on a shared machine. */
+  perRequestUs?: number;
 }
 
 async function repeat(
   label: string,
   once: (run: number) => Promise<Once>,
   warmups = 1,
-): Promise<{ values: number[]; invalid: string[]; note: string | undefined }> {
+): Promise<{
+  values: number[];
+  invalid: string[];
+  note: string | undefined;
+  perRequestUs: number | undefined;
+}> {
   for (let i = 0; i < warmups; i++) {
     const warm = await once(-1);
     log(`${label}: warm-up ${warm.value.toFixed(1)}${warm.invalid ? ` (${warm.invalid})` : ''}`);
@@ -178,26 +207,32 @@ async function repeat(
   const invalid: string[] = [];
   const server: number[] = [];
   const client: number[] = [];
+  const perRequest: number[] = [];
   for (let run = 0; run < config.runs; run++) {
     const result = await once(run);
     if (result.invalid) invalid.push(`run ${run + 1}: ${result.invalid}`);
     else values.push(result.value);
     if (result.cpu?.server !== undefined) server.push(result.cpu.server);
+    if (result.perRequestUs !== undefined && !result.invalid) perRequest.push(result.perRequestUs);
     if (result.cpu) client.push(result.cpu.client);
   }
   // Near 100% for the server: it was the limit. Well below, with the load generator near 100%:
   // the load generator was.
   const pct = (xs: number[]) => `${Math.round(stat(xs).median * 100)}%`;
+  const cost = perRequest.length
+    ? `, ${Math.round(stat(perRequest).median)} µs of server CPU per request`
+    : '';
   const note = client.length
-    ? `CPU: ${server.length ? `server ${pct(server)}, ` : ''}load generator ${pct(client)}`
+    ? `CPU: ${server.length ? `server ${pct(server)}, ` : ''}load generator ${pct(client)}${cost}`
     : undefined;
-  return { values, invalid, note };
+  return { values, invalid, note, perRequestUs: perRequest.length ? stat(perRequest).median : undefined };
 }
 
 const loadValue = ({ result, cpu }: { result: LoadResult; cpu: CpuShare }): Once => ({
   value: result.rate,
   invalid: result.invalid,
   cpu,
+  ...(cpu.server !== undefined && result.rate > 0 ? { perRequestUs: (cpu.server / result.rate) * 1e6 } : {}),
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -244,6 +279,8 @@ const smallFile = await putSmallFile(
   Buffer.alloc(config.smallBytes, 'x'),
 );
 const notes: string[] = [];
+/** The large file, written once for every runtime's large-file section. */
+let largeFile: FileClaims | undefined;
 
 try {
   const needBaselines = config.only.includes('small') || config.only.includes('large');
@@ -255,9 +292,13 @@ try {
     : undefined;
 
   if (config.only.includes('alg')) await guarded('algorithms', algorithms);
-  if (config.only.includes('small') && baselines) await guarded('small files', () => smallFiles(baselines));
+  for (const runtime of runtimes)
+    if (config.only.includes('small') && baselines)
+      await guarded(`small files${runtime.label}`, () => smallFiles(baselines, runtime));
   if (config.only.includes('small')) await guarded('small files, unpinned', smallUnpinned);
-  if (config.only.includes('large') && baselines) await guarded('large files', () => largeFiles(baselines));
+  for (const runtime of runtimes)
+    if (config.only.includes('large') && baselines)
+      await guarded(`large files${runtime.label}`, () => largeFiles(baselines, runtime));
   await baselines?.http.server.stop();
   await baselines?.static.server.stop();
   if (config.only.includes('mint') || config.only.includes('e2e')) await guarded('minting', minting);
@@ -287,71 +328,95 @@ async function guarded(name: string, section: () => Promise<void>) {
 // ---------------------------------------------------------------------------------------------
 // 1. Small files
 
-async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
+async function smallFiles(baselines: Record<'http' | 'static', BProcess>, runtime: Runtime) {
   const section = 'small';
+  const k = (name: string) => `small.${name}${runtime.suffix}`;
+  const on = runtime.label;
   const small = (server: BProcess, durationS: number, query = '') =>
     withCpu(server.server.pid, () =>
       load({ url: `${server.origin}/small.bin${query}`, connections: config.connections, durationS }),
     );
+  const baseline = async (server: BProcess, key: string, figure: string, query: string, what: string) => {
+    log(`small files: ${figure}`);
+    const measured = await repeat(figure, (run) =>
+      small(server, run < 0 ? config.warmupS : config.durationS, query).then(loadValue),
+    );
+    record(section, key, figure, 'r/s', measured.values, {
+      invalid: measured.invalid,
+      note: `${what}; ${measured.note}`,
+    });
+    if (measured.perRequestUs !== undefined) results[`${key}.cpu_us`] = measured.perRequestUs;
+  };
 
-  log('small files: plain node:http');
-  const http = await repeat('node:http', (run) =>
-    small(baselines.http, run < 0 ? config.warmupS : config.durationS).then(loadValue),
-  );
-  record(section, 'small.node_http', 'node:http, 4 KiB', 'r/s', http.values, {
-    invalid: http.invalid,
-    note: `createReadStream(file).pipe(res); ${http.note}`,
-  });
+  // The reference: what a file server does (size known, Content-Length, exactly the file's bytes).
+  const http = runtime.node ? await startBaseline('http', staticDir, cpu, runtime.node) : baselines.http;
+  try {
+    await baseline(
+      http,
+      k('node_http'),
+      `node:http, 4 KiB${on}`,
+      '',
+      'the reference: Content-Length, createReadStream(file, { end }) reads exactly the file',
+    );
+  } finally {
+    if (http !== baselines.http) await http.server.stop();
+  }
+  if (!runtime.node) {
+    await baseline(
+      baselines.http,
+      k('node_http_pipe'),
+      'extra: node:http, 4 KiB, end not passed',
+      '?pipe',
+      'not a reference: createReadStream(file).pipe(res), a 64 KiB buffer and one more read to find the end',
+    );
+    await baseline(
+      baselines.http,
+      k('node_http_chunked'),
+      'extra: node:http, 4 KiB, chunked',
+      '?chunked',
+      'not a reference: no Content-Length (no file server answers a file so), end not passed',
+    );
+    await baseline(baselines.static, k('fastify_static'), '@fastify/static, 4 KiB', '', 'fastify, no logger');
+  }
 
-  log('small files: node:http passing the end it knows');
-  const httpEnd = await repeat('node:http (end known)', (run) =>
-    small(baselines.http, run < 0 ? config.warmupS : config.durationS, '?end').then(loadValue),
-  );
-  record(section, 'small.node_http_end', 'node:http, 4 KiB, end known', 'r/s', httpEnd.values, {
-    invalid: httpEnd.invalid,
-    note: `createReadStream(file, { end }): a 4 KiB buffer, no read to find the end (as B reads); ${httpEnd.note}`,
-  });
-
-  log('small files: @fastify/static');
-  const fstatic = await repeat('@fastify/static', (run) =>
-    small(baselines.static, run < 0 ? config.warmupS : config.durationS).then(loadValue),
-  );
-  record(section, 'small.fastify_static', '@fastify/static, 4 KiB', 'r/s', fstatic.values, {
-    invalid: fstatic.invalid,
-    note: fstatic.note,
-  });
-
-  log(`small files: ${TOKEN_ALGORITHM} verify rates on B's core, one at a time`);
+  log(`small files: ${TOKEN_ALGORITHM} verify rates on B's core, one at a time${on}`);
   for (const [mode, figure] of [
     ['raw', `raw ${TOKEN_ALGORITHM} verify (node:crypto)`],
     ['jose', `jose jwtVerify, ${TOKEN_ALGORITHM}`],
     ['ours', `verifyDownloadToken (jose + syntax and file claims), ${TOKEN_ALGORITHM}`],
   ] as const) {
+    const costs: number[] = [];
     const rates = await repeat(
       figure,
-      async () => ({ value: await cryptoRate(TOKEN_ALGORITHM, mode, cpu) }),
+      async () => {
+        const measured = await cryptoCost(TOKEN_ALGORITHM, mode, cpu, 1, runtime.node);
+        costs.push(measured.cpuUs);
+        return { value: measured.rate };
+      },
       0,
     );
-    record(section, `small.${mode}_verify`, figure, '/s', rates.values, {
-      note: "a real token, one at a time, in a process on B's core",
+    const cpuUs = stat(costs).median;
+    results[`${k(`${mode}_verify`)}.cpu_us`] = cpuUs;
+    record(section, k(`${mode}_verify`), `${figure}${on}`, '/s', rates.values, {
+      note: `a real token, one at a time, in a process on B's core; ${Math.round(cpuUs)} µs of CPU each`,
     });
   }
 
   const limitOf = (http: number, verify: number) => 1 / (1 / http + 1 / verify);
-  const limit = limitOf(r('small.node_http'), r('small.jose_verify'));
-  derive(section, 'small.jose_limit', 'jose limit 1/(1/node_http + 1/jose_verify)', 'r/s', limit);
-  const physical = limitOf(r('small.node_http'), r('small.raw_verify'));
-  derive(section, 'small.limit', 'physical limit 1/(1/node_http + 1/raw_verify)', 'r/s', physical);
-  const tightLimit = limitOf(r('small.node_http_end'), r('small.jose_verify'));
-  derive(section, 'small.jose_limit_end', 'tight jose limit, with node:http (end known)', 'r/s', tightLimit);
+  const limit = limitOf(r(k('node_http')), r(k('jose_verify')));
+  derive(section, k('jose_limit'), `jose limit 1/(1/node_http + 1/jose_verify)${on}`, 'r/s', limit);
+  const physical = limitOf(r(k('node_http')), r(k('raw_verify')));
+  derive(section, k('limit'), `physical limit 1/(1/node_http + 1/raw_verify)${on}`, 'r/s', physical);
 
-  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu });
-  log('small files: B, memory store, a fresh token per request');
+  const node = runtime.node ? { node: runtime.node } : {};
+  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu, ...node });
+  log(`small files: B, memory store, a fresh token per request${on}`);
   const memory = await bSmall(b, limit);
-  record(section, 'small.b_memory', 'B, memory store, fresh token per request', 'r/s', memory.values, {
+  record(section, k('b_memory'), `B, memory store, fresh token per request${on}`, 'r/s', memory.values, {
     invalid: memory.invalid,
     note: memory.note,
   });
+  if (memory.perRequestUs !== undefined) results[`${k('b_memory')}.cpu_us`] = memory.perRequestUs;
   await b.server.stop();
 
   const redis = await benchRedis(pinning, config.redisUrl);
@@ -374,13 +439,15 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
       jwksFile: key.jwksFile,
       cpu,
       env: { REDIS_URL: redis.url, REDIS_KEY_PREFIX: prefix },
+      ...node,
     });
-    log('small files: B, Redis store, a fresh token per request');
+    log(`small files: B, Redis store, a fresh token per request${on}`);
     const withRedis = await bSmall(br, limit);
-    record(section, 'small.b_redis', 'B, Redis store, fresh token per request', 'r/s', withRedis.values, {
+    record(section, k('b_redis'), `B, Redis store, fresh token per request${on}`, 'r/s', withRedis.values, {
       invalid: withRedis.invalid,
       note: `${withRedis.note}; Redis: ${redis.note}`,
     });
+    if (withRedis.perRequestUs !== undefined) results[`${k('b_redis')}.cpu_us`] = withRedis.perRequestUs;
     await br.server.stop();
     await deleteKeys(redis.url, prefix);
   }
@@ -388,47 +455,67 @@ async function smallFiles(baselines: Record<'http' | 'static', BProcess>) {
 
   derive(
     section,
-    'small.b_memory_of_jose_limit',
-    'B (memory) / jose limit',
+    k('b_memory_of_jose_limit'),
+    `B (memory) / jose limit${on}`,
     'fraction',
-    r('small.b_memory') / limit,
+    r(k('b_memory')) / limit,
   );
   derive(
     section,
-    'small.b_memory_of_limit',
-    'B (memory) / physical limit',
+    k('b_memory_of_limit'),
+    `B (memory) / physical limit${on}`,
     'fraction',
-    r('small.b_memory') / physical,
+    r(k('b_memory')) / physical,
   );
   derive(
     section,
-    'small.b_memory_of_tight_limit',
-    'B (memory) / tight jose limit',
+    k('b_memory_of_node_http'),
+    `B (memory) / node:http${on}`,
     'fraction',
-    r('small.b_memory') / tightLimit,
+    r(k('b_memory')) / r(k('node_http')),
   );
+  // The same ratio from CPU time per request rather than rates: on a machine other work shares, a
+  // rate moves with what else runs, the CPU time a request takes much less. Each side is CPU time
+  // of all the process's threads (jose's verification included its thread-pool job).
+  const joseUs = r(`${k('jose_verify')}.cpu_us`);
   derive(
     section,
-    'small.b_memory_of_static',
-    'B (memory) / @fastify/static',
+    k('b_memory_of_jose_limit_cpu'),
+    `B (memory) / jose limit, by server CPU time per request${on}`,
     'fraction',
-    r('small.b_memory') / r('small.fastify_static'),
+    (r(`${k('node_http')}.cpu_us`) + joseUs) / r(`${k('b_memory')}.cpu_us`),
+    `node:http ${Math.round(r(`${k('node_http')}.cpu_us`))} µs + jose ${Math.round(joseUs)} µs against B ${Math.round(r(`${k('b_memory')}.cpu_us`))} µs`,
   );
+  if (!runtime.node)
+    derive(
+      section,
+      k('b_memory_of_static'),
+      'B (memory) / @fastify/static',
+      'fraction',
+      r(k('b_memory')) / r(k('fastify_static')),
+    );
   if (redisOk) {
     derive(
       section,
-      'small.b_redis_of_jose_limit',
-      'B (Redis) / jose limit',
+      k('b_redis_of_jose_limit'),
+      `B (Redis) / jose limit${on}`,
       'fraction',
-      r('small.b_redis') / limit,
+      r(k('b_redis')) / limit,
     );
     // Cost per request: time per request with Redis over time per request in memory, minus one.
     derive(
       section,
-      'small.redis_cost',
-      'Redis cost per request vs memory',
+      k('redis_cost'),
+      `Redis cost per request vs memory${on}`,
       '%',
-      r('small.b_memory') / r('small.b_redis') - 1,
+      r(k('b_memory')) / r(k('b_redis')) - 1,
+    );
+    derive(
+      section,
+      k('redis_cost_cpu'),
+      `Redis cost per request vs memory, by server CPU time${on}`,
+      '%',
+      r(`${k('b_redis')}.cpu_us`) / r(`${k('b_memory')}.cpu_us`) - 1,
     );
   }
 }
@@ -510,11 +597,21 @@ async function cryptoRate(
   mode: 'raw' | 'jose' | 'ours' | 'sign',
   cpus: string | undefined,
   inflight = 1,
+  node = process.execPath,
 ): Promise<number> {
+  return (await cryptoCost(alg, mode, cpus, inflight, node)).rate;
+}
+
+/** A token-crypto rate and its CPU time per operation (µs), from `crypto-child.ts`. */
+async function cryptoCost(
+  alg: TokenAlgorithm,
+  mode: 'raw' | 'jose' | 'ours' | 'sign',
+  cpus: string | undefined,
+  inflight = 1,
+  node = process.execPath,
+): Promise<{ rate: number; cpuUs: number }> {
   const args = ['--import', 'tsx', 'test/bench/crypto-child.ts'];
-  const [command, argv] = cpus
-    ? ['taskset', ['-c', cpus, process.execPath, ...args]]
-    : [process.execPath, args];
+  const [command, argv] = cpus ? ['taskset', ['-c', cpus, node, ...args]] : [node, args];
   const { stdout } = await execFileAsync(command as string, argv as string[], {
     cwd: ROOT,
     env: {
@@ -527,7 +624,7 @@ async function cryptoRate(
       FILE: JSON.stringify(smallFile satisfies FileClaims),
     },
   });
-  return (JSON.parse(stdout) as { rate: number }).rate;
+  return JSON.parse(stdout) as { rate: number; cpuUs: number };
 }
 
 /**
@@ -617,40 +714,51 @@ async function bSmall(b: BProcess, limit: number) {
 // ---------------------------------------------------------------------------------------------
 // 2. Large files
 
-async function largeFiles(baselines: Record<'http' | 'static', BProcess>) {
+async function largeFiles(baselines: Record<'http' | 'static', BProcess>, runtime: Runtime) {
   const section = 'large';
+  const k = (name: string) => `large.${name}${runtime.suffix}`;
+  const on = runtime.label;
+  const node = runtime.node ? { node: runtime.node } : {};
   const size = config.largeBytes;
   const sizeLabel = size >= GIB ? `${size / GIB} GiB` : `${size / MIB} MiB`;
-  log(`large files: writing a ${sizeLabel} file`);
-  const written = performance.now();
-  const largeFile = await putLargeFile(storageDir, staticDir, 'large.bin', size);
-  log(`  written in ${((performance.now() - written) / 1000).toFixed(1)} s`);
+  if (!largeFile) {
+    log(`large files: writing a ${sizeLabel} file`);
+    const written = performance.now();
+    largeFile = await putLargeFile(storageDir, staticDir, 'large.bin', size);
+    log(`  written in ${((performance.now() - written) / 1000).toFixed(1)} s`);
+  }
+  const file = largeFile;
 
-  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu });
+  const http = runtime.node ? await startBaseline('http', staticDir, cpu, runtime.node) : baselines.http;
+  const b = await startB({ dir, storageDir, jwksFile: key.jwksFile, cpu, ...node });
   const targets: [string, string, number, () => Promise<string>][] = [
     [
-      'large.node_http',
-      'node:http + fs.createReadStream',
-      baselines.http.server.pid,
-      async () => `${baselines.http.origin}/large.bin`,
+      k('node_http'),
+      `node:http + fs.createReadStream${on}`,
+      http.server.pid,
+      async () => `${http.origin}/large.bin`,
     ],
+    ...(runtime.node
+      ? []
+      : ([
+          [
+            k('node_http_256k'),
+            'node:http + fs.createReadStream, 256 KiB reads (as B)',
+            http.server.pid,
+            async () => `${http.origin}/large.bin?hwm=${256 * KIB}`,
+          ],
+          [
+            k('fastify_static'),
+            '@fastify/static',
+            baselines.static.server.pid,
+            async () => `${baselines.static.origin}/large.bin`,
+          ],
+        ] as [string, string, number, () => Promise<string>][])),
     [
-      'large.node_http_256k',
-      'node:http + fs.createReadStream, 256 KiB reads (as B)',
-      baselines.http.server.pid,
-      async () => `${baselines.http.origin}/large.bin?hwm=${256 * KIB}`,
-    ],
-    [
-      'large.fastify_static',
-      '@fastify/static',
-      baselines.static.server.pid,
-      async () => `${baselines.static.origin}/large.bin`,
-    ],
-    [
-      'large.b',
-      'B (memory store)',
+      k('b'),
+      `B (memory store)${on}`,
       b.server.pid,
-      async () => `${b.origin}/d/${await mintOne(key, b.origin, largeFile)}`,
+      async () => `${b.origin}/d/${await mintOne(key, b.origin, file)}`,
     ],
   ];
   for (const [name, label, pid, url] of targets) {
@@ -686,27 +794,30 @@ async function largeFiles(baselines: Record<'http' | 'static', BProcess>) {
     );
   }
   await b.server.stop();
+  if (http !== baselines.http) await http.server.stop();
   derive(
     section,
-    'large.b_of_node_http',
-    'B / node:http throughput',
+    k('b_of_node_http'),
+    `B / node:http throughput${on}`,
     'fraction',
-    r('large.b') / r('large.node_http'),
+    r(k('b')) / r(k('node_http')),
   );
-  derive(
-    section,
-    'large.b_of_node_http_256k',
-    'B / node:http (256 KiB reads) throughput',
-    'fraction',
-    r('large.b') / r('large.node_http_256k'),
-  );
-  derive(
-    section,
-    'large.b_of_static',
-    'B / @fastify/static throughput',
-    'fraction',
-    r('large.b') / r('large.fastify_static'),
-  );
+  if (!runtime.node) {
+    derive(
+      section,
+      k('b_of_node_http_256k'),
+      'B / node:http (256 KiB reads) throughput',
+      'fraction',
+      r(k('b')) / r(k('node_http_256k')),
+    );
+    derive(
+      section,
+      k('b_of_static'),
+      'B / @fastify/static throughput',
+      'fraction',
+      r(k('b')) / r(k('fastify_static')),
+    );
+  }
 
   // Peak RSS: each scenario on a fresh B, so that nothing earlier counts (a process rarely gives
   // memory back, so an earlier peak would show up as the next one's starting point).
@@ -729,7 +840,7 @@ async function largeFiles(baselines: Record<'http' | 'static', BProcess>) {
         const urls = await Promise.all(
           Array.from(
             { length: config.rssDownloads },
-            async () => `${fresh.origin}/d/${await mintOne(key, fresh.origin, largeFile)}`,
+            async () => `${fresh.origin}/d/${await mintOne(key, fresh.origin, file)}`,
           ),
         );
         return Promise.all(urls.map((u) => download(u, options)));
@@ -753,23 +864,23 @@ async function largeFiles(baselines: Record<'http' | 'static', BProcess>) {
     }
   };
   await rssScenario(
-    'large.b_rss_fast',
-    `B peak RSS, ${config.rssDownloads} × ${sizeLabel} at full speed`,
+    k('b_rss_fast'),
+    `B peak RSS, ${config.rssDownloads} × ${sizeLabel} at full speed${on}`,
     {},
   );
   await rssScenario(
-    'large.b_rss_slow',
-    `B peak RSS, ${config.rssDownloads} slow readers (${config.slowBytesPerSecond / MIB} MiB/s, ${config.slowSeconds} s)`,
+    k('b_rss_slow'),
+    `B peak RSS, ${config.rssDownloads} slow readers (${config.slowBytesPerSecond / MIB} MiB/s, ${config.slowSeconds} s)${on}`,
     { bytesPerSecond: config.slowBytesPerSecond, abortAfterMs: config.slowSeconds * 1000 },
   );
   const idle = Math.min(...idles);
-  record(section, 'large.b_rss_idle', 'B RSS, idle after one small download', 'MB', [idle], {
+  record(section, k('b_rss_idle'), `B RSS, idle after one small download${on}`, 'MB', [idle], {
     note: 'the bundle `npm start` runs (`npm run build`)',
   });
   derive(
     section,
-    'large.b_rss_growth',
-    'B peak RSS over idle, worst of the two',
+    k('b_rss_growth'),
+    `B peak RSS over idle, worst of the two${on}`,
     'MB',
     Math.max(...peaks) - idle,
   );
@@ -970,36 +1081,38 @@ async function clicks(appOrigin: string, path: string, cookie: string) {
 
 async function report() {
   const targets = [
-    target(
-      'small: B (memory) ≥ 0.85 of the jose limit (pinned)',
-      results['small.b_memory_of_jose_limit'],
-      (v) => v >= TARGETS.limitFraction,
-      (v) => v.toFixed(2),
-    ),
-    target(
-      'small: Redis costs ≤ 10% more than memory',
-      results['small.redis_cost'],
-      (v) => v <= TARGETS.redisCost,
-      (v) => `${(v * 100).toFixed(1)}%`,
-    ),
-    target(
-      'large: B ≥ 0.9 of node:http throughput',
-      results['large.b_of_node_http'],
-      (v) => v >= TARGETS.largeFraction,
-      (v) => v.toFixed(2),
-    ),
-    target(
-      'large: B peak RSS ≤ 128 MB, 8 downloads at full speed',
-      results['large.b_rss_fast'],
-      (v) => v <= TARGETS.rssBytes,
-      (v) => `${(v / 1e6).toFixed(1)} MB`,
-    ),
-    target(
-      'large: B peak RSS ≤ 128 MB, 8 slow readers',
-      results['large.b_rss_slow'],
-      (v) => v <= TARGETS.rssBytes,
-      (v) => `${(v / 1e6).toFixed(1)} MB`,
-    ),
+    ...runtimes.flatMap(({ suffix, label }) => [
+      target(
+        `small: B (memory) ≥ 0.85 of the jose limit (pinned)${label}`,
+        results[`small.b_memory_of_jose_limit${suffix}`],
+        (v) => v >= TARGETS.limitFraction,
+        (v) => v.toFixed(2),
+      ),
+      target(
+        `small: Redis costs ≤ 10% more than memory${label}`,
+        results[`small.redis_cost${suffix}`],
+        (v) => v <= TARGETS.redisCost,
+        (v) => `${(v * 100).toFixed(1)}%`,
+      ),
+      target(
+        `large: B ≥ 0.9 of node:http throughput${label}`,
+        results[`large.b_of_node_http${suffix}`],
+        (v) => v >= TARGETS.largeFraction,
+        (v) => v.toFixed(2),
+      ),
+      target(
+        `large: B peak RSS ≤ 128 MB, 8 downloads at full speed${label}`,
+        results[`large.b_rss_fast${suffix}`],
+        (v) => v <= TARGETS.rssBytes,
+        (v) => `${(v / 1e6).toFixed(1)} MB`,
+      ),
+      target(
+        `large: B peak RSS ≤ 128 MB, 8 slow readers${label}`,
+        results[`large.b_rss_slow${suffix}`],
+        (v) => v <= TARGETS.rssBytes,
+        (v) => `${(v / 1e6).toFixed(1)} MB`,
+      ),
+    ]),
     target(
       'minting: ≥ 2,000 tokens/s on Postgres',
       results['mint.postgres'],
@@ -1012,7 +1125,7 @@ async function report() {
   lines.push(`## Benchmark${QUICK ? ' (BENCH_QUICK: one short run each, not for comparison)' : ''}`);
   lines.push('');
   lines.push(
-    `Machine: ${host.cpu}, ${host.cores} cores, ${host.memoryGiB} GiB, Node ${host.node} (${host.platform}); load average at start ${host.loadAverage}${busy ? ' — BUSY, figures not representative' : ''}.`,
+    `Machine: ${host.cpu}, ${host.cores} cores, ${host.memoryGiB} GiB, Node ${host.node}${runtimes[1] ? ` and ${runtimes[1].version} (the rows marked "${runtimes[1].label.slice(2)}")` : ''} (${host.platform}); load average at start ${host.loadAverage}${busy ? ' — BUSY, figures not representative' : ''}.`,
   );
   lines.push(
     `Pinning: ${pinning.note}. Runs: ${config.runs} × ${config.durationS} s after a ${config.warmupS} s warm-up, ${config.connections} connections; median (min–max). Command: \`${QUICK ? 'BENCH_QUICK=1 ' : ''}npm run bench\`.`,

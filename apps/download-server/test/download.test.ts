@@ -4,7 +4,7 @@
  * Tokens are minted with the real signer; time is fixed with its `now` option, nothing sleeps.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, rename, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { FileClaims } from '@sfh/download-token';
@@ -490,6 +490,56 @@ describe('missing bytes', () => {
     const token = await t.mint({ ...file, size: file.size + 1 });
     expectError(await download(t.app, token), 404, 'FILE_NOT_FOUND');
     expect(await t.app.replayStore.usage(jtiOf(token))).toBeUndefined();
+  });
+});
+
+describe('the replay store before storage: a refused token costs no storage request', () => {
+  it('a used token, replayed by GET and HEAD, and an overlapping range get 410 without opening the object', async () => {
+    const { app, token } = await withFile();
+    const read = vi.spyOn(app.storage, 'read');
+    expect((await download(app, token)).statusCode).toBe(200);
+    expect(read).toHaveBeenCalledTimes(1);
+    for (let i = 0; i < 20; i++) expectError(await download(app, token), 410, 'TOKEN_USED');
+    expect((await download(app, token, { method: 'HEAD' })).statusCode).toBe(410);
+    expectError(await download(app, token, { headers: { range: 'bytes=3-5' } }), 410, 'TOKEN_USED');
+    // A stale If-Range asks for the whole file, which is as used.
+    const stale = { range: 'bytes=0-4', 'if-range': 'Thu, 01 Jan 2004 00:00:00 GMT' };
+    expectError(await download(app, token, { headers: stale }), 410, 'TOKEN_USED');
+    expect(read).toHaveBeenCalledTimes(1);
+  });
+
+  it('a token past its response bound gets 410 without opening the object', async () => {
+    const { app, token } = await withFile();
+    const read = vi.spyOn(app.storage, 'read');
+    for (let i = 0; i < 32; i++)
+      expect(
+        (await download(app, token, { headers: { range: `bytes=${i % 10}-${i % 10}` } })).statusCode,
+      ).toBe(i < 10 ? 206 : 410);
+    expect(read).toHaveBeenCalledTimes(10);
+  });
+
+  it('a reservation whose object is missing is given back whole: 40 tries later the token is as new', async () => {
+    const { app, config, file, token } = await withFile();
+    // Taken away and put back (B has never opened it, so no descriptor of it is kept open).
+    const path = join(config.storageDir, file.obj.slice(0, 2), file.obj);
+    await rename(path, `${path}.away`);
+    // More tries than the 32 responses a token may have: none of them counted.
+    for (let i = 0; i < 40; i++) expectError(await download(app, token), 404, 'FILE_NOT_FOUND');
+    expect(await app.replayStore.usage(jtiOf(token))).toBeUndefined();
+    await rename(`${path}.away`, path);
+    const res = await download(app, token);
+    expect(res.statusCode).toBe(200);
+    expect(res.rawPayload.equals(TEN)).toBe(true);
+  });
+
+  it('a reservation whose read fails (storage down) is given back: 503, then the token still works', async () => {
+    const { app, token } = await withFile();
+    vi.spyOn(app.storage, 'read').mockRejectedValueOnce(new Error('storage down'));
+    expectError(await download(app, token), 503, 'STORAGE_UNAVAILABLE');
+    expect(await app.replayStore.usage(jtiOf(token))).toBeUndefined();
+    const res = await download(app, token);
+    expect(res.statusCode).toBe(200);
+    expect(res.rawPayload.equals(TEN)).toBe(true);
   });
 });
 

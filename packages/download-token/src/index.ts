@@ -139,10 +139,12 @@ export async function signDownloadToken(file: FileClaims, options: SignOptions):
 
 /**
  * Returns the public key for a `kid` (imported once per key-set read, never per token), or
- * `undefined` if there is none. May refresh a key set; any error it throws (keys unavailable)
- * propagates unchanged from `verifyDownloadToken`.
+ * `undefined` if there is none. `alg` is the token's, already on the allowlist, for a resolver
+ * that selects by both (jose's `createLocalJWKSet`); the key's own algorithm is checked against
+ * it afterwards whatever the resolver did. May refresh a key set; any error it throws (keys
+ * unavailable) propagates unchanged from `verifyDownloadToken`.
  */
-export type KeyResolver = (kid: string) => Promise<CryptoKey | undefined>;
+export type KeyResolver = (kid: string, alg: TokenAlgorithm) => Promise<CryptoKey | undefined>;
 
 export interface VerifyOptions {
   /** The allowlist: the algorithms of the keys A publishes (a subset of `TOKEN_ALGORITHMS`). */
@@ -216,7 +218,7 @@ async function resolve(kid: unknown, alg: unknown, getKey: KeyResolver): Promise
   }
   let key: CryptoKey | undefined;
   try {
-    key = await getKey(kid);
+    key = await getKey(kid, alg as TokenAlgorithm);
   } catch (error) {
     // The resolver's own failure (keys unavailable) must not pass for an invalid token, even
     // when it is one of jose's errors (a JWKS fetch timeout).

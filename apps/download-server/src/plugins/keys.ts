@@ -8,7 +8,7 @@ import {
   type TokenAlgorithm,
 } from '@sfh/download-token';
 import fp from 'fastify-plugin';
-import { type CryptoKey, importJWK, type JWK } from 'jose';
+import { type CryptoKey, createLocalJWKSet, errors, type JWK } from 'jose';
 import { KeysUnavailable } from '../errors.ts';
 
 export interface KeyStatus {
@@ -28,7 +28,10 @@ export interface KeyStatus {
 declare module 'fastify' {
   interface FastifyInstance {
     keys: {
-      /** For `verifyDownloadToken`: the key for a kid; throws KEYS_UNAVAILABLE when the set is unusable. */
+      /**
+       * For `verifyDownloadToken`: the key for a kid and algorithm (jose's `createLocalJWKSet`
+       * selects it from the current set); throws KEYS_UNAVAILABLE when the set is unusable.
+       */
       resolve: KeyResolver;
       /**
        * For `verifyDownloadToken`: the allowlist, exactly the algorithms of the keys in the set
@@ -65,13 +68,15 @@ const ON_DEMAND_READ_INTERVAL_MS = 1_000;
 
 /**
  * A's public keys, read from `JWKS_URL` (or `JWKS_FILE`) at start and every
- * `JWKS_REFRESH_SECONDS`, imported once per read so verification never imports a key.
- * When the source is unreachable the last good set serves for at most `JWKS_MAX_STALE_SECONDS`;
- * past that B fails closed.
+ * `JWKS_REFRESH_SECONDS`. Each good set is handed to jose's `createLocalJWKSet`, which selects
+ * the key for a token (its `kid`, and its `alg` against the key's), and every key is imported
+ * once when the set is read, so verification never imports a key. What jose does not do stays
+ * here: the refresh, the stale limit and the file watching. When the source is unreachable the
+ * last good set serves for at most `JWKS_MAX_STALE_SECONDS`; past that B fails closed.
  */
 export default fp(
   async (app, options: KeysOptions) => {
-    let keys = new Map<string, CryptoKey>();
+    let keys: KeySet = { kids: new Map(), select: undefined };
     let algorithms: readonly TokenAlgorithm[] = TOKEN_ALGORITHMS;
     let skipped = 0;
     let fetchedAt: Date | undefined;
@@ -100,13 +105,13 @@ export default fp(
       try {
         const set = await importKeySet(await readKeySet(options.source));
         for (const entry of set.skipped) app.log.warn(entry, 'skipped an unusable key in the key set');
-        logChange(keys, set.keys, fetchedAt === undefined);
+        logChange(keys.kids, set.keys.kids, fetchedAt === undefined);
         keys = set.keys;
         skipped = set.skipped.length;
-        algorithms = keys.size ? [...set.algorithms] : TOKEN_ALGORITHMS;
+        algorithms = keys.kids.size ? [...new Set(keys.kids.values())] : TOKEN_ALGORITHMS;
         fetchedAt = new Date();
         becameReady();
-        if (lastError) app.log.info({ keys: keys.size }, 'key set read again');
+        if (lastError) app.log.info({ keys: keys.kids.size }, 'key set read again');
         lastError = undefined;
       } catch (error) {
         const message =
@@ -119,7 +124,7 @@ export default fp(
     }
 
     // Operators see B's first keys and every kid that comes or goes, e.g. to follow a rotation.
-    function logChange(before: Map<string, CryptoKey>, after: Map<string, CryptoKey>, first: boolean) {
+    function logChange(before: Map<string, unknown>, after: Map<string, unknown>, first: boolean) {
       const added = [...after.keys()].filter((kid) => !before.has(kid));
       const removed = [...before.keys()].filter((kid) => !after.has(kid));
       if (first) app.log.info({ kids: added }, 'key set read: B can verify tokens');
@@ -141,23 +146,23 @@ export default fp(
     }
 
     app.decorate('keys', {
-      async resolve(kid: string) {
+      async resolve(kid: string, alg: string) {
         if (!usable()) await readOnDemand();
         if (!usable()) throw new KeysUnavailable();
-        const key = keys.get(kid);
-        if (key) return key;
-        // Normally a key is published long before it signs. A fresh key that signs at once (A's
-        // first start, or after every key was revoked) is learnt here.
-        if (reading) await reading;
-        else if (Date.now() - unknownKidReadAt >= UNKNOWN_KID_COOLDOWN_MS) {
-          unknownKidReadAt = Date.now();
-          await refresh();
+        if (!keys.kids.has(kid)) {
+          // Normally a key is published long before it signs. A fresh key that signs at once (A's
+          // first start, or after every key was revoked) is learnt here.
+          if (reading) await reading;
+          else if (Date.now() - unknownKidReadAt >= UNKNOWN_KID_COOLDOWN_MS) {
+            unknownKidReadAt = Date.now();
+            await refresh();
+          }
         }
-        return keys.get(kid);
+        return select(keys, kid, alg);
       },
       algorithms: () => algorithms,
       status: () => ({
-        keys: keys.size,
+        keys: keys.kids.size,
         skipped,
         fetchedAt,
         usable: usable(),
@@ -235,34 +240,55 @@ const CURVES: Record<TokenAlgorithm, { kty: string; crv: string; members: string
   EdDSA: { kty: 'OKP', crv: 'Ed25519', members: ['x'] },
 };
 
+/** A good key set: its kids with their algorithms, and jose's selector over it. */
+interface KeySet {
+  kids: Map<string, TokenAlgorithm>;
+  select: ReturnType<typeof createLocalJWKSet> | undefined;
+}
+
+/** The set's key for a token's `kid` and `alg`, or `undefined` when it has none for both. */
+async function select(keys: KeySet, kid: string, alg: string): Promise<CryptoKey | undefined> {
+  if (!keys.select) return undefined;
+  try {
+    return (await keys.select({ kid, alg })) as CryptoKey;
+  } catch (error) {
+    // Another kid, or a key of another algorithm under this kid: no key, so TOKEN_INVALID.
+    if (error instanceof errors.JWKSNoMatchingKey || error instanceof errors.JOSENotSupported)
+      return undefined;
+    throw error;
+  }
+}
+
 interface ImportedKeySet {
-  keys: Map<string, CryptoKey>;
-  algorithms: Set<TokenAlgorithm>;
+  keys: KeySet;
   /** Entries that looked like our signing keys but could not be used: logged and counted. */
   skipped: { kid: unknown; reason: string }[];
 }
 
 /**
- * Imports the verification keys of a JWKS with jose, each bound to its own algorithm (the JWK's
- * `alg`, or the one its curve implies). Keys that are not for us (other types or algorithms,
- * encryption keys) are ignored; a broken entry is skipped, so one bad key cannot keep new keys
- * and revocations from reaching B. Only a set that is not a JWKS at all fails the read.
+ * The verification keys of a JWKS for jose's `createLocalJWKSet`, each bound to its own
+ * algorithm (the JWK's `alg`, or the one its curve implies) and reduced to its public members.
+ * Keys that are not for us (other types or algorithms, encryption keys) are ignored; a broken
+ * entry is skipped, so one bad key cannot keep new keys and revocations from reaching B. Every
+ * key is imported when the set is read (jose caches it in the selector). Only a set that is not
+ * a JWKS at all fails the read.
  */
 async function importKeySet(set: unknown): Promise<ImportedKeySet> {
   const list = (set as { keys?: unknown })?.keys;
   if (!Array.isArray(list)) throw new Error('key set has no "keys" array');
-  const imported: ImportedKeySet = { keys: new Map(), algorithms: new Set(), skipped: [] };
+  const skipped: ImportedKeySet['skipped'] = [];
+  const good: (JWK & { kid: string; alg: TokenAlgorithm })[] = [];
   for (const entry of list) {
     const jwk = (typeof entry === 'object' && entry !== null ? entry : {}) as JWK;
     const alg = jwk.alg ?? algorithmOfCurve(jwk);
     if (!isTokenAlgorithm(alg) || (jwk.use ?? 'sig') !== 'sig') continue;
-    const skip = (reason: string) => imported.skipped.push({ kid: jwk.kid, reason });
+    const skip = (reason: string) => skipped.push({ kid: jwk.kid, reason });
     const { kty, crv, members } = CURVES[alg];
     if (typeof jwk.kid !== 'string' || jwk.kid.length === 0) {
       skip('no kid');
       continue;
     }
-    if (imported.keys.has(jwk.kid)) {
+    if (good.some((key) => key.kid === jwk.kid)) {
       skip('duplicate kid');
       continue;
     }
@@ -270,16 +296,26 @@ async function importKeySet(set: unknown): Promise<ImportedKeySet> {
       skip(`${alg} needs a ${kty} key on ${crv}`);
       continue;
     }
-    const publicJwk: Record<string, unknown> = { kty, crv };
-    for (const member of members) publicJwk[member] = (jwk as Record<string, unknown>)[member];
+    const publicJwk = { kty, crv, kid: jwk.kid, alg, use: 'sig' } as JWK & {
+      kid: string;
+      alg: TokenAlgorithm;
+    };
+    for (const member of members)
+      (publicJwk as Record<string, unknown>)[member] = (jwk as Record<string, unknown>)[member];
     try {
-      imported.keys.set(jwk.kid, (await importJWK(publicJwk, alg)) as CryptoKey);
-      imported.algorithms.add(alg);
+      // jose must be able to import it; a key it cannot is skipped here, not at the first token.
+      await createLocalJWKSet({ keys: [publicJwk] })({ kid: jwk.kid, alg });
     } catch (error) {
       skip(error instanceof Error ? error.message : String(error));
+      continue;
     }
+    good.push(publicJwk);
   }
-  return imported;
+  if (good.length === 0) return { keys: { kids: new Map(), select: undefined }, skipped };
+  const selector = createLocalJWKSet({ keys: good });
+  // Imported into the selector now, once per read: verification never imports a key.
+  await Promise.all(good.map((jwk) => selector({ kid: jwk.kid, alg: jwk.alg })));
+  return { keys: { kids: new Map(good.map((jwk) => [jwk.kid, jwk.alg])), select: selector }, skipped };
 }
 
 function algorithmOfCurve(jwk: JWK): TokenAlgorithm | undefined {

@@ -1,19 +1,23 @@
 import fp from 'fastify-plugin';
-import { RedisReplayStore } from '../redis-replay-store.ts';
-import { MemoryReplayStore, type ReplayStore } from '../replay-store.ts';
+import { MemoryReplayStore } from '../single-use/memory-store.ts';
+import { type AcceptanceOptions, type ReplayStore, replayWindowMs, SingleUse } from '../single-use/policy.ts';
+import { RedisReplayStore } from '../single-use/redis-store.ts';
 
 declare module 'fastify' {
   interface FastifyInstance {
+    /** Where B remembers what each token has yielded (readiness, tests). */
     replayStore: ReplayStore;
+    /** One download per token: what the download route asks. */
+    singleUse: SingleUse;
   }
 }
 
-export interface ReplayStoreOptions {
+export interface ReplayStoreOptions extends AcceptanceOptions {
   redis?: { url: string; keyPrefix: string; timeoutMs: number; allowEviction: boolean };
   /** Journal folder of the in-memory store (claims survive restarts); none: memory only. */
   journalDir?: string;
-  /** The longest a used token stays recorded (acceptance.ts `replayWindowMs`). */
-  windowMs: number;
+  /** RESEND_MARGIN_BYTES. */
+  resendMarginBytes: number;
 }
 
 /** Where B remembers used tokens: Redis when B runs as several replicas, else memory. */
@@ -28,11 +32,19 @@ export default fp(
           log: app.log,
         })
       : await MemoryReplayStore.open({
-          windowMs: options.windowMs,
+          windowMs: replayWindowMs(options),
           log: app.log,
           ...(options.journalDir ? { dir: options.journalDir } : {}),
         });
     app.decorate('replayStore', store);
+    app.decorate(
+      'singleUse',
+      new SingleUse(store, {
+        maxTokenAgeSeconds: options.maxTokenAgeSeconds,
+        clockToleranceSeconds: options.clockToleranceSeconds,
+        resendMarginBytes: options.resendMarginBytes,
+      }),
+    );
     app.addHook('onClose', () => store.close());
   },
   { name: 'replay-store' },

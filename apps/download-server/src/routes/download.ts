@@ -3,7 +3,6 @@ import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/d
 import type { ByteRange, ObjectRead } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { keepUsedUntil } from '../acceptance.ts';
 import {
   FileNotFound,
   RangeNotSatisfiable,
@@ -16,17 +15,11 @@ import {
   TokenUsed,
 } from '../errors.ts';
 import { parseRange } from '../range.ts';
-import { decide, type Limits } from '../replay-store.ts';
 
 export interface DownloadOptions {
   /** Everything but the allowlist, which follows the key set. */
   verify: Omit<VerifyOptions, 'algorithms' | 'currentDate'>;
-  /** RESEND_MARGIN_BYTES: what an interrupted response gives back before its last written byte. */
-  resendMarginBytes: number;
 }
-
-/** Most responses one token may send bytes in (design.md "Single use"). */
-const MAX_RESPONSES = 32;
 
 type Params = { token: string; name?: string };
 
@@ -41,75 +34,92 @@ declare module 'fastify' {
 const ACTIVE_CONTENT = /html|xml|javascript|ecmascript|^text\/xsl|^application\/(x-)?(shockwave|java)/i;
 
 /**
- * `GET|HEAD /d/:token[/:name]`: verify the token, reserve the bytes it will send, stream them.
- * Order matters: verify before anything else (a forged token never burns a real one and never
- * touches storage), then look at the file and the range (404 and 416 reserve nothing), then
- * reserve exactly that range atomically (one replay-store call: each byte is sent at most once
- * per token), then send. A response cut short gives back what it did not deliver.
+ * `GET|HEAD /d/:token[/:name]`: verify the token, reserve the bytes it will send, open the
+ * object, stream them. Order matters:
+ * 1. verify before anything else (a forged token never burns a real one, never touches storage);
+ * 2. the range, from the size the token carries (416 reserves nothing and reads nothing);
+ * 3. reserve exactly that range atomically (one replay-store call: each byte is sent at most once
+ *    per token), or for HEAD ask what a reserve would answer. A used or refused token is answered
+ *    here, before storage is asked: replaying a spent link costs no storage request (on S3, a
+ *    billable GetObject);
+ * 4. open the object; when it is missing (404) or storage fails (503), the reservation is given
+ *    back whole;
+ * 5. send. A response cut short gives back what it did not deliver.
  */
 export default async function downloadRoutes(app: FastifyInstance, options: DownloadOptions) {
-  const { storage } = app;
+  const { storage, singleUse } = app;
 
   async function download(request: FastifyRequest<{ Params: Params }>, reply: FastifyReply) {
     const claims = await verify(request.params.token, request.log);
-    // The token carries the size: the range is known before the store is asked (a 416 never
-    // reaches it), and the store gets one ranged read, no HEAD first.
+    const head = request.method === 'HEAD';
     let range = selectRange(request, claims);
-    let file = await read(claims.obj, range);
+    let file = await take(request, claims, range, head);
     if (range && file && staleIfRange(request, claims, file)) {
       // If-Range with a date other than the object's: the client's copy is stale, whole file.
       file.body.destroy();
+      await giveBack(request, claims, range, head);
       range = undefined;
-      file = await read(claims.obj, range);
+      file = await take(request, claims, range, head);
     }
     // A size that disagrees with the token means these are not the bytes A vouched for.
     if (file?.size !== claims.size) {
       file?.body.destroy();
+      await giveBack(request, claims, range, head);
       throw new FileNotFound();
     }
+    if (!head) releaseUnsent(request, reply, claims, range);
     try {
-      return await send(request, reply, claims, file, range);
+      return send(request, reply, claims, file, range);
     } catch (error) {
       file.body.destroy();
       throw error;
     }
   }
 
-  async function read(id: string, range: ByteRange | undefined): Promise<ObjectRead | undefined> {
+  /** Reserves the range (HEAD: checks it), then opens the object; 410 before any storage request. */
+  async function take(
+    request: FastifyRequest,
+    claims: DownloadClaims,
+    range: ByteRange | undefined,
+    head: boolean,
+  ): Promise<ObjectRead | undefined> {
+    const [start, end] = bounds(claims, range);
+    const answer = await replay(
+      head ? singleUse.check(claims, start, end) : singleUse.reserve(claims, start, end),
+    );
+    if (!answer.ok) {
+      if (!head) app.metrics.refused(answer.refusal);
+      throw renewable(new TokenUsed(), claims);
+    }
     try {
-      return await storage.read(id, range);
+      return await storage.read(claims.obj, range);
     } catch (error) {
+      await giveBack(request, claims, range, head);
       throw new StorageUnavailable({ cause: error });
     }
   }
 
-  async function send(
+  /** A reservation that sent nothing is given back whole; failing that, it stays (the safe side). */
+  async function giveBack(
+    request: FastifyRequest,
+    claims: DownloadClaims,
+    range: ByteRange | undefined,
+    head: boolean,
+  ) {
+    if (head) return;
+    const [start, end] = bounds(claims, range);
+    await singleUse.cancel(claims, start, end).catch((error: unknown) => {
+      request.log.warn({ err: error }, 'replay store: could not give a reservation back; it stays reserved');
+    });
+  }
+
+  function send(
     request: FastifyRequest<{ Params: Params }>,
     reply: FastifyReply,
     claims: DownloadClaims,
     file: ObjectRead,
     range: ByteRange | undefined,
   ) {
-    const start = range ? range.start : 0;
-    const end = range ? range.end + 1 : file.size;
-    const limits: Limits = {
-      maxBytes: file.size + Math.min(file.size, 8 * options.resendMarginBytes),
-      maxResponses: MAX_RESPONSES,
-    };
-    if (request.method === 'HEAD') {
-      // Answers as GET would, reserving nothing.
-      const answer = decide(await replay(app.replayStore.usage(claims.jti)), start, end, limits);
-      if (!answer.ok) throw renewable(new TokenUsed(), claims);
-    } else {
-      const keepUntil = keepUsedUntil(claims, options.verify);
-      const answer = await replay(app.replayStore.reserve(claims.jti, start, end, keepUntil, limits));
-      if (!answer.ok) {
-        app.metrics.refused(answer.refusal);
-        throw renewable(new TokenUsed(), claims);
-      }
-      releaseUnsent(request, reply, claims.jti, start, end);
-    }
-
     reply
       .header('content-type', ACTIVE_CONTENT.test(claims.ctype) ? 'application/octet-stream' : claims.ctype)
       .header(
@@ -139,17 +149,17 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
   }
 
   /**
-   * When the response ends before all of `[start, end)` was written (the client went away, or
-   * the read failed), gives back from RESEND_MARGIN_BYTES before the last written byte to the
-   * end: the socket's count includes what the kernel and the client's unread buffer still held,
-   * which the client never saved. Off the hot path: a complete response costs one listener.
+   * When the response ends before all of its range was written (the client went away, or the
+   * read failed), gives back what the client may not have (single-use/policy.ts `giveBack`).
+   * What was written is the socket's count during this response, head included, which Node keeps
+   * public (`bytesWritten`); no private field of Node is read. Off the hot path: a complete
+   * response costs one listener.
    */
   function releaseUnsent(
     request: FastifyRequest,
     reply: FastifyReply,
-    jti: string,
-    start: number,
-    end: number,
+    claims: DownloadClaims,
+    range: ByteRange | undefined,
   ) {
     const socket = request.raw.socket;
     const res = reply.raw;
@@ -157,18 +167,14 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       const sentFile = res.statusCode === 200 || res.statusCode === 206;
       // Ended: the whole body went to the socket (all of it but its last buffer to the kernel).
       if (sentFile && res.writableEnded) return;
-      const wrote = socket.bytesWritten - request.bytesWrittenBefore;
+      const wrote = Math.max(0, socket.bytesWritten - request.bytesWrittenBefore || 0);
       // fastify runs onResponse only for responses that finished: count this one here.
-      if (!res.writableEnded) app.metrics.download('aborted', Math.max(0, wrote || 0));
-      // The count covers this response's head too (Node keeps it as `_header`), not only bytes.
-      const head = (res as { _header?: string | null })._header?.length ?? 0;
-      const total = wrote - head;
-      const written = sentFile && total > 0 ? Math.min(end - start, total) : 0;
-      const lastWritten = start + written;
-      const from = Math.max(start, lastWritten - options.resendMarginBytes);
-      if (from >= end) return;
-      app.replayStore.release(jti, from, end, end - lastWritten).then(
-        () => app.metrics.released(lastWritten - from),
+      if (!res.writableEnded) app.metrics.download('aborted', wrote);
+      const [start, end] = bounds(claims, range);
+      singleUse.interrupted(claims, start, end, sentFile ? wrote : 0).then(
+        (resendable) => {
+          if (resendable > 0) app.metrics.released(resendable);
+        },
         (error: unknown) =>
           request.log.warn({ err: error }, 'replay store: release failed; the unsent bytes stay reserved'),
       );
@@ -230,6 +236,11 @@ function asciiName(name: string): string {
     .normalize('NFKD')
     .replace(/[\u0300-\u036f]/g, '')
     .replace(/[^\x20-\x7e]/g, '_');
+}
+
+/** The half-open byte range `[start, end)` a response of `range` sends. */
+function bounds(claims: DownloadClaims, range: ByteRange | undefined): [number, number] {
+  return range ? [range.start, range.end + 1] : [0, claims.size];
 }
 
 // Fail closed: when the store cannot say whether a token was used, nothing is sent.

@@ -1,69 +1,8 @@
 import { Redis, type Result } from 'ioredis';
-import type { Limits, Refusal, ReplayStore, Reservation, Usage } from './replay-store.ts';
-
-// The rules of `decide` (replay-store.ts), run inside Redis so that the check and the write are one
-// atomic step across every replica. A record is a hash: `r` the ranges (`s-e,s-e`, half-open,
-// sorted, merged), `b` the bytes counted, `n` the responses. A plain string key is a token claimed
-// whole by an older B: everything counts as sent.
-const RANGES_LUA = `
-local function parse(text)
-  local out = {}
-  if text then
-    for s, e in string.gmatch(text, '(%d+)-(%d+)') do
-      out[#out + 1] = { tonumber(s), tonumber(e) }
-    end
-  end
-  return out
-end
-local function format(ranges)
-  local parts = {}
-  for i, r in ipairs(ranges) do parts[i] = string.format('%d-%d', r[1], r[2]) end
-  return table.concat(parts, ',')
-end
-`;
-
-const RESERVE_LUA = `${RANGES_LUA}
-if redis.call('TYPE', KEYS[1]).ok == 'string' then return 'overlap' end
-local start, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
-local record = redis.call('HMGET', KEYS[1], 'r', 'b', 'n')
-local ranges = parse(record[1])
-local bytes, responses = tonumber(record[2]) or 0, tonumber(record[3]) or 0
-for _, r in ipairs(ranges) do
-  if r[1] < stop and start < r[2] then return 'overlap' end
-end
-if responses >= tonumber(ARGV[5]) then return 'responses' end
-if bytes + (stop - start) > tonumber(ARGV[4]) then return 'bytes' end
-local merged = {}
-for _, r in ipairs(ranges) do
-  if r[2] < start or r[1] > stop then
-    merged[#merged + 1] = r
-  else
-    start, stop = math.min(start, r[1]), math.max(stop, r[2])
-  end
-end
-if start < stop then merged[#merged + 1] = { start, stop } end
-table.sort(merged, function(a, b) return a[1] < b[1] end)
-redis.call('HSET', KEYS[1], 'r', format(merged), 'b', string.format('%d', bytes + tonumber(ARGV[2]) - tonumber(ARGV[1])), 'n', responses + 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 'ok'
-`;
-
-const RELEASE_LUA = `${RANGES_LUA}
-if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
-local from, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
-local kept = {}
-for _, r in ipairs(parse(redis.call('HGET', KEYS[1], 'r'))) do
-  if r[2] <= from or r[1] >= stop then
-    kept[#kept + 1] = r
-  else
-    if r[1] < from then kept[#kept + 1] = { r[1], from } end
-    if r[2] > stop then kept[#kept + 1] = { stop, r[2] } end
-  end
-end
-local bytes = math.max(0, (tonumber(redis.call('HGET', KEYS[1], 'b')) or 0) - tonumber(ARGV[3]))
-redis.call('HSET', KEYS[1], 'r', format(kept), 'b', string.format('%d', bytes))
-return 1
-`;
+import type { Limits, Refusal, ReplayStore, Reservation, Usage } from './policy.ts';
+// The scripts are text, bundled into B (esbuild's text loader; vitest.config.ts for the tests).
+import RELEASE_LUA from './release.lua';
+import RESERVE_LUA from './reserve.lua';
 
 declare module 'ioredis' {
   interface RedisCommander<Context> {
@@ -75,7 +14,13 @@ declare module 'ioredis' {
       maxBytes: number,
       maxResponses: number,
     ): Result<string, Context>;
-    dlRelease(key: string, from: number, end: number, unsent: number): Result<number, Context>;
+    dlRelease(
+      key: string,
+      from: number,
+      end: number,
+      unsent: number,
+      responses: number,
+    ): Result<number, Context>;
   }
 }
 
@@ -118,13 +63,14 @@ const MAX_RECONNECT_DELAY_MS = 2_000;
  * exactly when it stops mattering.
  *
  * What each method guarantees:
- * - `reserve` is one Lua script (check and write in one step, never a read followed by a write):
+ * - `reserve` is one Lua script, reserve.lua (check and write in one step, never a read followed by a write):
  *   Redis runs scripts one at a time, so of any number of concurrent reserves of overlapping
  *   bytes of one jti, from any number of replicas, exactly one is granted. It rejects when Redis
  *   does not answer within `commandTimeoutMs`, is disconnected, or is refused for its eviction
  *   policy. A rejected reserve may still have reached Redis (the reply got lost), so the bytes may
  *   stay reserved without being sent: that is the fail-closed side, by design.
- * - `release` is one Lua script too; it leaves the TTL alone and does nothing on an expired key.
+ * - `release` is one Lua script too, release.lua; it leaves the TTL alone and does nothing on an
+ *   expired key.
  * - `usage` is one `HMGET`; it reserves nothing. Rejects like `reserve`.
  * - `ping` resolves only when a claim could succeed now (Redis answers and its policy is
  *   acceptable), which is what /readyz needs.
@@ -240,27 +186,19 @@ export class RedisReplayStore implements ReplayStore {
     return answer === 'ok' ? { ok: true } : { ok: false, refusal: answer as Refusal };
   }
 
-  async release(jti: string, from: number, end: number, unsent: number): Promise<void> {
+  async release(jti: string, from: number, end: number, unsent: number, responses: number): Promise<void> {
     await this.#usable();
-    await this.#client.dlRelease(this.#key(jti), from, end, unsent);
+    await this.#client.dlRelease(this.#key(jti), from, end, unsent, responses);
   }
 
   async usage(jti: string): Promise<Usage | undefined> {
     await this.#usable();
-    const key = this.#key(jti);
-    const [[, type], [, record]] = (await this.#client
-      .multi()
-      .type(key)
-      .hmget(key, 'r', 'b', 'n')
-      .exec()) as [[null, string], [null, (string | null)[]]];
-    if (type === 'none') return undefined;
-    // An older B's plain claim: the token was used whole.
-    if (type === 'string') return { ranges: [0, Number.MAX_SAFE_INTEGER], bytes: 0, responses: 0 };
-    const [ranges, bytes, responses] = record;
+    const [ranges, bytes, responses] = await this.#client.hmget(this.#key(jti), 'r', 'b', 'n');
+    if (responses === null || responses === undefined) return undefined;
     return {
       ranges: ranges ? ranges.split(/[-,]/).map(Number) : [],
       bytes: Number(bytes ?? 0),
-      responses: Number(responses ?? 0),
+      responses: Number(responses),
     };
   }
 

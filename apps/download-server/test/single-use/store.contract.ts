@@ -1,5 +1,5 @@
 /**
- * The contract every `ReplayStore` must pass (src/replay-store.ts; design.md "Single use: one
+ * The contract every `ReplayStore` must pass (src/single-use/policy.ts; design.md "Single use: one
  * download per token"): a byte is reserved at most once per jti however many callers race,
  * adjacent ranges do not overlap, releases give bytes back, the byte and response bounds hold,
  * jtis are independent, and a record expires at `keepUntil`. Implementations call
@@ -9,7 +9,7 @@
 import fc from 'fast-check';
 import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, onTestFinished, vi } from 'vitest';
-import type { Limits, ReplayStore } from '../src/replay-store.ts';
+import type { Limits, ReplayStore } from '../../src/single-use/policy.ts';
 
 export interface ContractOptions {
   /**
@@ -108,17 +108,17 @@ export function replayStoreContract(
       const jti = newJti();
       expect((await store.reserve(jti, 0, 1_000, later(), LIMITS)).ok).toBe(true);
       // The response wrote 400 bytes; 100 before that and the 600 unwritten are released.
-      await store.release(jti, 300, 1_000, 600);
+      await store.release(jti, 300, 1_000, 600, 0);
       expect(await store.usage(jti)).toEqual({ ranges: [0, 300], bytes: 400, responses: 1 });
       expect((await store.reserve(jti, 299, 1_000, later(), LIMITS)).ok).toBe(false);
       expect((await store.reserve(jti, 300, 1_000, later(), LIMITS)).ok).toBe(true);
       expect(await store.usage(jti)).toEqual({ ranges: [0, 1_000], bytes: 1_100, responses: 2 });
       // A release in the middle splits a range.
-      await store.release(jti, 400, 500, 100);
+      await store.release(jti, 400, 500, 100, 0);
       expect((await store.usage(jti))?.ranges).toEqual([0, 400, 500, 1_000]);
       // Releasing what was never reserved, or under an unknown jti, changes nothing.
       const unknown = newJti();
-      await store.release(unknown, 0, 10, 10);
+      await store.release(unknown, 0, 10, 10, 0);
       expect(await store.usage(unknown)).toBeUndefined();
     });
 
@@ -128,7 +128,7 @@ export function replayStoreContract(
       // Each round writes 400 bytes and releases them all as written-but-maybe-lost.
       for (let round = 0; round < 4; round++) {
         expect((await store.reserve(jti, 0, 400, later(), LIMITS)).ok, `round ${round}`).toBe(true);
-        await store.release(jti, 0, 400, 0);
+        await store.release(jti, 0, 400, 0, 0);
       }
       expect((await store.usage(jti))?.bytes).toBe(1_600);
       expect(await store.reserve(jti, 0, 400, later(), LIMITS)).toEqual({ ok: false, refusal: 'bytes' });
@@ -152,7 +152,7 @@ export function replayStoreContract(
       expect((await store.usage(jti))?.responses).toBe(32);
     });
 
-    it('any sequence of reserves and releases matches a byte-by-byte model', async () => {
+    it('any sequence of reserves, releases and cancels matches a byte-by-byte model', async () => {
       const store = await fresh();
       const SIZE = 64;
       const unbounded: Limits = { maxBytes: Number.MAX_SAFE_INTEGER, maxResponses: Number.MAX_SAFE_INTEGER };
@@ -160,34 +160,69 @@ export function replayStoreContract(
       const range = fc
         .tuple(fc.nat(SIZE - 1), fc.nat(SIZE - 1))
         .map(([a, b]) => [Math.min(a, b), Math.max(a, b) + 1] as const);
-      const op = fc.record({ release: fc.boolean(), range });
+      const op = fc.record({ kind: fc.constantFrom('reserve', 'reserve', 'release', 'cancel'), range });
       await fc.assert(
         fc.asyncProperty(fc.array(op, { minLength: 1, maxLength: 30 }), async (ops) => {
           const jti = newJti();
           const model = new Array<boolean>(SIZE).fill(false);
-          for (const {
-            release,
-            range: [start, end],
-          } of ops) {
-            if (release) {
-              await store.release(jti, start, end, 0);
-              model.fill(false, start, end);
+          let bytes = 0;
+          let responses = 0;
+          const granted: (readonly [number, number])[] = [];
+          for (const { kind, range: picked } of ops) {
+            if (kind === 'release') {
+              await store.release(jti, picked[0], picked[1], 0, 0);
+              model.fill(false, picked[0], picked[1]);
               continue;
             }
+            if (kind === 'cancel') {
+              // The latest granted reservation sent nothing: given back whole.
+              const last = granted.pop();
+              if (!last) continue;
+              const [start, end] = last;
+              await store.release(jti, start, end, end - start, 1);
+              model.fill(false, start, end);
+              bytes = Math.max(0, bytes - (end - start));
+              responses = Math.max(0, responses - 1);
+              continue;
+            }
+            const [start, end] = picked;
             const free = model.slice(start, end).every((taken) => !taken);
             expect((await store.reserve(jti, start, end, later(), unbounded)).ok).toBe(free);
-            if (free) model.fill(true, start, end);
+            if (!free) continue;
+            model.fill(true, start, end);
+            bytes += end - start;
+            responses += 1;
+            granted.push(picked);
           }
-          // The recorded ranges are exactly the model's runs of reserved bytes.
+          // The recorded ranges are exactly the model's runs of reserved bytes, with its counts;
+          // a record with nothing left in it is no record.
           const runs: number[] = [];
           model.forEach((taken, i) => {
             if (taken && !model[i - 1]) runs.push(i);
             if (taken && !model[i + 1]) runs.push(i + 1);
           });
-          expect((await store.usage(jti))?.ranges ?? []).toEqual(runs);
+          const empty = runs.length === 0 && bytes === 0 && responses === 0;
+          expect(await store.usage(jti)).toEqual(empty ? undefined : { ranges: runs, bytes, responses });
         }),
         { numRuns: 40 },
       );
+    });
+
+    it('a release with its response gives a reservation back whole; a record left empty is forgotten', async () => {
+      const store = await fresh();
+      const jti = newJti();
+      expect((await store.reserve(jti, 0, 400, later(), LIMITS)).ok).toBe(true);
+      expect((await store.reserve(jti, 400, 1_000, later(), LIMITS)).ok).toBe(true);
+      await store.release(jti, 400, 1_000, 600, 1);
+      expect(await store.usage(jti)).toEqual({ ranges: [0, 400], bytes: 400, responses: 1 });
+      await store.release(jti, 0, 400, 400, 1);
+      expect(await store.usage(jti)).toBeUndefined();
+      // Nothing counts any more: all 32 responses and every byte are there again.
+      for (let i = 0; i < 40; i++) {
+        expect((await store.reserve(jti, 0, 1_000, later(), LIMITS)).ok, `try ${i}`).toBe(true);
+        await store.release(jti, 0, 1_000, 1_000, 1);
+      }
+      expect(await store.usage(jti)).toBeUndefined();
     });
 
     it('reserves of distinct jtis are independent', async () => {
@@ -226,7 +261,7 @@ export function replayStoreContract(
       else vi.setSystemTime(start + 100);
       expect(await used(store, jti)).toBe(false);
       // A release after expiry does not bring the record back.
-      await store.release(jti, 0, 10, 10);
+      await store.release(jti, 0, 10, 10, 0);
       expect(await used(store, jti)).toBe(false);
       // The jti is free again (a token that old is refused by verification anyway).
       expect(await claim(store, jti, Date.now() + MINUTE)).toBe(true);

@@ -9,9 +9,9 @@ import { appendFile, lstat, mkdir, readFile, rm, stat, symlink } from 'node:fs/p
 import { join } from 'node:path';
 import { nanoid } from 'nanoid';
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { MemoryReplayStore } from '../src/replay-store.ts';
-import { tempDir } from './helpers.ts';
-import { claim, LIMITS, replayStoreContract, used } from './replay-store.contract.ts';
+import { MemoryReplayStore } from '../../src/single-use/memory-store.ts';
+import { tempDir } from '../helpers.ts';
+import { claim, LIMITS, replayStoreContract, used } from './store.contract.ts';
 
 replayStoreContract('MemoryReplayStore (memory only)', () => MemoryReplayStore.open({ windowMs: 60_000 }));
 replayStoreContract('MemoryReplayStore (journal)', async () =>
@@ -60,7 +60,7 @@ describe('MemoryReplayStore journal', () => {
     const keepUntil = Date.now() + 60_000;
     const first = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
     expect((await first.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok).toBe(true);
-    await first.release(jti, 300, 1_000, 600);
+    await first.release(jti, 300, 1_000, 600, 0);
     expect((await first.reserve(jti, 300, 500, keepUntil, LIMITS)).ok).toBe(true);
     await first.close();
 
@@ -77,19 +77,21 @@ describe('MemoryReplayStore journal', () => {
     }
   });
 
-  it('a line of the older form (jti keepUntil: a token claimed whole) reloads as fully sent', async () => {
+  it('a reservation given back whole stays given back after a restart (the last line of a jti wins)', async () => {
     const dir = await tempDir('replay-store-');
     const jti = nanoid();
-    await mkdir(dir, { recursive: true });
-    await appendFile(join(dir, 'claims.log'), `${jti} ${Date.now() + 60_000}\n`);
-    const store = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    const keepUntil = Date.now() + 60_000;
+    const first = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
+    expect((await first.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok).toBe(true);
+    await first.release(jti, 0, 1_000, 1_000, 1);
+    await first.close();
+
+    const second = await MemoryReplayStore.open({ dir, windowMs: 60_000 });
     try {
-      expect(await store.reserve(jti, 5, 6, Date.now() + 60_000, LIMITS)).toEqual({
-        ok: false,
-        refusal: 'overlap',
-      });
+      expect(await second.usage(jti)).toBeUndefined();
+      expect((await second.reserve(jti, 0, 1_000, keepUntil, LIMITS)).ok).toBe(true);
     } finally {
-      await store.close();
+      await second.close();
     }
   });
 

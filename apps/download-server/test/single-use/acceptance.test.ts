@@ -1,12 +1,12 @@
 /**
  * Single use until the last instant a token is accepted: the replay record and the verifier's
- * acceptance come from one function (src/acceptance.ts), for the memory store and for a real
+ * acceptance come from one function (src/single-use/policy.ts), for the memory store and for a real
  * Redis (a throwaway redis-server of this test). Time is fixed with `vi.setSystemTime`.
  */
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { freePort } from '../../../test/support/processes.ts';
-import { startRedis } from '../../../test/support/redis.ts';
-import { buildTestApp } from './helpers.ts';
+import { freePort } from '../../../../test/support/processes.ts';
+import { startRedis } from '../../../../test/support/redis.ts';
+import { buildTestApp } from '../helpers.ts';
 
 afterEach(() => {
   vi.useRealTimers();

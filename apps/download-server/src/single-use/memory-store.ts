@@ -3,126 +3,15 @@ import { type FileHandle, mkdir, open, readFile, rename, writeFile } from 'node:
 import { join } from 'node:path';
 import { ConfigError } from '@sfh/config';
 import lockfile from 'proper-lockfile';
-
-/**
- * What a token has yielded so far: the byte ranges sent or being sent under it (sorted, disjoint,
- * half-open `[start, end)` pairs flattened: `[s0, e0, s1, e1, ...]`), the bytes written in all its
- * responses (never decreases when a range is released again, except for bytes never written), and
- * its number of responses.
- */
-export interface Usage {
-  ranges: number[];
-  bytes: number;
-  responses: number;
-}
-
-/** The bounds of one token (design.md "Single use"): past either, every reserve is refused. */
-export interface Limits {
-  /** Most bytes a token may ever yield: `size + min(size, 8 × RESEND_MARGIN_BYTES)`. */
-  maxBytes: number;
-  /** Most responses that may send bytes under one token. */
-  maxResponses: number;
-}
-
-/** Why a reserve was refused: the bytes overlap what was sent or is in flight, or a bound. */
-export type Refusal = 'overlap' | 'bytes' | 'responses';
-export type Reservation = { ok: true } | { ok: false; refusal: Refusal };
-
-/** Each refusal, for `decide`. */
-const REFUSED = {
-  overlap: { ok: false, refusal: 'overlap' },
-  bytes: { ok: false, refusal: 'bytes' },
-  responses: { ok: false, refusal: 'responses' },
-} as const;
-const GRANTED = { ok: true } as const;
-
-const NOTHING: Usage = { ranges: [], bytes: 0, responses: 0 };
-/** A jti that was claimed whole (journals written before byte ranges): nothing can be reserved. */
-const WHOLE: Usage = { ranges: [0, Number.MAX_SAFE_INTEGER], bytes: 0, responses: 0 };
-
-/**
- * Remembers, per download token (`jti`), which bytes of its file were sent: the single-use
- * guarantee ("each byte at most once per token", design.md "Single use") rests on it. Ranges are
- * half-open, `[start, end)`. Every implementation passes `test/replay-store.contract.ts`.
- */
-export interface ReplayStore {
-  /**
-   * Atomically reserves `[start, end)` under `jti` until `keepUntil` (epoch ms), counting one
-   * response and `end - start` bytes against `limits`. Refuses (`overlap`) when any byte of it is
-   * already reserved under `jti` (sent, or in flight in another response); ranges that only touch
-   * (`[0, 10)` then `[10, 20)`) do not overlap. Refuses `responses` or `bytes` when the reserve
-   * would pass a bound. Of any number of concurrent reserves of overlapping ranges, from any number
-   * of callers sharing the store, exactly one succeeds. A granted reserve is recorded durably
-   * before it resolves; the whole record lasts until `keepUntil`, then is forgotten. Rejects when
-   * it cannot tell; callers must then send nothing (fail closed).
-   */
-  reserve(jti: string, start: number, end: number, keepUntil: number, limits: Limits): Promise<Reservation>;
-  /**
-   * Gives `[from, end)` back under `jti` (a response that ended early did not deliver it), so a
-   * later reserve may take it again, and takes `unsent` bytes (never written at all) off the
-   * byte count. Does nothing once the record has expired. Never grows the reservation. A release
-   * lost in a crash only keeps bytes reserved: the safe side.
-   */
-  release(jti: string, from: number, end: number, unsent: number): Promise<void>;
-  /** What `jti` has yielded so far; `undefined` when nothing (or its record expired). Rejects when it cannot tell. */
-  usage(jti: string): Promise<Usage | undefined>;
-  /** Resolves when the store can answer; rejects otherwise. */
-  ping(): Promise<void>;
-  close(): Promise<void>;
-}
-
-/**
- * What `reserve` answers for `[start, end)` given what a token has yielded: overlap first (a
- * replay of sent bytes), then the bounds. Pure; the Redis store runs the same rules in Lua.
- */
-export function decide(usage: Usage | undefined, start: number, end: number, limits: Limits): Reservation {
-  const { ranges, responses, bytes } = usage ?? NOTHING;
-  for (let i = 0; i < ranges.length; i += 2) {
-    if ((ranges[i] as number) < end && start < (ranges[i + 1] as number)) return REFUSED.overlap;
-  }
-  if (responses >= limits.maxResponses) return REFUSED.responses;
-  if (bytes + (end - start) > limits.maxBytes) return REFUSED.bytes;
-  return GRANTED;
-}
-
-/** `ranges` with `[start, end)` added (it overlaps none of them), touching ranges merged. */
-function addRange(ranges: number[], start: number, end: number): number[] {
-  if (start >= end) return ranges;
-  const out: number[] = [];
-  let s = start;
-  let e = end;
-  let placed = false;
-  for (let i = 0; i < ranges.length; i += 2) {
-    const rs = ranges[i] as number;
-    const re = ranges[i + 1] as number;
-    if (re < s) out.push(rs, re);
-    else if (rs > e) {
-      if (!placed) out.push(s, e);
-      placed = true;
-      out.push(rs, re);
-    } else {
-      s = Math.min(s, rs);
-      e = Math.max(e, re);
-    }
-  }
-  if (!placed) out.push(s, e);
-  return out;
-}
-
-/** `ranges` without `[from, end)`. */
-function removeRange(ranges: number[], from: number, end: number): number[] {
-  const out: number[] = [];
-  for (let i = 0; i < ranges.length; i += 2) {
-    const rs = ranges[i] as number;
-    const re = ranges[i + 1] as number;
-    if (re <= from || rs >= end) out.push(rs, re);
-    else {
-      if (rs < from) out.push(rs, from);
-      if (re > end) out.push(end, re);
-    }
-  }
-  return out;
-}
+import {
+  addRange,
+  decide,
+  type Limits,
+  type ReplayStore,
+  type Reservation,
+  removeRange,
+  type Usage,
+} from './policy.ts';
 
 /** Where the memory store reports trouble with its journal (a pino logger fits). */
 export interface JournalLog {
@@ -137,8 +26,7 @@ const COMPACTION_RETRY_MS = 1_000;
  * `dir/claims.log`: after every reserve and release, the jti's whole record is appended as one
  * line (`jti keepUntil bytes responses s0,e0,s1,e1...`; the last line of a jti wins) and synced
  * to disk (fdatasync) before the reserve resolves, so before the first byte is sent; the journal
- * is read back at start. A line of the older `jti keepUntil` form (a token claimed whole) reloads
- * as fully sent. A response in flight when B stops stays reserved (nothing says what it
+ * is read back at start. A response in flight when B stops stays reserved (nothing says what it
  * delivered): the fail-closed side. Every `windowMs` (the longest a used token stays
  * recorded) the journal is rewritten with only the claims that still matter, so memory and
  * disk stay bounded.
@@ -225,7 +113,7 @@ export class MemoryReplayStore implements ReplayStore {
     return answer;
   }
 
-  async release(jti: string, from: number, end: number, unsent: number): Promise<void> {
+  async release(jti: string, from: number, end: number, unsent: number, responses: number): Promise<void> {
     if (this.#lockLost) throw this.#lockLost;
     const now = Date.now();
     const record = this.#live(jti, now);
@@ -233,9 +121,12 @@ export class MemoryReplayStore implements ReplayStore {
     record.usage = {
       ranges: removeRange(record.usage.ranges, from, end),
       bytes: Math.max(0, record.usage.bytes - unsent),
-      responses: record.usage.responses,
+      responses: Math.max(0, record.usage.responses - responses),
     };
-    await this.#journalled(jti, now);
+    // Its line is taken before the first await; a record with nothing left in it is no record.
+    const journalled = this.#journalled(jti, now);
+    if (isEmpty(record.usage)) this.#records.delete(jti);
+    await journalled;
   }
 
   async usage(jti: string): Promise<Usage | undefined> {
@@ -337,10 +228,6 @@ export class MemoryReplayStore implements ReplayStore {
       const [jti, until, bytes, responses, ranges] = text.split(' ');
       const keepUntil = Number(until);
       if (!jti || !(keepUntil > now)) continue;
-      if (bytes === undefined) {
-        this.#records.set(jti, { until: keepUntil, usage: WHOLE });
-        continue;
-      }
       const usage = {
         ranges: ranges ? ranges.split(',').map(Number) : [],
         bytes: Number(bytes),
@@ -350,11 +237,14 @@ export class MemoryReplayStore implements ReplayStore {
       if (
         ranges === undefined ||
         usage.ranges.some(Number.isNaN) ||
+        Number.isNaN(usage.bytes) ||
         usage.ranges.length % 2 ||
         Number.isNaN(usage.responses)
       )
         continue;
-      this.#records.set(jti, { until: keepUntil, usage });
+      // The last line of a jti wins, also when it says that nothing is left.
+      if (isEmpty(usage)) this.#records.delete(jti);
+      else this.#records.set(jti, { until: keepUntil, usage });
     }
   }
 
@@ -398,6 +288,8 @@ export class MemoryReplayStore implements ReplayStore {
     this.#compactedAt = now;
   }
 }
+
+const isEmpty = (usage: Usage) => usage.responses === 0 && usage.bytes === 0 && usage.ranges.length === 0;
 
 /** One journal line: the jti's whole record. */
 function line(jti: string, { until, usage }: { until: number; usage: Usage }): string {
