@@ -25,6 +25,7 @@ import { fileURLToPath } from 'node:url';
 import { decodeJwt } from 'jose';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { parse } from 'yaml';
+import { AWS_SDK_ENV } from '@sfh/config';
 import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
 import { createTestDatabase, type TestDatabase } from './support/database.ts';
@@ -115,30 +116,11 @@ ${includes.map((file) => `  include ${file};`).join('\n')}
   return conf;
 }
 
-/** Properties of a `[section]`-style unit file: key → values (a key may repeat). */
 /**
- * The AWS SDK's own environment variables (the AWS SDKs and Tools reference, "Environment
- * variables"), which our config leaves to the SDK: region, endpoint, the default credential chain.
- * An example may set these besides the variables our config reads; any other name is a typo.
+ * Besides the variables our config reads, an example may set the AWS SDK's own (region,
+ * endpoint, the default credential chain); any other name is a typo.
  */
-const AWS_SDK_SETTINGS = new Set([
-  'AWS_REGION',
-  'AWS_ENDPOINT_URL',
-  'AWS_ENDPOINT_URL_S3',
-  'AWS_ACCESS_KEY_ID',
-  'AWS_SECRET_ACCESS_KEY',
-  'AWS_SESSION_TOKEN',
-  'AWS_PROFILE',
-  'AWS_CONFIG_FILE',
-  'AWS_SHARED_CREDENTIALS_FILE',
-  'AWS_ROLE_ARN',
-  'AWS_ROLE_SESSION_NAME',
-  'AWS_WEB_IDENTITY_TOKEN_FILE',
-  'AWS_CONTAINER_CREDENTIALS_FULL_URI',
-  'AWS_CONTAINER_CREDENTIALS_RELATIVE_URI',
-  'AWS_CONTAINER_AUTHORIZATION_TOKEN',
-  'AWS_CA_BUNDLE',
-]);
+const AWS_SDK_SETTINGS = new Set<string>(AWS_SDK_ENV);
 /** A variable an example may set for a server whose config reads `ours`. */
 const settable = (ours: Set<string>, name: string) => ours.has(name) || AWS_SDK_SETTINGS.has(name);
 /** What every example shows for the bytes in a bucket, for A and for B. */
@@ -152,6 +134,7 @@ const S3_SETTINGS = [
   'AWS_SECRET_ACCESS_KEY',
 ];
 
+/** Properties of a `[section]`-style unit file: key → values (a key may repeat). */
 function unitKeys(text: string): Map<string, string[]> {
   const keys = new Map<string, string[]>();
   for (const line of text.split('\n')) {
@@ -285,6 +268,9 @@ describe('infra/ files', () => {
     // A's key can write, B's only read: two users, never the same.
     expect(settings.AWS_ACCESS_KEY_ID).toMatch(/^\w+:\w+$/);
     expect(settings.S3_READ_ACCESS_KEY_ID).not.toBe(settings.AWS_ACCESS_KEY_ID);
+    // `npm start` hands B these as its AWS_* (infra/start.ts): B's own, read-only user.
+    expect(settings.DOWNLOAD_AWS_ACCESS_KEY_ID).toBe(settings.S3_READ_ACCESS_KEY_ID);
+    expect(settings.DOWNLOAD_AWS_SECRET_ACCESS_KEY).toBe(settings.S3_READ_SECRET_ACCESS_KEY);
   });
 
   it('the production nginx for B streams, waits long and never logs a token; A takes large uploads', async () => {

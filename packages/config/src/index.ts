@@ -71,6 +71,34 @@ export const sharedEnv = {
   LOG_FORMAT: Type.Union([Type.Literal('json'), Type.Literal('pretty')], { default: 'json' }),
 };
 
+/**
+ * The AWS SDK's own environment variables (the AWS SDKs and Tools reference, "Environment
+ * variables"), which the config leaves to the SDK: region, endpoint, the default credential
+ * chain, retries. A server that keeps its bytes in a bucket reads these besides its schema.
+ */
+export const AWS_SDK_ENV = [
+  'AWS_REGION',
+  'AWS_ENDPOINT_URL',
+  'AWS_ENDPOINT_URL_S3',
+  'AWS_ACCESS_KEY_ID',
+  'AWS_SECRET_ACCESS_KEY',
+  'AWS_SESSION_TOKEN',
+  'AWS_PROFILE',
+  'AWS_CONFIG_FILE',
+  'AWS_SHARED_CREDENTIALS_FILE',
+  'AWS_ROLE_ARN',
+  'AWS_ROLE_SESSION_NAME',
+  'AWS_WEB_IDENTITY_TOKEN_FILE',
+  'AWS_CONTAINER_CREDENTIALS_FULL_URI',
+  'AWS_CONTAINER_CREDENTIALS_RELATIVE_URI',
+  'AWS_CONTAINER_AUTHORIZATION_TOKEN',
+  'AWS_CA_BUNDLE',
+  'AWS_MAX_ATTEMPTS',
+  'AWS_RETRY_MODE',
+  'AWS_EC2_METADATA_DISABLED',
+  'AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED',
+] as const;
+
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
 export function storageDir(env: { DATA_DIR: string; STORAGE_DIR?: string | undefined }): string {
   return resolve(env.STORAGE_DIR ?? join(env.DATA_DIR, 'files'));
