@@ -17,9 +17,9 @@
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
-import type { TObject } from '@sinclair/typebox';
 import { AWS_SDK_ENV } from '@sfh/config';
 import type { ReadyMessage } from '@sfh/lifecycle';
+import type { TObject } from '@sinclair/typebox';
 import { AppEnv } from '../apps/app-server/src/config.ts';
 import { DownloadEnv } from '../apps/download-server/src/config.ts';
 

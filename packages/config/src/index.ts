@@ -29,6 +29,25 @@ export const Port = (defaultPort: number) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
 /**
+ * A Unix socket a server listens on besides its TCP port (unset: none). An absolute path of at
+ * most 100 bytes (the kernel's limit is 107); its folder must be closed to other users.
+ */
+export const SocketPath = Type.Optional(
+  Type.String({
+    pattern: '^/',
+    maxLength: 100,
+    description: 'Unix socket to listen on as well (unset: TCP only)',
+  }),
+);
+
+/**
+ * The address a peer on a server's Unix socket has (`request.socket.remoteAddress`, so
+ * `request.ip` when no trusted proxy says otherwise). No TCP peer can have it, so trusting it
+ * (A's `TRUST_PROXY=unix`) trusts the socket's peers and no one else.
+ */
+export const UNIX_SOCKET_PEER = '0.0.0.0';
+
+/**
  * An absolute http(s) origin, optionally with a path prefix for a server behind a proxy that
  * strips it (`https://cdn.example.com/dl`); no trailing slash, query or fragment.
  */
