@@ -534,6 +534,34 @@ describe('infra/ files', () => {
     expect(keys.get('PrivateTmp')).toEqual(['yes']);
     expect(keys.get('User')?.[0]).not.toBe('root');
     if (unit.startsWith('sfh-download')) expect(keys.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
+    // nginx connects to a socket in a folder of this instance that other users cannot enter.
+    const name = unit.startsWith('sfh-app') ? 'sfh-app' : 'sfh-download';
+    const socketVariable = unit.startsWith('sfh-app') ? 'APP_SOCKET_PATH' : 'DOWNLOAD_SOCKET_PATH';
+    expect(keys.get('RuntimeDirectory')).toEqual([`${name}/%i`]);
+    expect(keys.get('RuntimeDirectoryMode')).toEqual(['0750']);
+    expect(keys.get('Environment')?.find((line) => line.startsWith(`${socketVariable}=`))).toMatch(
+      new RegExp(`^${socketVariable}=/run/${name}/%i/[a-z]+\\.sock$`),
+    );
+  });
+
+  it("the nginx examples reach this host's A and B on the units' sockets; A trusts only those (TRUST_PROXY=unix)", async () => {
+    for (const [conf, name, socket] of [
+      ['app.conf', 'sfh-app', 'app.sock'],
+      ['download.conf', 'sfh-download', 'download.sock'],
+      ['prefix.conf', 'sfh-app', 'app.sock'],
+    ] as const) {
+      const text = await readFile(join(INFRA, 'nginx', conf), 'utf8');
+      // Every upstream server line (not `server {` blocks, not commented-out examples).
+      const servers = [...text.matchAll(/^\s*server (?!\{)(\S+)/gm)].map((match) => match[1] as string);
+      expect(servers.length, conf).toBeGreaterThan(0);
+      for (const server of servers) expect(server, conf).toMatch(/^unix:\//);
+      expect(text).toMatch(new RegExp(`server unix:/run/${name}/\\d+/${socket}`));
+    }
+    const unit = await readFile(join(INFRA, 'systemd', 'sfh-app-server@.service'), 'utf8');
+    expect(unit).toMatch(/^#\s+TRUST_PROXY=unix\b/m);
+    expect(await readFile(join(INFRA, 'nginx', 'app.conf'), 'utf8')).not.toMatch(
+      /TRUST_PROXY=(loopback|127)/,
+    );
   });
 
   it.each([
@@ -698,13 +726,17 @@ describe.skipIf(nginx.skip)(
         await cp(inject('pgliteTemplate'), join(dir, 'data', 'pg'), { recursive: true });
         const [proxyPort, appPort, downloadPort] = [await freePort(), await freePort(), await freePort()];
         const proxy = `http://127.0.0.1:${proxyPort}`;
+        // nginx reaches A and B on their Unix sockets, as in production (TRUST_PROXY=unix on A).
+        const appSocket = join(dir, 'run', 'app.sock');
+        const downloadSocket = join(dir, 'run', 'download.sock');
         const original = await readFile(join(INFRA, 'nginx', 'prefix.conf'), 'utf8');
+        expect(original).toContain('server unix:/run/sfh-app/3000/app.sock;');
         const conf = join(dir, 'prefix.conf');
         await writeFile(
           conf,
           original
-            .replace('server 127.0.0.1:3000;', `server 127.0.0.1:${appPort};`)
-            .replace('server 127.0.0.1:3001;', `server 127.0.0.1:${downloadPort};`)
+            .replace('server unix:/run/sfh-app/3000/app.sock;', `server unix:${appSocket};`)
+            .replace('server unix:/run/sfh-download/3001/download.sock;', `server unix:${downloadSocket};`)
             .replace('listen 80;', `listen 127.0.0.1:${proxyPort};`)
             .replaceAll('/var/log/nginx/', `${dir}/`),
         );
@@ -718,7 +750,9 @@ describe.skipIf(nginx.skip)(
             '-c',
             await wrapper(dir, [conf]),
             '-g',
-            'daemon off;',
+            // Started as root, nginx would run its workers as nobody, whom the sockets' 0700
+            // folder keeps out; a deployment puts nginx's user in A's group instead (infra/systemd).
+            process.getuid?.() === 0 ? 'daemon off; user root;' : 'daemon off;',
           ],
           { stdio: 'ignore' },
         );
@@ -735,7 +769,13 @@ describe.skipIf(nginx.skip)(
         started.push(
           await startServer(
             APP_SERVER,
-            { ...shared, ...CHEAP_PASSWORDS, APP_PORT: String(appPort) },
+            {
+              ...shared,
+              ...CHEAP_PASSWORDS,
+              APP_PORT: String(appPort),
+              APP_SOCKET_PATH: appSocket,
+              TRUST_PROXY: 'unix',
+            },
             `${urls.APP_PUBLIC_URL}/readyz`,
           ),
         );
@@ -743,7 +783,7 @@ describe.skipIf(nginx.skip)(
         started.push(
           await startServer(
             DOWNLOAD_SERVER,
-            { ...shared, DOWNLOAD_PORT: String(downloadPort) },
+            { ...shared, DOWNLOAD_PORT: String(downloadPort), DOWNLOAD_SOCKET_PATH: downloadSocket },
             `${urls.DOWNLOAD_PUBLIC_URL}/readyz`,
           ),
         );
