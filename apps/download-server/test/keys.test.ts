@@ -120,7 +120,7 @@ describe("B's key set", () => {
     const token = await t.mint(file, { key: second.privateKey, kid: second.kid });
     // Unknown: refused, and the unknown-kid re-read is now spent for its cooldown.
     expect((await head(t.app, token)).statusCode).toBe(403);
-    await writeFile(`${t.jwksFile}.tmp`, JSON.stringify(jwksOf(first, second)));
+    await writeFile(`${t.jwksFile}.tmp`, JSON.stringify(jwksOf(first, second)), { mode: 0o644 });
     await rename(`${t.jwksFile}.tmp`, t.jwksFile);
     expect(await until(async () => (await head(t.app, token)).statusCode === 200, 3000)).toBe(true);
   });
