@@ -1,8 +1,9 @@
-import { chmod, mkdir, rm, stat } from 'node:fs/promises';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { chmod, mkdir, rm } from 'node:fs/promises';
+import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
 import { NodeFS } from '@electric-sql/pglite/nodefs';
+import { isServing } from '@sfh/lifecycle';
 
 export interface EmbeddedPostgres {
   /** A `pg` connection string for the Unix socket the database is served on. */
@@ -86,18 +87,6 @@ export async function openEmbeddedPostgres(dataDir: string): Promise<EmbeddedPos
 
 function embeddedDatabaseUrl(dataDir: string): string {
   return `postgresql://postgres@localhost/postgres?host=${encodeURIComponent(resolve(dataDir, 'run'))}`;
-}
-
-async function isServing(socketPath: string): Promise<boolean> {
-  if (!(await stat(socketPath).catch(() => undefined))) return false;
-  return new Promise((done) => {
-    const socket = connect(socketPath);
-    socket.once('connect', () => {
-      socket.destroy();
-      done(true);
-    });
-    socket.once('error', () => done(false));
-  });
 }
 
 async function closeServer(server: Server, wire: WireServer): Promise<void> {

@@ -151,7 +151,10 @@ export async function listen(
       `Invalid configuration: the folder of the socket ${socketPath} must be closed to other users (mode 0700, or 0750 with the proxy's group) and owned by this user, not mode ${(folder.mode & 0o777).toString(8)} owned by uid ${folder.uid}: anyone who can connect to it passes for the proxy`,
     );
   }
-  if (await answers(socketPath)) throw new Error(`${socketPath} is in use by another process`);
+  const existing = await lstat(socketPath).catch(() => undefined);
+  if (existing && !existing.isSocket())
+    throw new ConfigError(`Invalid configuration: ${socketPath} exists and is not a socket`);
+  if (await isServing(socketPath)) throw new Error(`${socketPath} is in use by another process`);
   // A socket file left by a process that crashed.
   await rm(socketPath, { force: true });
   const socketServer = createServer((socket) => {
@@ -169,7 +172,8 @@ export async function listen(
   sockets.set(app, socketPath);
 }
 
-async function answers(socketPath: string): Promise<boolean> {
+/** Whether a process accepts connections on the Unix socket `socketPath`. */
+export async function isServing(socketPath: string): Promise<boolean> {
   if (!(await stat(socketPath).catch(() => undefined))) return false;
   return new Promise((done) => {
     const socket = connect(socketPath);
