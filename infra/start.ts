@@ -50,9 +50,13 @@ const SERVERS = {
 } satisfies Record<string, Server>;
 type Name = keyof typeof SERVERS;
 
-/** What Node, tsx and the C library read: search path, home, temp folder, time zone, locale, certificates. */
+/**
+ * What Node (its documented `NODE_*` variables, not every `NODE_` name: CI keeps npm's
+ * `NODE_AUTH_TOKEN` there), tsx and the C library read: search path, home, temp folder, time
+ * zone, locale, certificates, colours.
+ */
 const RUNTIME =
-  /^(PATH|HOME|USER|LOGNAME|TMPDIR|TZ|LANG|LANGUAGE|LC_[A-Z]+|NODE_[A-Z0-9_]+|UV_THREADPOOL_SIZE|TERM|NO_COLOR|FORCE_COLOR|SSL_CERT_FILE|SSL_CERT_DIR)$/;
+  /^(PATH|HOME|USER|LOGNAME|TMPDIR|TZ|LANG|LANGUAGE|LC_[A-Z]+|NODE_(OPTIONS|EXTRA_CA_CERTS|ICU_DATA|NO_WARNINGS|DEBUG|DEBUG_NATIVE|PATH|PENDING_DEPRECATION|PRESERVE_SYMLINKS|REDIRECT_WARNINGS|TLS_REJECT_UNAUTHORIZED|V8_COVERAGE|COMPILE_CACHE|DISABLE_COLORS|USE_ENV_PROXY)|UV_THREADPOOL_SIZE|TERM|NO_COLOR|FORCE_COLOR|SSL_CERT_FILE|SSL_CERT_DIR)$/;
 const AWS_CREDENTIALS = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN'];
 
 /**

@@ -180,6 +180,8 @@ describe('npm start', () => {
       DOWNLOAD_AWS_SECRET_ACCESS_KEY: 'b-secret',
       AWS_REGION: 'eu-west-3',
       SOME_OTHER_TOKEN: 'for another program',
+      NODE_AUTH_TOKEN: 'npm registry token (CI)',
+      NODE_OPTIONS: '--max-old-space-size=512',
     };
     const started = await npmRun('start', 2, secrets);
     const environ = async (pid: number | undefined) =>
@@ -211,6 +213,8 @@ describe('npm start', () => {
     for (const env of [a, b]) {
       for (const name of Object.keys(env)) expect(name).not.toMatch(/^(APP_AWS_|DOWNLOAD_AWS_|npm_)/);
       expect(env).not.toHaveProperty('SOME_OTHER_TOKEN');
+      expect(env).not.toHaveProperty('NODE_AUTH_TOKEN');
+      expect(env.NODE_OPTIONS).toContain('--max-old-space-size=512');
     }
     await expectStopsOn(started, 'SIGTERM', 2);
   });
