@@ -16,6 +16,10 @@ async function folder(): Promise<string> {
 function app() {
   const app = Fastify();
   app.get('/peer', async (request) => ({ ip: request.ip }));
+  app.get('/slow', async () => {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    return 'done';
+  });
   onTestFinished(() => app.close());
   return app;
 }
@@ -41,6 +45,29 @@ it('serves the same app on the socket (peer 0.0.0.0) and the port; close stops b
   await server.close();
   expect(await isServing(socketPath)).toBe(false);
   await expect(stat(socketPath)).rejects.toThrow(/ENOENT/);
+});
+
+it('a drain lets a request in flight on the socket finish, and takes no new connection there', async () => {
+  const socketPath = join(await folder(), 'run', 'app.sock');
+  const server = app();
+  await listen(server, { port: 0, host: '127.0.0.1', socketPath });
+  const inFlight = new Promise<{ status: number; body: string }>((resolve, reject) => {
+    request({ socketPath, path: '/slow' }, (response) => {
+      let body = '';
+      response.on('data', (chunk) => {
+        body += chunk;
+      });
+      response.on('end', () => resolve({ status: response.statusCode as number, body }));
+    })
+      .on('error', reject)
+      .end();
+  });
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  const closed = server.close();
+  await new Promise((resolve) => setTimeout(resolve, 50)); // the drain has begun; /slow still runs
+  expect(await isServing(socketPath)).toBe(false);
+  expect(await inFlight).toEqual({ status: 200, body: 'done' });
+  await closed;
 });
 
 it('refuses a folder others can enter, and a path that is not a socket (which it leaves alone)', async () => {
