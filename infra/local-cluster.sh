@@ -131,13 +131,17 @@ nginx_cmd() {
 }
 
 # start_server NAME ENTRY VAR=value...: one replica, detached from this shell's process group
-# (so Ctrl-C here does not reach it), output appended to its log.
+# (so Ctrl-C here does not reach it), output appended to its log. Its environment is VAR=value...
+# and what node needs, nothing else from this shell: a B must not inherit an exported
+# SESSION_SECRET or KEY_ENCRYPTION_KEY.
 start_server() {
   local name=$1 entry=$2
   shift 2
-  local args=("$entry")
+  local args=("$entry") runtime=(PATH="$PATH" HOME="$HOME")
   [[ $entry == *.ts ]] && args=(--import tsx "$entry")
-  env "$@" SFH_CLUSTER_DIR="$CLUSTER_DIR" setsid node "${args[@]}" </dev/null >>"$LOGS/$name.log" 2>&1 &
+  [[ -n ${TZ:-} ]] && runtime+=(TZ="$TZ")
+  [[ -n ${LANG:-} ]] && runtime+=(LANG="$LANG")
+  env -i "${runtime[@]}" "$@" SFH_CLUSTER_DIR="$CLUSTER_DIR" setsid node "${args[@]}" </dev/null >>"$LOGS/$name.log" 2>&1 &
   printf '%s\n' "$!" >"$RUN/$name.pid"
 }
 

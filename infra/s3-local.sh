@@ -11,6 +11,8 @@
 # Two users: a read-write one for A (S3_ACCESS_KEY_ID/S3_SECRET_ACCESS_KEY, the same as AWS_*) and a
 # read-only one for B (S3_READ_ACCESS_KEY_ID/S3_READ_SECRET_ACCESS_KEY): Swift's tempauth gives it no
 # role, and the bucket's read ACL (X-Container-Read) names it, so it can GET objects and nothing else.
+# The read-only user is printed again as DOWNLOAD_AWS_*: `npm start` (infra/start.ts) gives those to
+# B as its AWS_*, so B under `npm start` holds no key that can write.
 #
 # Settings (all optional): S3_LOCAL_DIR (default /var/lib/sfh-s3), S3_LOCAL_PORT (9100; the object,
 # container and account servers use S3_LOCAL_PORT+200..+202), S3_LOCAL_BUCKET (sfh-test).
@@ -49,6 +51,8 @@ AWS_ACCESS_KEY_ID=$ACCOUNT:$WRITER
 AWS_SECRET_ACCESS_KEY=$WRITER_SECRET
 S3_READ_ACCESS_KEY_ID=$ACCOUNT:$READER
 S3_READ_SECRET_ACCESS_KEY=$READER_SECRET
+DOWNLOAD_AWS_ACCESS_KEY_ID=$ACCOUNT:$READER
+DOWNLOAD_AWS_SECRET_ACCESS_KEY=$READER_SECRET
 EOF
 }
 

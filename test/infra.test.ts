@@ -22,6 +22,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { AWS_SDK_ENV } from '@sfh/config';
 import { decodeJwt } from 'jose';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { parse } from 'yaml';
@@ -115,30 +116,11 @@ ${includes.map((file) => `  include ${file};`).join('\n')}
   return conf;
 }
 
-/** Properties of a `[section]`-style unit file: key → values (a key may repeat). */
 /**
- * The AWS SDK's own environment variables (the AWS SDKs and Tools reference, "Environment
- * variables"), which our config leaves to the SDK: region, endpoint, the default credential chain.
- * An example may set these besides the variables our config reads; any other name is a typo.
+ * Besides the variables our config reads, an example may set the AWS SDK's own (region,
+ * endpoint, the default credential chain); any other name is a typo.
  */
-const AWS_SDK_SETTINGS = new Set([
-  'AWS_REGION',
-  'AWS_ENDPOINT_URL',
-  'AWS_ENDPOINT_URL_S3',
-  'AWS_ACCESS_KEY_ID',
-  'AWS_SECRET_ACCESS_KEY',
-  'AWS_SESSION_TOKEN',
-  'AWS_PROFILE',
-  'AWS_CONFIG_FILE',
-  'AWS_SHARED_CREDENTIALS_FILE',
-  'AWS_ROLE_ARN',
-  'AWS_ROLE_SESSION_NAME',
-  'AWS_WEB_IDENTITY_TOKEN_FILE',
-  'AWS_CONTAINER_CREDENTIALS_FULL_URI',
-  'AWS_CONTAINER_CREDENTIALS_RELATIVE_URI',
-  'AWS_CONTAINER_AUTHORIZATION_TOKEN',
-  'AWS_CA_BUNDLE',
-]);
+const AWS_SDK_SETTINGS = new Set<string>(AWS_SDK_ENV);
 /** A variable an example may set for a server whose config reads `ours`. */
 const settable = (ours: Set<string>, name: string) => ours.has(name) || AWS_SDK_SETTINGS.has(name);
 /** What every example shows for the bytes in a bucket, for A and for B. */
@@ -152,6 +134,7 @@ const S3_SETTINGS = [
   'AWS_SECRET_ACCESS_KEY',
 ];
 
+/** Properties of a `[section]`-style unit file: key → values (a key may repeat). */
 function unitKeys(text: string): Map<string, string[]> {
   const keys = new Map<string, string[]>();
   for (const line of text.split('\n')) {
@@ -285,6 +268,9 @@ describe('infra/ files', () => {
     // A's key can write, B's only read: two users, never the same.
     expect(settings.AWS_ACCESS_KEY_ID).toMatch(/^\w+:\w+$/);
     expect(settings.S3_READ_ACCESS_KEY_ID).not.toBe(settings.AWS_ACCESS_KEY_ID);
+    // `npm start` hands B these as its AWS_* (infra/start.ts): B's own, read-only user.
+    expect(settings.DOWNLOAD_AWS_ACCESS_KEY_ID).toBe(settings.S3_READ_ACCESS_KEY_ID);
+    expect(settings.DOWNLOAD_AWS_SECRET_ACCESS_KEY).toBe(settings.S3_READ_SECRET_ACCESS_KEY);
   });
 
   it('the production nginx for B streams, waits long and never logs a token; A takes large uploads', async () => {
@@ -548,6 +534,32 @@ describe('infra/ files', () => {
     expect(keys.get('PrivateTmp')).toEqual(['yes']);
     expect(keys.get('User')?.[0]).not.toBe('root');
     if (unit.startsWith('sfh-download')) expect(keys.get('ExecReload')).toEqual(['/bin/kill -HUP $MAINPID']);
+    // nginx connects to a socket in a folder of this instance that other users cannot enter.
+    const name = unit.startsWith('sfh-app') ? 'sfh-app' : 'sfh-download';
+    const socketVariable = unit.startsWith('sfh-app') ? 'APP_SOCKET_PATH' : 'DOWNLOAD_SOCKET_PATH';
+    expect(keys.get('RuntimeDirectory')).toEqual([`${name}/%i`]);
+    expect(keys.get('RuntimeDirectoryMode')).toEqual(['0750']);
+    expect(keys.get('Environment')?.find((line) => line.startsWith(`${socketVariable}=`))).toMatch(
+      new RegExp(`^${socketVariable}=/run/${name}/%i/[a-z]+\\.sock$`),
+    );
+  });
+
+  it("the nginx examples reach this host's A and B on the units' sockets; A trusts only those (TRUST_PROXY=unix)", async () => {
+    for (const [conf, name, socket] of [
+      ['app.conf', 'sfh-app', 'app.sock'],
+      ['download.conf', 'sfh-download', 'download.sock'],
+      ['prefix.conf', 'sfh-app', 'app.sock'],
+    ] as const) {
+      const text = await readFile(join(INFRA, 'nginx', conf), 'utf8');
+      // Every upstream server line (not `server {` blocks, not commented-out examples).
+      const servers = [...text.matchAll(/^\s*server (?!\{)(\S+)/gm)].map((match) => match[1] as string);
+      expect(servers.length, conf).toBeGreaterThan(0);
+      for (const server of servers) expect(server, conf).toMatch(/^unix:\//);
+      expect(text).toMatch(new RegExp(`server unix:/run/${name}/\\d+/${socket}`));
+    }
+    const unit = await readFile(join(INFRA, 'systemd', 'sfh-app-server@.service'), 'utf8');
+    expect(unit).toMatch(/^#\s+TRUST_PROXY=unix\b/m);
+    expect(await readFile(join(INFRA, 'nginx', 'app.conf'), 'utf8')).toMatch(/A runs[\s\S]*TRUST_PROXY=unix/);
   });
 
   it.each([
@@ -712,13 +724,17 @@ describe.skipIf(nginx.skip)(
         await cp(inject('pgliteTemplate'), join(dir, 'data', 'pg'), { recursive: true });
         const [proxyPort, appPort, downloadPort] = [await freePort(), await freePort(), await freePort()];
         const proxy = `http://127.0.0.1:${proxyPort}`;
+        // nginx reaches A and B on their Unix sockets, as in production (TRUST_PROXY=unix on A).
+        const appSocket = join(dir, 'run', 'app.sock');
+        const downloadSocket = join(dir, 'run', 'download.sock');
         const original = await readFile(join(INFRA, 'nginx', 'prefix.conf'), 'utf8');
+        expect(original).toContain('server unix:/run/sfh-app/3000/app.sock;');
         const conf = join(dir, 'prefix.conf');
         await writeFile(
           conf,
           original
-            .replace('server 127.0.0.1:3000;', `server 127.0.0.1:${appPort};`)
-            .replace('server 127.0.0.1:3001;', `server 127.0.0.1:${downloadPort};`)
+            .replace('server unix:/run/sfh-app/3000/app.sock;', `server unix:${appSocket};`)
+            .replace('server unix:/run/sfh-download/3001/download.sock;', `server unix:${downloadSocket};`)
             .replace('listen 80;', `listen 127.0.0.1:${proxyPort};`)
             .replaceAll('/var/log/nginx/', `${dir}/`),
         );
@@ -732,7 +748,9 @@ describe.skipIf(nginx.skip)(
             '-c',
             await wrapper(dir, [conf]),
             '-g',
-            'daemon off;',
+            // Started as root, nginx would run its workers as nobody, whom the sockets' 0700
+            // folder keeps out; a deployment puts nginx's user in A's group instead (infra/systemd).
+            process.getuid?.() === 0 ? 'daemon off; user root;' : 'daemon off;',
           ],
           { stdio: 'ignore' },
         );
@@ -749,7 +767,13 @@ describe.skipIf(nginx.skip)(
         started.push(
           await startServer(
             APP_SERVER,
-            { ...shared, ...CHEAP_PASSWORDS, APP_PORT: String(appPort) },
+            {
+              ...shared,
+              ...CHEAP_PASSWORDS,
+              APP_PORT: String(appPort),
+              APP_SOCKET_PATH: appSocket,
+              TRUST_PROXY: 'unix',
+            },
             `${urls.APP_PUBLIC_URL}/readyz`,
           ),
         );
@@ -757,7 +781,7 @@ describe.skipIf(nginx.skip)(
         started.push(
           await startServer(
             DOWNLOAD_SERVER,
-            { ...shared, DOWNLOAD_PORT: String(downloadPort) },
+            { ...shared, DOWNLOAD_PORT: String(downloadPort), DOWNLOAD_SOCKET_PATH: downloadSocket },
             `${urls.DOWNLOAD_PUBLIC_URL}/readyz`,
           ),
         );

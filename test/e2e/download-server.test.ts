@@ -381,7 +381,7 @@ describe('B as a real process: start-up, and its key set in the log', () => {
     expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
     const { publicKey } = await generateKeyPair('EdDSA');
     const jwk = { ...(await exportJWK(publicKey)), kid: 'k-next', alg: 'EdDSA', use: 'sig' };
-    await writeFile(`${b.jwksFile}.tmp`, JSON.stringify({ keys: [jwk] }));
+    await writeFile(`${b.jwksFile}.tmp`, JSON.stringify({ keys: [jwk] }), { mode: 0o644 });
     await rename(`${b.jwksFile}.tmp`, b.jwksFile);
     const deadline = Date.now() + 5_000;
     while (logged('key set changed').length === 0 && Date.now() < deadline) await sleep(50);

@@ -6,7 +6,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { cp, mkdtemp, rm } from 'node:fs/promises';
+import { cp, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -27,6 +27,8 @@ interface Started {
   downloadPort: number;
   /** Pids of the servers, from their "ready" log lines. */
   serverPids: number[];
+  /** The same, by the server's log name (`app`, `download`). */
+  pidOf: Record<string, number>;
 }
 
 const cleanups: (() => Promise<void>)[] = [];
@@ -65,11 +67,12 @@ async function npmRun(script: string, servers: number, env: Record<string, strin
     await rm(dir, { recursive: true, force: true });
   });
   // The launcher's line, and each server's own (its output may arrive a moment later).
-  const serverPids = () =>
+  const readyLines = () =>
     output
       .split('\n')
       .filter((line) => line.startsWith('{') && line.includes(' ready at '))
-      .map((line) => (JSON.parse(line) as { pid: number }).pid);
+      .map((line) => JSON.parse(line) as { pid: number; name: string });
+  const serverPids = () => readyLines().map((line) => line.pid);
   const deadline = Date.now() + 60_000;
   while (!/^ready: /m.test(output) || serverPids().length < servers) {
     if (npm.exitCode !== null || Date.now() > deadline) {
@@ -78,7 +81,8 @@ async function npmRun(script: string, servers: number, env: Record<string, strin
     }
     await sleep(50);
   }
-  return { npm, output: () => output, appPort, downloadPort, serverPids: serverPids() };
+  const pidOf = Object.fromEntries(readyLines().map((line) => [line.name, line.pid]));
+  return { npm, output: () => output, appPort, downloadPort, serverPids: serverPids(), pidOf };
 }
 
 const alive = (pid: number) => {
@@ -159,6 +163,59 @@ describe('npm start', () => {
     const readyAt = b.findIndex((msg) => msg.startsWith('download server (B) ready at'));
     expect(readyAt).toBeGreaterThan(b.indexOf('key set read: B can verify tokens'));
     expect(b.indexOf('key set read: B can verify tokens')).toBeGreaterThanOrEqual(0);
+    await expectStopsOn(started, 'SIGTERM', 2);
+  });
+
+  // B is the public, stateless side: it must not hold what lets A sign (the key-encryption key,
+  // the cookie secret) nor A's read-write storage credentials, whatever the shell exported.
+  it("gives each server only what its config reads: A's secrets never reach B, each its own AWS user", async () => {
+    const secrets = {
+      KEY_ENCRYPTION_KEY: 'k'.repeat(43),
+      SESSION_SECRET: 's'.repeat(40),
+      AWS_ACCESS_KEY_ID: 'shared-key',
+      AWS_SECRET_ACCESS_KEY: 'shared-secret',
+      APP_AWS_ACCESS_KEY_ID: 'a-key',
+      APP_AWS_SECRET_ACCESS_KEY: 'a-secret',
+      DOWNLOAD_AWS_ACCESS_KEY_ID: 'b-key',
+      DOWNLOAD_AWS_SECRET_ACCESS_KEY: 'b-secret',
+      AWS_REGION: 'eu-west-3',
+      SOME_OTHER_TOKEN: 'for another program',
+      NODE_AUTH_TOKEN: 'npm registry token (CI)',
+      NODE_OPTIONS: '--max-old-space-size=512',
+    };
+    const started = await npmRun('start', 2, secrets);
+    const environ = async (pid: number | undefined) =>
+      Object.fromEntries(
+        (await readFile(`/proc/${pid}/environ`, 'utf8'))
+          .split('\0')
+          .filter(Boolean)
+          .map((entry) => [entry.slice(0, entry.indexOf('=')), entry.slice(entry.indexOf('=') + 1)]),
+      );
+    const a = await environ(started.pidOf.app);
+    const b = await environ(started.pidOf.download);
+    expect(a).toMatchObject({
+      KEY_ENCRYPTION_KEY: secrets.KEY_ENCRYPTION_KEY,
+      SESSION_SECRET: secrets.SESSION_SECRET,
+      AWS_ACCESS_KEY_ID: 'a-key',
+      AWS_SECRET_ACCESS_KEY: 'a-secret',
+      AWS_REGION: 'eu-west-3',
+    });
+    expect(b).toMatchObject({
+      AWS_ACCESS_KEY_ID: 'b-key',
+      AWS_SECRET_ACCESS_KEY: 'b-secret',
+      AWS_REGION: 'eu-west-3',
+      DATA_DIR: a.DATA_DIR,
+      APP_PORT: String(started.appPort),
+      PATH: expect.stringContaining('/usr/bin'),
+    });
+    for (const name of ['KEY_ENCRYPTION_KEY', 'SESSION_SECRET', 'ARGON2_MEMORY_KIB'])
+      expect(b, name).not.toHaveProperty(name);
+    for (const env of [a, b]) {
+      for (const name of Object.keys(env)) expect(name).not.toMatch(/^(APP_AWS_|DOWNLOAD_AWS_|npm_)/);
+      expect(env).not.toHaveProperty('SOME_OTHER_TOKEN');
+      expect(env).not.toHaveProperty('NODE_AUTH_TOKEN');
+      expect(env.NODE_OPTIONS).toContain('--max-old-space-size=512');
+    }
     await expectStopsOn(started, 'SIGTERM', 2);
   });
 

@@ -21,6 +21,8 @@ export async function signingKey(dir: string, alg: TokenAlgorithm = TOKEN_ALGORI
   await writeFile(
     jwksFile,
     JSON.stringify({ keys: [{ ...(await exportJWK(publicKey)), kid, alg, use: 'sig' }] }),
+    // 0644 whatever the umask: B refuses a key file that group or others may write.
+    { mode: 0o644 },
   );
   return { kid, alg, privateKey, privateJwk: await exportJWK(privateKey), jwksFile };
 }

@@ -4,9 +4,11 @@ import {
   type PublicUrls,
   parseEnv,
   publicUrls,
+  SocketPath,
   s3Settings,
   sharedEnv,
   storageDir,
+  UNIX_SOCKET_PEER,
 } from '@sfh/config';
 import { type Static, Type } from '@sinclair/typebox';
 import type { KeyPolicy } from './keys/lifecycle.ts';
@@ -15,6 +17,8 @@ const GiB = 1024 ** 3;
 
 export const AppEnv = Type.Object({
   ...sharedEnv,
+  /** A Unix socket A listens on besides `APP_PORT`, for a proxy on the same host (README "Configuration"). */
+  APP_SOCKET_PATH: SocketPath,
   /** Unset: embedded PGlite in `DATA_DIR/pg` (server.ts fills this in before building the app). */
   DATABASE_URL: Type.Optional(Type.String({ pattern: '^postgres(ql)?://' })),
   DATABASE_POOL_MAX: Type.Integer({ minimum: 1, maximum: 100, default: 10 }),
@@ -65,8 +69,9 @@ export const AppEnv = Type.Object({
   OBJECT_DELETE_RETRY_SECONDS: Type.Integer({ minimum: 1, maximum: 3600, default: 30 }),
   /**
    * Whose `X-Forwarded-*` A believes: `false`; the proxies' addresses or CIDR ranges, comma
-   * separated (proxy-addr's `loopback`, `linklocal`, `uniquelocal` too); or the number of proxies
-   * in front of A. Never "everyone" (`true`): a client reaching A directly would pick its own IP.
+   * separated (proxy-addr's `loopback`, `linklocal`, `uniquelocal` too, and `unix`: the peers on
+   * `APP_SOCKET_PATH`); or the number of proxies in front of A. Never "everyone" (`true`): a
+   * client reaching A directly would pick its own IP.
    */
   TRUST_PROXY: Type.String({ default: 'false', minLength: 1 }),
   // argon2id cost. The defaults are OWASP's minimum for argon2id; tests lower them through config.
@@ -106,7 +111,7 @@ function parseTrustProxy(value: string): AppConfig['trustProxy'] {
   }
   const entries = value.split(',').map((entry) => entry.trim());
   const valid = (entry: string) => {
-    if (PROXY_NAMES.has(entry)) return true;
+    if (PROXY_NAMES.has(entry) || entry === 'unix') return true;
     const [address = '', prefix, ...rest] = entry.split('/');
     const family = isIP(address);
     const bits = family === 4 ? 32 : 128;
@@ -118,10 +123,11 @@ function parseTrustProxy(value: string): AppConfig['trustProxy'] {
   };
   if (value === 'true' || !entries.every(valid)) {
     throw new ConfigError(
-      `Invalid configuration: TRUST_PROXY must be false, the addresses of A's proxies (such as 127.0.0.1 or 10.0.0.0/8, comma separated; or loopback, linklocal, uniquelocal) or their number, not ${JSON.stringify(value)}: true would trust X-Forwarded-For from any client that reaches A directly`,
+      `Invalid configuration: TRUST_PROXY must be false, the addresses of A's proxies (such as 127.0.0.1 or 10.0.0.0/8, comma separated; or loopback, linklocal, uniquelocal, unix) or their number, not ${JSON.stringify(value)}: true would trust X-Forwarded-For from any client that reaches A directly`,
     );
   }
-  return entries;
+  // The socket's peers all have this address, which no TCP peer can have.
+  return entries.map((entry) => (entry === 'unix' ? UNIX_SOCKET_PEER : entry));
 }
 
 // A retired key stays published this much longer than its last token can live: room for

@@ -1,7 +1,9 @@
-import { chmod, mkdir, rm, stat } from 'node:fs/promises';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { chmod, mkdir, rm } from 'node:fs/promises';
+import { createServer, type Server, type Socket } from 'node:net';
 import { join, resolve } from 'node:path';
 import { PGlite } from '@electric-sql/pglite';
+import { NodeFS } from '@electric-sql/pglite/nodefs';
+import { isServing } from '@sfh/lifecycle';
 
 export interface EmbeddedPostgres {
   /** A `pg` connection string for the Unix socket the database is served on. */
@@ -31,7 +33,7 @@ export async function startEmbeddedPostgres(dataDir: string): Promise<EmbeddedPo
   }
   // A socket file left by a process that crashed.
   await rm(socketPath, { force: true });
-  const db = await PGlite.create(pgDir);
+  const db = await PGlite.create({ fs: new PrivateNodeFS(pgDir) });
   const wire = new WireServer(db);
   const server = createServer((socket) => wire.accept(socket));
   await new Promise<void>((done, fail) => server.once('error', fail).listen(socketPath, done));
@@ -41,6 +43,34 @@ export async function startEmbeddedPostgres(dataDir: string): Promise<EmbeddedPo
       await closeServer(server, wire);
       await db.close();
     },
+  };
+}
+
+/**
+ * PGlite's data folder with every file it creates private to this user (0600), as a real
+ * Postgres keeps its files. Emscripten's file system ignores the process's umask: it creates a
+ * file, then chmods it to the mode Postgres asked for under Emscripten's own umask (022), or 0666
+ * for the files of initdb; `pg_internal.init` came back 0644 after every start-up pass. The
+ * database's files (a plain private signing key in the write-ahead log, without
+ * KEY_ENCRYPTION_KEY) must stay unreadable to other local users whatever the folder's mode, so
+ * every chmod through the mount keeps the owner's bits only.
+ */
+class PrivateNodeFS extends NodeFS {
+  override async init(...[pg, opts]: Parameters<NodeFS['init']>) {
+    const preRun = (mod: { FS: unknown }) => {
+      const ops = (mod.FS as EmscriptenFS).filesystems.NODEFS.node_ops;
+      const setattr = ops.setattr;
+      ops.setattr = (node, attr) =>
+        setattr(node, attr.mode === undefined ? attr : { ...attr, mode: attr.mode & ~0o077 });
+    };
+    return super.init(pg, { ...opts, preRun: [...(opts.preRun ?? []), preRun] });
+  }
+}
+
+/** The part of Emscripten's FS that `PrivateNodeFS` reaches into (not in PGlite's types). */
+interface EmscriptenFS {
+  filesystems: {
+    NODEFS: { node_ops: { setattr: (node: unknown, attr: { mode?: number }) => void } };
   };
 }
 
@@ -57,18 +87,6 @@ export async function openEmbeddedPostgres(dataDir: string): Promise<EmbeddedPos
 
 function embeddedDatabaseUrl(dataDir: string): string {
   return `postgresql://postgres@localhost/postgres?host=${encodeURIComponent(resolve(dataDir, 'run'))}`;
-}
-
-async function isServing(socketPath: string): Promise<boolean> {
-  if (!(await stat(socketPath).catch(() => undefined))) return false;
-  return new Promise((done) => {
-    const socket = connect(socketPath);
-    socket.once('connect', () => {
-      socket.destroy();
-      done(true);
-    });
-    socket.once('error', () => done(false));
-  });
 }
 
 async function closeServer(server: Server, wire: WireServer): Promise<void> {

@@ -1,4 +1,7 @@
-import { rename, writeFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { constants } from 'node:fs';
+import { open, rename, rm, stat } from 'node:fs/promises';
+import { basename, dirname, join, resolve } from 'node:path';
 import { makePrivate } from '@sfh/lifecycle';
 import { Command, CommanderError } from 'commander';
 import pg from 'pg';
@@ -108,9 +111,7 @@ async function main(argv: string[]): Promise<number> {
     .action((file: string) => {
       run = async (keys, _lifecycle, json) => {
         const set = { keys: (await keys.published()).map(publicJwk) };
-        // Write then rename, so a B watching the file never reads half of it.
-        await writeFile(`${file}.tmp`, `${JSON.stringify(set, null, 2)}\n`);
-        await rename(`${file}.tmp`, file);
+        await writePublicFile(file, `${JSON.stringify(set, null, 2)}\n`);
         if (json) return print({ file, keys: set.keys.length });
         console.log(`wrote ${set.keys.length} public keys to ${file}`);
         return 0;
@@ -144,6 +145,46 @@ async function main(argv: string[]): Promise<number> {
   } finally {
     await pool.end();
     await embedded?.close();
+  }
+}
+
+const STICKY = 0o1000;
+
+/**
+ * Replaces `file` with `text`, mode 0644, atomically: a B watching it never reads half a key set.
+ * B trusts whatever this file holds, so nobody else may choose or own what lands there. In a
+ * folder other users can write, a fixed temporary name (`<file>.tmp`) let them plant a symbolic
+ * link there (the CLI then overwrote its target) or create the file first (and own the key set B
+ * reads, then mint tokens). So: a new file with a random name, created exclusively (`O_EXCL`
+ * follows no link and fails on anything already there), written, fsynced, then renamed. A folder
+ * anyone can write without the sticky bit is refused: there anyone can also rename over the
+ * result.
+ */
+async function writePublicFile(file: string, text: string): Promise<void> {
+  const dir = dirname(resolve(file));
+  const folder = await stat(dir);
+  if ((folder.mode & 0o002) !== 0 && (folder.mode & STICKY) === 0) {
+    throw new Error(
+      `refusing to write ${file}: any user can write to ${dir} (mode ${(folder.mode & 0o7777).toString(8)}, no sticky bit) and so replace the key set B trusts; choose a folder only you can write to`,
+    );
+  }
+  const temporary = join(dir, `.${basename(file)}.${randomBytes(8).toString('hex')}.tmp`);
+  const handle = await open(
+    temporary,
+    constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW,
+    0o644,
+  );
+  try {
+    // The umask (077 once the CLI made DATA_DIR private) must not hide public keys from B.
+    await handle.chmod(0o644);
+    await handle.writeFile(text);
+    await handle.sync();
+    await handle.close();
+    await rename(temporary, file);
+  } catch (error) {
+    await handle.close().catch(() => {});
+    await rm(temporary, { force: true });
+    throw error;
   }
 }
 

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { announceReady, closeOnSignals, makePrivate, runMain } from '@sfh/lifecycle';
+import { announceReady, closeOnSignals, listen, makePrivate, runMain } from '@sfh/lifecycle';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
 import { startEmbeddedPostgres } from './embedded-postgres.ts';
@@ -21,7 +21,7 @@ runMain(async () => {
     );
   }
   closeOnSignals(app, config.SHUTDOWN_GRACE_SECONDS, async () => embedded?.close());
-  await app.listen({ port: config.APP_PORT, host: config.HOST });
+  await listen(app, { port: config.APP_PORT, host: config.HOST, socketPath: config.APP_SOCKET_PATH });
   announceReady(app, 'app server (A)', config.APP_PUBLIC_URL, {
     database: embedded ? 'embedded PGlite' : 'Postgres',
     storage: config.s3 ? `s3://${config.s3.bucket}/${config.s3.prefix}` : config.storageDir,

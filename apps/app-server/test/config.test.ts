@@ -1,5 +1,5 @@
 import { isAbsolute, join, resolve } from 'node:path';
-import { ConfigError } from '@sfh/config';
+import { ConfigError, UNIX_SOCKET_PEER } from '@sfh/config';
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config.ts';
 
@@ -158,5 +158,16 @@ describe('loadConfig', () => {
     ]);
     const hops = loadConfig({ TRUST_PROXY: '2' }).trustProxy as (address: string, hop: number) => boolean;
     expect([hops('1.2.3.4', 0), hops('1.2.3.4', 1), hops('1.2.3.4', 2)]).toEqual([true, true, false]);
+    // `unix`: the peers on APP_SOCKET_PATH, who all have an address no TCP peer can have.
+    expect(loadConfig({ TRUST_PROXY: 'unix' }).trustProxy).toEqual([UNIX_SOCKET_PEER]);
+  });
+
+  it('APP_SOCKET_PATH: unset by default; an absolute path that fits a Unix socket', () => {
+    expect(loadConfig({}).APP_SOCKET_PATH).toBeUndefined();
+    expect(loadConfig({ APP_SOCKET_PATH: '/run/sfh-app/3000/app.sock' }).APP_SOCKET_PATH).toBe(
+      '/run/sfh-app/3000/app.sock',
+    );
+    expectRefused({ APP_SOCKET_PATH: 'run/app.sock' }, 'APP_SOCKET_PATH');
+    expectRefused({ APP_SOCKET_PATH: `/${'x'.repeat(100)}` }, 'APP_SOCKET_PATH');
   });
 });

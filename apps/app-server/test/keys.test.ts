@@ -1,6 +1,6 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { chmod, cp, lstat, mkdtemp, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,7 +15,7 @@ import {
   jwtVerify,
 } from 'jose';
 import pg from 'pg';
-import { afterAll, beforeAll, beforeEach, describe, expect, it, vi } from 'vitest';
+import { afterAll, beforeAll, beforeEach, describe, expect, inject, it, vi } from 'vitest';
 import { buildApp } from '../src/app.ts';
 import { type AppConfig, loadConfig } from '../src/config.ts';
 import { KeyLifecycle } from '../src/keys/lifecycle.ts';
@@ -703,6 +703,70 @@ describe('ops CLI (npm run keys)', () => {
         });
         for (const member of PRIVATE_MEMBERS) expect(key).not.toHaveProperty(member);
       }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  // In a folder others can write, the old fixed `<file>.tmp` let another local user plant a link
+  // (the CLI wrote through it) or own the key set B then trusts.
+  it('export-jwks never writes through a link planted at <file>.tmp; the set is 0644, nothing else left', async () => {
+    await seeded();
+    const dir = await mkdtemp(join(tmpdir(), 'sfh-jwks-'));
+    try {
+      await chmod(dir, 0o1777); // shared, like /tmp
+      const victim = join(dir, 'victim');
+      await writeFile(victim, 'not yours\n', { mode: 0o600 });
+      const file = join(dir, 'jwks.json');
+      await symlink(victim, `${file}.tmp`);
+      const result = await cli('export-jwks', file);
+      expect(result, result.stderr).toMatchObject({ code: 0 });
+      expect(await readFile(victim, 'utf8')).toBe('not yours\n');
+      expect((await lstat(`${file}.tmp`)).isSymbolicLink()).toBe(true);
+      const info = await lstat(file);
+      expect(info.isFile()).toBe(true);
+      expect(info.mode & 0o7777).toBe(0o644);
+      expect(info.uid).toBe(process.getuid?.());
+      expect((JSON.parse(await readFile(file, 'utf8')) as { keys: JWK[] }).keys).toHaveLength(1);
+      expect((await readdir(dir)).sort()).toEqual(['jwks.json', 'jwks.json.tmp', 'victim']);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  // On the embedded database the CLI makes DATA_DIR private first (umask 077): the public set
+  // must still be readable by a B running as another user.
+  it('export-jwks on the embedded database: the set is 0644 all the same', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'sfh-jwks-embedded-'));
+    try {
+      await cp(inject('pgliteTemplate'), join(dir, 'data', 'pg'), { recursive: true });
+      const file = join(dir, 'jwks.json');
+      const result = await cliWith({ DATABASE_URL: '', DATA_DIR: join(dir, 'data') }, 'rotate');
+      expect(result, result.stderr).toMatchObject({ code: 0 });
+      expect(
+        (await cliWith({ DATABASE_URL: '', DATA_DIR: join(dir, 'data') }, 'export-jwks', file)).code,
+      ).toBe(0);
+      expect((await lstat(file)).mode & 0o7777).toBe(0o644);
+      expect((await lstat(join(dir, 'data'))).mode & 0o777).toBe(0o700);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
+  it('export-jwks refuses a folder anyone can write without the sticky bit (exit 1, nothing written)', async () => {
+    await seeded();
+    const dir = await mkdtemp(join(tmpdir(), 'sfh-jwks-'));
+    try {
+      await chmod(dir, 0o777);
+      const file = join(dir, 'jwks.json');
+      const result = await cli('export-jwks', file);
+      expect(result.code).toBe(1);
+      expect(result.stderr).toContain(`refusing to write ${file}: any user can write to ${dir}`);
+      expect(await readdir(dir)).toEqual([]);
+      // A folder only its owner writes is fine.
+      await chmod(dir, 0o755);
+      expect((await cli('export-jwks', file)).code).toBe(0);
+      expect((await lstat(file)).mode & 0o7777).toBe(0o644);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

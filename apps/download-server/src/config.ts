@@ -3,6 +3,7 @@ import {
   type PublicUrls,
   parseEnv,
   publicUrls,
+  SocketPath,
   s3Settings,
   sharedEnv,
   storageDir,
@@ -11,6 +12,8 @@ import { type Static, Type } from '@sinclair/typebox';
 
 export const DownloadEnv = Type.Object({
   ...sharedEnv,
+  /** A Unix socket B listens on besides `DOWNLOAD_PORT`, for a proxy on the same host. */
+  DOWNLOAD_SOCKET_PATH: SocketPath,
   /** Default: `APP_PUBLIC_URL/.well-known/jwks.json`. */
   JWKS_URL: Type.Optional(Type.String({ pattern: '^https?://\\S+$' })),
   /** Read keys from this file instead of `JWKS_URL` (a B that cannot reach A). */

@@ -1,5 +1,5 @@
 import { setTimeout as sleep } from 'node:timers/promises';
-import { announceReady, closeOnSignals, makePrivate, runMain } from '@sfh/lifecycle';
+import { announceReady, closeOnSignals, listen, makePrivate, runMain } from '@sfh/lifecycle';
 import pino from 'pino';
 import { buildApp } from './app.ts';
 import { loadConfig } from './config.ts';
@@ -29,7 +29,11 @@ runMain(async () => {
     app.log.info('SIGHUP: reading the key set');
     void app.keys.refresh();
   });
-  await app.listen({ port: config.DOWNLOAD_PORT, host: config.HOST });
+  await listen(app, {
+    port: config.DOWNLOAD_PORT,
+    host: config.HOST,
+    socketPath: config.DOWNLOAD_SOCKET_PATH,
+  });
   // Ready means what /readyz means: B can verify tokens (it has keys) and remember them (the
   // replay store answers). Until then it only listens, and answers 503.
   if (!app.keys.status().usable)

@@ -708,6 +708,7 @@ describe('keys unavailable', () => {
     await writeFile(
       source.file,
       JSON.stringify({ keys: [{ ...t.key.publicJwk, kid: t.key.kid, alg: 'EdDSA', use: 'sig' }] }),
+      { mode: 0o644 },
     );
     await t.app.keys.refresh();
     expect((await t.app.inject({ method: 'GET', url: '/readyz' })).statusCode).toBe(200);

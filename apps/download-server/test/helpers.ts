@@ -113,7 +113,8 @@ export async function buildTestApp(
   const key = options.key ?? (await createKey());
   const jwksFile = join(dir, 'jwks.json');
   const jwks = { keys: [jwkOf(key)] };
-  await writeFile(jwksFile, JSON.stringify(jwks));
+  // 0644 whatever the umask: B refuses a key file that group or others may write.
+  await writeFile(jwksFile, JSON.stringify(jwks), { mode: 0o644 });
 
   const config = loadConfig({
     DATA_DIR: dir,

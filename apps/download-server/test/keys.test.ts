@@ -1,4 +1,4 @@
-import { rename, writeFile } from 'node:fs/promises';
+import { chmod, chown, rename, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -120,9 +120,53 @@ describe("B's key set", () => {
     const token = await t.mint(file, { key: second.privateKey, kid: second.kid });
     // Unknown: refused, and the unknown-kid re-read is now spent for its cooldown.
     expect((await head(t.app, token)).statusCode).toBe(403);
-    await writeFile(`${t.jwksFile}.tmp`, JSON.stringify(jwksOf(first, second)));
+    await writeFile(`${t.jwksFile}.tmp`, JSON.stringify(jwksOf(first, second)), { mode: 0o644 });
     await rename(`${t.jwksFile}.tmp`, t.jwksFile);
     expect(await until(async () => (await head(t.app, token)).statusCode === 200, 3000)).toBe(true);
+  });
+
+  // Whoever can rewrite the key set B trusts mints tokens for any object id: B fails closed.
+  it.each([
+    ['0666', 0o666],
+    ['0620', 0o620],
+    ['0602', 0o602],
+  ])(
+    'refuses a JWKS_FILE of mode %s (group or others may write it): 503 KEYS_UNAVAILABLE, /readyz says why',
+    async (_label, mode) => {
+      const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' });
+      const token = await t.mint(await t.putFile('loose key file'));
+      expect((await head(t.app, token)).statusCode).toBe(200);
+      await t.close();
+
+      await chmod(t.jwksFile, mode);
+      const loose = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { dir: t.dir, key: t.key });
+      const refused = await head(loose.app, token);
+      expect(refused.statusCode).toBe(503);
+      const ready = await loose.app.inject({ method: 'GET', url: '/readyz' });
+      expect(ready.statusCode).toBe(503);
+      expect(ready.json()).toMatchObject({ missing: ['keys'] });
+      expect(ready.json().keys.lastError).toContain(
+        `refusing JWKS_FILE ${loose.jwksFile}: group or others may write it (mode ${mode.toString(8)})`,
+      );
+
+      await chmod(loose.jwksFile, 0o644);
+      await loose.app.keys.refresh();
+      expect((await head(loose.app, token)).statusCode).toBe(200);
+    },
+  );
+
+  // Another user who owns the file may chmod and rewrite it whenever they like. Only root can
+  // give a file away, which is how this test plants one (CI runs as root).
+  it.runIf(process.getuid?.() === 0)('refuses a JWKS_FILE another user owns, even 0644', async () => {
+    const t = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' });
+    const token = await t.mint(await t.putFile('foreign key file'));
+    await t.close();
+    await chmod(t.jwksFile, 0o644);
+    await chown(t.jwksFile, 4242, 4242);
+    const foreign = await buildTestApp({ JWKS_REFRESH_SECONDS: '3600' }, { dir: t.dir, key: t.key });
+    expect((await head(foreign.app, token)).statusCode).toBe(503);
+    const ready = await foreign.app.inject({ method: 'GET', url: '/readyz' });
+    expect(ready.json().keys.lastError).toContain('it belongs to another user (uid 4242)');
   });
 
   it('serves on its last good set while A is unreachable, for at most JWKS_MAX_STALE_SECONDS, then fails closed', async () => {

@@ -29,6 +29,25 @@ export const Port = (defaultPort: number) =>
   Type.Integer({ minimum: 0, maximum: 65535, default: defaultPort });
 
 /**
+ * A Unix socket a server listens on besides its TCP port (unset: none). An absolute path of at
+ * most 100 bytes (the kernel's limit is 107); its folder must be closed to other users.
+ */
+export const SocketPath = Type.Optional(
+  Type.String({
+    pattern: '^/',
+    maxLength: 100,
+    description: 'Unix socket to listen on as well (unset: TCP only)',
+  }),
+);
+
+/**
+ * The address a peer on a server's Unix socket has (`request.socket.remoteAddress`, so
+ * `request.ip` when no trusted proxy says otherwise). No TCP peer can have it, so trusting it
+ * (A's `TRUST_PROXY=unix`) trusts the socket's peers and no one else.
+ */
+export const UNIX_SOCKET_PEER = '0.0.0.0';
+
+/**
  * An absolute http(s) origin, optionally with a path prefix for a server behind a proxy that
  * strips it (`https://cdn.example.com/dl`); no trailing slash, query or fragment.
  */
@@ -70,6 +89,34 @@ export const sharedEnv = {
   /** `json`: one JSON object per line (for log collectors); `pretty`: readable lines for a terminal. */
   LOG_FORMAT: Type.Union([Type.Literal('json'), Type.Literal('pretty')], { default: 'json' }),
 };
+
+/**
+ * The AWS SDK's own environment variables (the AWS SDKs and Tools reference, "Environment
+ * variables"), which the config leaves to the SDK: region, endpoint, the default credential
+ * chain, retries. A server that keeps its bytes in a bucket reads these besides its schema.
+ */
+export const AWS_SDK_ENV = [
+  'AWS_REGION',
+  'AWS_ENDPOINT_URL',
+  'AWS_ENDPOINT_URL_S3',
+  'AWS_ACCESS_KEY_ID',
+  'AWS_SECRET_ACCESS_KEY',
+  'AWS_SESSION_TOKEN',
+  'AWS_PROFILE',
+  'AWS_CONFIG_FILE',
+  'AWS_SHARED_CREDENTIALS_FILE',
+  'AWS_ROLE_ARN',
+  'AWS_ROLE_SESSION_NAME',
+  'AWS_WEB_IDENTITY_TOKEN_FILE',
+  'AWS_CONTAINER_CREDENTIALS_FULL_URI',
+  'AWS_CONTAINER_CREDENTIALS_RELATIVE_URI',
+  'AWS_CONTAINER_AUTHORIZATION_TOKEN',
+  'AWS_CA_BUNDLE',
+  'AWS_MAX_ATTEMPTS',
+  'AWS_RETRY_MODE',
+  'AWS_EC2_METADATA_DISABLED',
+  'AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED',
+] as const;
 
 /** `STORAGE_DIR`, defaulting to `DATA_DIR/files`, as an absolute path. */
 export function storageDir(env: { DATA_DIR: string; STORAGE_DIR?: string | undefined }): string {

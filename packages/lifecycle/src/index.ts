@@ -1,7 +1,11 @@
-import { chmod, lstat, mkdir, readdir } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
-import { ConfigError } from '@sfh/config';
+import { chmod, lstat, mkdir, readdir, rm, stat } from 'node:fs/promises';
+import { connect, createServer } from 'node:net';
+import { dirname, join, resolve } from 'node:path';
+import { ConfigError, UNIX_SOCKET_PEER } from '@sfh/config';
 import type { FastifyInstance } from 'fastify';
+
+/** The Unix socket each app listens on (`listen`), for its "ready" line. */
+const sockets = new WeakMap<FastifyInstance, string>();
 
 /**
  * Runs a server's `main`; a configuration error stops the process with its message (which names
@@ -73,11 +77,15 @@ export function announceReady(
   publicUrl: string,
   fields: Record<string, unknown>,
 ): void {
-  const listening = app
-    .addresses()
-    .map((a) =>
-      typeof a === 'string' ? a : `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`,
-    );
+  const socketPath = sockets.get(app);
+  const listening = [
+    ...app
+      .addresses()
+      .map((a) =>
+        typeof a === 'string' ? a : `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`,
+      ),
+    ...(socketPath ? [`unix:${socketPath}`] : []),
+  ];
   app.log.info(
     { listening, publicUrl, ...fields },
     `${server} ready at ${publicUrl}, listening on ${listening.join(', ')}`,
@@ -115,4 +123,64 @@ export async function makePrivate(dir: string, options: { skip?: string[] } = {}
     }
   }
   await visit(dir);
+}
+
+/**
+ * Listens on `port` and `host`, and on the Unix socket `socketPath` too when it is set. A
+ * proxy on the same host reaches the server through the socket, which only users the socket's
+ * folder lets in can connect to; on the TCP port any local user could, and claim any client
+ * address in `X-Forwarded-For`. So the folder must be closed to others (owner only, or the
+ * proxy's group: 0700 or 0750; created 0700 when missing) and owned by this user or root; the
+ * socket is 0660. Connections on the socket are served by the app's own HTTP server (same
+ * timeouts, same drain): closing the app stops both listeners, and the socket file goes with it.
+ */
+export async function listen(
+  app: FastifyInstance,
+  options: { port: number; host: string; socketPath?: string | undefined },
+): Promise<void> {
+  const { socketPath } = options;
+  if (!socketPath) {
+    await app.listen({ port: options.port, host: options.host });
+    return;
+  }
+  const dir = dirname(socketPath);
+  await mkdir(dir, { recursive: true, mode: 0o700 });
+  const folder = await stat(dir);
+  if ((folder.mode & 0o007) !== 0 || (folder.uid !== process.getuid?.() && folder.uid !== 0)) {
+    throw new ConfigError(
+      `Invalid configuration: the folder of the socket ${socketPath} must be closed to other users (mode 0700, or 0750 with the proxy's group) and owned by this user, not mode ${(folder.mode & 0o777).toString(8)} owned by uid ${folder.uid}: anyone who can connect to it passes for the proxy`,
+    );
+  }
+  const existing = await lstat(socketPath).catch(() => undefined);
+  if (existing && !existing.isSocket())
+    throw new ConfigError(`Invalid configuration: ${socketPath} exists and is not a socket`);
+  if (await isServing(socketPath)) throw new Error(`${socketPath} is in use by another process`);
+  // A socket file left by a process that crashed.
+  await rm(socketPath, { force: true });
+  const socketServer = createServer((socket) => {
+    Object.defineProperty(socket, 'remoteAddress', { value: UNIX_SOCKET_PEER });
+    app.server.emit('connection', socket);
+  });
+  // Stop accepting on the socket when the app starts to close, as the TCP listener does.
+  app.addHook('preClose', (done) => {
+    socketServer.close();
+    done();
+  });
+  await app.listen({ port: options.port, host: options.host });
+  await new Promise<void>((done, fail) => socketServer.once('error', fail).listen(socketPath, done));
+  await chmod(socketPath, 0o660);
+  sockets.set(app, socketPath);
+}
+
+/** Whether a process accepts connections on the Unix socket `socketPath`. */
+export async function isServing(socketPath: string): Promise<boolean> {
+  if (!(await stat(socketPath).catch(() => undefined))) return false;
+  return new Promise((done) => {
+    const socket = connect(socketPath);
+    socket.once('connect', () => {
+      socket.destroy();
+      done(true);
+    });
+    socket.once('error', () => done(false));
+  });
 }

@@ -1,5 +1,5 @@
 import { watch } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { open } from 'node:fs/promises';
 import { basename, dirname } from 'node:path';
 import {
   isTokenAlgorithm,
@@ -200,7 +200,7 @@ function watchKeyFile(file: string, onChange: () => void) {
 }
 
 async function readKeySet(source: KeysOptions['source']): Promise<unknown> {
-  if ('file' in source) return JSON.parse(await readFile(source.file, 'utf8'));
+  if ('file' in source) return JSON.parse(await readKeyFile(source.file));
   const response = await fetch(source.url, {
     signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
     headers: { accept: 'application/json' },
@@ -208,6 +208,30 @@ async function readKeySet(source: KeysOptions['source']): Promise<unknown> {
   });
   if (!response.ok) throw new Error(`GET ${source.url} answered ${response.status}`);
   return JSON.parse(await readLimited(response, MAX_JWKS_BYTES));
+}
+
+/**
+ * `JWKS_FILE`'s text, if nobody but B's user (or root) can have chosen it. Whoever can rewrite
+ * the key set B trusts mints tokens for any object id they know: a file that group or others may
+ * write, or that another user owns (and may chmod at will), is refused like an unreadable one.
+ * B fails closed rather than warn: it keeps its last good set for `JWKS_MAX_STALE_SECONDS`, then
+ * answers 503 KEYS_UNAVAILABLE and says why in its log and on /readyz. Checked on the handle it
+ * reads, so the file cannot be swapped between the check and the read.
+ */
+async function readKeyFile(file: string): Promise<string> {
+  const handle = await open(file, 'r');
+  try {
+    const info = await handle.stat();
+    const owner = info.uid === 0 || info.uid === process.getuid?.();
+    if ((info.mode & 0o022) !== 0 || !owner) {
+      throw new Error(
+        `refusing JWKS_FILE ${file}: ${owner ? `group or others may write it (mode ${(info.mode & 0o777).toString(8)})` : `it belongs to another user (uid ${info.uid})`}, who could then mint download tokens; make it 0644 and owned by B's user or root (keys export-jwks writes it so)`,
+      );
+    }
+    return await handle.readFile('utf8');
+  } finally {
+    await handle.close();
+  }
 }
 
 /**
