@@ -94,6 +94,8 @@ export default fp(
     });
     await app.register(fastifyCsrf, {
       sessionPlugin: '@fastify/session',
+      // The refusal's code is in the request's one log line already.
+      logLevel: 'debug',
       getToken: (request) =>
         (request.headers['x-csrf-token'] as string | undefined) ??
         (request.body as { _csrf?: string } | undefined)?._csrf ??

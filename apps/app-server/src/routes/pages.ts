@@ -2,10 +2,12 @@ import { fileURLToPath } from 'node:url';
 import fastifyStatic from '@fastify/static';
 import fastifyView from '@fastify/view';
 import { displayFileName } from '@sfh/download-token';
+import { logOutcome } from '@sfh/logging';
 import { Type } from '@sinclair/typebox';
 import { Eta } from 'eta';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { NotFound, ValidationFailed } from '../errors.ts';
+import { clientGone } from '../plugins/error-handler.ts';
 import type { FileRecord } from '../repositories/files.ts';
 import { type AuthOptions, authActions, CurrentPassword, Password, Username } from './auth.ts';
 import { deleteFile, type FilesOptions, IdParams, receiveUpload } from './files.ts';
@@ -273,9 +275,15 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     const status = error.statusCode ?? 500;
     // A cross-site post gets the plain 403: it has no business leaving a message in the session.
     const crossSite = request.headers['sec-fetch-site'] === 'cross-site';
-    if (!config || !request.session || crossSite || (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE'))
+    if (
+      !config ||
+      !request.session ||
+      crossSite ||
+      clientGone(request) ||
+      (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE')
+    )
       throw error;
-    request.log.info({ code: error.code, err: error.message }, 'form refused');
+    logOutcome(reply, { code: error.code, level: 'info', reason: error.message });
     // A form from a page whose session has ended fails its CSRF check: that is the news to tell.
     if (error.code === 'UNAUTHENTICATED' || sessionEnded(request))
       return redirectToSignIn(request, reply, config.back);
