@@ -26,10 +26,10 @@ declare module 'fastify' {
   }
   interface FastifyReply {
     /**
-     * Remembers this browser as a device that signed in as `userId` (a long-lived signed
-     * cookie), keeping `deviceId` if it had one.
+     * Remembers this browser as a device that signed in as `user` under its current credential
+     * version (a long-lived signed cookie), keeping `deviceId` if it had one.
      */
-    rememberDevice(userId: string, deviceId: string | undefined): void;
+    rememberDevice(user: DeviceOwner, deviceId: string | undefined): void;
   }
   interface FastifyInstance {
     /** onRequest hook: refuses requests without a signed-in user (401 UNAUTHENTICATED). */
@@ -40,9 +40,18 @@ declare module 'fastify' {
     userId: string;
     /** The database key of this request's session. */
     sessionIdHash(): string;
-    /** The id of this browser's device cookie if it signed in as `userId` before. */
-    knownDevice(userId: string): string | undefined;
+    /**
+     * The id of this browser's device cookie if it signed in as `user` before, under the user's
+     * current credential version.
+     */
+    knownDevice(user: DeviceOwner): string | undefined;
   }
+}
+
+/** Whose device a device cookie is: the account, and its credential version at sign-in. */
+export interface DeviceOwner {
+  id: string;
+  credentialVersion: number;
 }
 
 export interface SessionOptions {
@@ -149,18 +158,25 @@ export default fp(
     app.decorateRequest('sessionIdHash', function (this: FastifyRequest) {
       return hashSessionId(this.session.sessionId);
     });
-    // Device cookies (OWASP's answer to lockout by an attacker): `<userId>.<deviceId>`, signed.
-    // A browser presenting one for the account is throttled on its own count, not the account's.
-    app.decorateRequest('knownDevice', function (this: FastifyRequest, userId: string) {
+    // Device cookies (OWASP's answer to lockout by an attacker): `<userId>.<credentialVersion>.
+    // <deviceId>`, signed. A browser presenting one for the account is throttled on the count of
+    // the account's devices, not on the account's. A cookie only counts under the version it was
+    // issued under: a password change or "sign out everywhere" bumps the version and retires
+    // every device cookie at once, so cookies an attacker collected while they knew the old
+    // password buy no guesses at the new one.
+    app.decorateRequest('knownDevice', function (this: FastifyRequest, user: DeviceOwner) {
       const raw = this.cookies[deviceCookie];
       if (!raw) return undefined;
       const { valid, value } = this.unsignCookie(raw);
       if (!valid || !value) return undefined;
-      const dot = value.lastIndexOf('.');
-      return value.slice(0, dot) === userId ? value.slice(dot + 1) : undefined;
+      const [userId, version, deviceId, ...rest] = value.split('.');
+      return userId === user.id && version === String(user.credentialVersion) && deviceId && rest.length === 0
+        ? deviceId
+        : undefined;
     });
-    app.decorateReply('rememberDevice', function (this: FastifyReply, userId: string, deviceId?: string) {
-      this.setCookie(deviceCookie, `${userId}.${deviceId ?? randomBytes(16).toString('base64url')}`, {
+    app.decorateReply('rememberDevice', function (this: FastifyReply, user: DeviceOwner, deviceId?: string) {
+      const id = deviceId ?? randomBytes(16).toString('base64url');
+      this.setCookie(deviceCookie, `${user.id}.${user.credentialVersion}.${id}`, {
         signed: true,
         httpOnly: true,
         sameSite: 'lax',

@@ -9,7 +9,7 @@ import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from
 import { NotFound, ValidationFailed } from '../errors.ts';
 import { clientGone } from '../plugins/error-handler.ts';
 import type { FileRecord } from '../repositories/files.ts';
-import { type AuthOptions, authActions, CurrentPassword, Password, Username } from './auth.ts';
+import { type AuthOptions, authActions, CurrentPassword, Password, signOutOthers, Username } from './auth.ts';
 import { deleteFile, type FilesOptions, IdParams, receiveUpload } from './files.ts';
 import { device } from './sessions.ts';
 import { NewShare, type SharesOptions, shareActions } from './shares.ts';
@@ -517,7 +517,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       '/sessions/end-others',
       { config: { form: { back: '/sessions' } } },
       async (request, reply) => {
-        const ended = await app.repos.sessions.revokeOthers(request.userId, request.sessionIdHash());
+        const ended = await signOutOthers(app, request, reply);
         flash(
           request,
           'success',

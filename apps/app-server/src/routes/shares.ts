@@ -196,7 +196,7 @@ export async function publicShareRoutes(
   async function checkPassword(request: FastifyRequest, share: PublicShare, password: string) {
     const key = `share:${share.id}`;
     const attempt = await failures.record(key, request.ip, null);
-    const recent = await failures.recent(key, request.ip, null, throttle.windowSeconds);
+    const recent = await failures.recent(key, request.ip, throttle.windowSeconds);
     const freeAt = Math.max(
       recent.account > throttle.maxPerShare ? (recent.accountFreeAt?.getTime() ?? 0) : 0,
       recent.client > throttle.maxPerIp ? (recent.clientFreeAt?.getTime() ?? 0) : 0,
