@@ -5,7 +5,6 @@ import type { FastifyError, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import {
   AppError,
-  CsrfInvalid,
   DatabaseUnavailable,
   InsufficientStorage,
   Internal,
@@ -26,7 +25,6 @@ export const clientGone = (request: FastifyRequest) => !request.raw.complete && 
 function toCatalogueError(error: FastifyError): FastifyError {
   if (error instanceof AppError) return error;
   if (error.validation) return new ValidationFailed(error.message, { cause: error });
-  if (error.code?.startsWith('FST_CSRF_')) return new CsrfInvalid({ cause: error });
   if (error instanceof StorageUnavailableError) return new StorageUnavailable({ cause: error });
   if (error.code === 'ENOSPC' || error.code === 'EDQUOT') return new InsufficientStorage({ cause: error });
   if (isDatabaseDown(error)) return new DatabaseUnavailable({ cause: error });

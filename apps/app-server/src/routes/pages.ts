@@ -246,8 +246,6 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       case 'UNAUTHENTICATED':
         return SESSION_ENDED;
       case 'CSRF_INVALID':
-      case 'FST_CSRF_INVALID_TOKEN':
-      case 'FST_CSRF_MISSING_SECRET':
         return 'This form had expired, so nothing was changed. Please try again.';
       case 'NOT_FOUND':
         return (
@@ -274,11 +272,15 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     const config = request.routeOptions.config.form;
     const status = error.statusCode ?? 500;
     // A cross-site post gets the plain 403: it has no business leaving a message in the session.
+    // So does a refused post from a client that was never on A's pages (no session, no CSRF
+    // cookie): a message kept for it would be a session row per forged post.
     const crossSite = request.headers['sec-fetch-site'] === 'cross-site';
+    const stranger = error.code === 'CSRF_INVALID' && !request.hasAppCookie();
     if (
       !config ||
       !request.session ||
       crossSite ||
+      stranger ||
       clientGone(request) ||
       (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE')
     )
