@@ -783,6 +783,21 @@ describe('1,000 clients that abort mid-upload', () => {
     const complete = await upload(user, content, 'complete.bin');
     expect(complete.status, complete.text).toBe(201);
     expect(complete.json.file?.sha256).toBe(sha256(content));
+
+    // A client that goes away is nothing A did: one info line per aborted upload, without a
+    // stack, and nothing at error level.
+    const lines = a
+      .output()
+      .split('\n')
+      .filter((line) => line.startsWith('{'))
+      .map((line) => JSON.parse(line) as { level: number; code?: string; reqId?: string; err?: unknown });
+    expect(lines.filter((line) => line.level >= 50)).toEqual([]);
+    const gone = lines.filter((line) => line.code === 'CLIENT_GONE');
+    console.log(`${gone.length} "client went away" lines for 2,000 aborted uploads`);
+    expect(gone.length).toBeGreaterThan(1_000);
+    expect(gone.length).toBeLessThanOrEqual(2_000);
+    expect(gone.filter((line) => line.level !== 30 || line.err !== undefined)).toEqual([]);
+    expect(new Set(gone.map((line) => line.reqId)).size).toBe(gone.length);
   }, 90_000);
 });
 

@@ -21,10 +21,10 @@ type Line = {
 };
 
 /** A on the test database, logging at info into `lines`. */
-async function loggedApp() {
+async function loggedApp(env: Record<string, string> = {}) {
   const lines: Line[] = [];
   const logStream = { write: (line: string) => void lines.push(JSON.parse(line) as Line) };
-  const { app } = await buildTestApp(db(), { LOG_LEVEL: 'info' }, { logStream });
+  const { app } = await buildTestApp(db(), { LOG_LEVEL: 'info', ...env }, { logStream });
   /** The lines of each request, by request id. */
   const byRequest = () => {
     const groups = new Map<string, Line[]>();
@@ -102,6 +102,39 @@ describe('a client that goes away mid-request', () => {
     expect(byRequest().every((group) => group.length === 1)).toBe(true);
     // A is fine, and the user's session is untouched.
     expect((await client.request({ method: 'GET', url: '/api/files' })).json()).toEqual({ files: [] });
+  });
+
+  it('is one line at info too when A cuts off an upload past UPLOAD_TIMEOUT_SECONDS', async () => {
+    const { app, lines } = await loggedApp({ UPLOAD_TIMEOUT_SECONDS: '1' });
+    const client = new TestClient(app);
+    await client.register(username(), PASSWORD);
+    const csrf = await client.csrfToken();
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    const port = (app.server.address() as AddressInfo).port;
+    const boundary = 'sfh-trickled';
+    const req = request({
+      host: '127.0.0.1',
+      port,
+      path: '/api/files',
+      method: 'POST',
+      agent: false,
+      headers: {
+        cookie: [...client.cookies].map(([name, value]) => `${name}=${value}`).join('; '),
+        'x-csrf-token': csrf,
+        'content-type': `multipart/form-data; boundary=${boundary}`,
+        'content-length': '1000000',
+      },
+    });
+    req.on('error', () => {});
+    req.write(`--${boundary}\r\nContent-Disposition: form-data; name="file"; filename="slow.bin"\r\n\r\n`);
+    const trickle = setInterval(() => req.write('x'), 100);
+    await waitFor(() => lines.some((line) => line.code === 'CLIENT_GONE'));
+    clearInterval(trickle);
+    req.destroy();
+    await sleep(300);
+    const upload = lines.filter((line) => line.req?.url === '/api/files');
+    expect(upload.map((line) => [line.level, line.code])).toEqual([[30, 'CLIENT_GONE']]);
+    expect(lines.filter((line) => line.level >= 40)).toEqual([]);
   });
 });
 
