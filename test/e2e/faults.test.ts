@@ -706,7 +706,8 @@ describe('1,000 clients that abort mid-upload', () => {
     storageDir = join(dataDir, 'files');
     const port = await freePort();
     appOrigin = origin(port);
-    a = await startEmbeddedA(dataDir, port);
+    // At info: the line each aborted upload writes is part of what is tested.
+    a = await startEmbeddedA(dataDir, port, { LOG_LEVEL: 'info' });
   }, 120_000);
 
   afterAll(async () => {
