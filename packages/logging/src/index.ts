@@ -73,7 +73,7 @@ export function logging(
         stream: pretty({
           sync: true,
           singleLine: true,
-          ignore: 'hostname,req,res',
+          ignore: 'hostname,req,res,code',
           messageFormat:
             '{if req.method}{req.method} {req.url} {res.statusCode} {end}{if code}{code} {end}{msg}',
         }),
