@@ -756,6 +756,36 @@ describe('anonymous forms', () => {
   });
 });
 
+describe('an ended session', () => {
+  it('sends its browser to sign in, saying so in the URL: its cookie, replayed, writes no row', async () => {
+    const { app } = await buildTestApp(db());
+    const client = new TestClient(app);
+    await client.register(username(), PASSWORD);
+    expect(
+      (await client.request({ method: 'DELETE', url: `/api/sessions/${(await currentOf(client)).id}` }))
+        .statusCode,
+    ).toBe(204);
+    const rows = await count(app, 'sessions');
+    for (let i = 0; i < 50; i++) {
+      const page = await app.inject({
+        method: 'GET',
+        url: '/sessions',
+        headers: { cookie: `sid=${client.cookies.get('sid')}`, accept: 'text/html' },
+      });
+      expect(page.statusCode).toBe(303);
+      expect(page.headers.location).toBe('/login?next=%2Fsessions&ended=1');
+      // No new session: at most the stale cookie is cleared.
+      expect(setCookie(page, 'sid') ?? 'sid=;').toMatch(/^sid=;/);
+    }
+    expect(await count(app, 'sessions')).toBe(rows);
+    const login = await app.inject({ method: 'GET', url: '/login?next=%2Fsessions&ended=1' });
+    expect(login.body).toContain('Your session has ended');
+    expect((await app.inject({ method: 'GET', url: '/login?next=%2Fsessions' })).body).not.toContain(
+      'Your session has ended',
+    );
+  });
+});
+
 describe('TRUST_PROXY', () => {
   it('believes X-Forwarded-For only from the listed proxies: a client reaching A directly keeps its own IP', async () => {
     const { app } = await buildTestApp(db(), { TRUST_PROXY: '10.0.0.1' });

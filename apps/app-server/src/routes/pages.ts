@@ -69,14 +69,15 @@ function sessionEnded(request: FastifyRequest): boolean {
 /**
  * Sends a signed-out browser to the sign-in page (303), saying so if its session has ended, and
  * back to `next` afterwards. Used by the protected pages and by the error handler (for
- * `GET /files/:id/download` and other navigations that need a user).
+ * `GET /files/:id/download` and other navigations that need a user). "Your session has ended"
+ * travels in the URL (`ended=1`), not in a new anonymous session: an ended session's cookie,
+ * replayed, must not write a row per request.
  */
 export function redirectToSignIn(request: FastifyRequest, reply: FastifyReply, next = request.url) {
-  if (request.session && sessionEnded(request))
-    request.session.flash = { kind: 'error', text: SESSION_ENDED };
+  const ended = request.session && sessionEnded(request) ? '&ended=1' : '';
   return reply
     .header('cache-control', 'no-store')
-    .redirect(`${request.server.publicPath}/login?next=${encodeURIComponent(safeNext(next))}`, 303);
+    .redirect(`${request.server.publicPath}/login?next=${encodeURIComponent(safeNext(next))}${ended}`, 303);
 }
 
 /**
@@ -203,10 +204,11 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     request: FastifyRequest,
     reply: FastifyReply,
     view: string,
-    data: { title: string } & Record<string, unknown>,
+    data: { title: string; flash?: Flash } & Record<string, unknown>,
   ) {
-    const message = request.session?.flash;
-    if (message) delete request.session.flash;
+    const kept = request.session?.flash;
+    if (kept) delete request.session.flash;
+    const message = kept ?? data.flash;
     const html = await reply.viewAsync(view, {
       ...data,
       flash: message,
@@ -300,7 +302,12 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
   app.get('/login', async (request, reply) => {
     const next = safeNext((request.query as { next?: unknown }).next);
     if (request.session.userId) return back(reply, next);
-    return render(request, reply, 'login', { title: 'Sign in', next });
+    const ended = (request.query as { ended?: unknown }).ended === '1';
+    return render(request, reply, 'login', {
+      title: 'Sign in',
+      next,
+      ...(ended && { flash: { kind: 'error', text: SESSION_ENDED } }),
+    });
   });
 
   app.get('/register', async (request, reply) => {
