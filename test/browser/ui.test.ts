@@ -219,7 +219,7 @@ describe.skipIf(noChromium.skip)(`the web UI in Chromium${noChromium.reason}`, {
     expect(await page.getByRole('row', { name: /Firefox/ }).count()).toBe(0);
 
     await otherPage.getByRole('link', { name: 'Sessions' }).click();
-    await otherPage.waitForURL(/\/login\?next=%2Fsessions$/);
+    await otherPage.waitForURL(/\/login\?next=%2Fsessions&ended=1$/);
     expect(await flash(otherPage)).toContain('Your session has ended');
     expect(await otherPage.content()).not.toContain('résumé');
     await other.close();

@@ -377,6 +377,26 @@ describe('B as a real process: start-up, and its key set in the log', () => {
     }
   });
 
+  it('logs one line per request, a refusal with its code in it', async () => {
+    expect((await fetch(`${b.origin}/d/not-a-token`)).status).toBe(400);
+    expect((await fetch(`${b.origin}/no/such/path`)).status).toBe(404);
+    const requestLines = () =>
+      b.server
+        .output()
+        .split('\n')
+        .filter((line) => line.startsWith('{') && line.includes('"reqId"'))
+        .map((line) => JSON.parse(line) as { reqId: string; level: number; msg: string; code?: string });
+    const deadline = Date.now() + 5_000;
+    while (!requestLines().some((line) => line.code === 'NOT_FOUND') && Date.now() < deadline)
+      await sleep(50);
+    const lines = requestLines();
+    expect(lines.filter((line) => line.code !== undefined)).toMatchObject([
+      { level: 30, msg: 'request completed', code: 'TOKEN_MALFORMED', res: { statusCode: 400 } },
+      { level: 30, msg: 'request completed', code: 'NOT_FOUND', res: { statusCode: 404 } },
+    ]);
+    expect(new Set(lines.map((line) => line.reqId)).size).toBe(lines.length);
+  });
+
   it('logs its first key set, then every kid added and removed', async () => {
     expect(logged('key set read: B can verify tokens')).toMatchObject([{ kids: [b.kid] }]);
     const { publicKey } = await generateKeyPair('EdDSA');

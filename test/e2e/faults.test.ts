@@ -706,7 +706,8 @@ describe('1,000 clients that abort mid-upload', () => {
     storageDir = join(dataDir, 'files');
     const port = await freePort();
     appOrigin = origin(port);
-    a = await startEmbeddedA(dataDir, port);
+    // At info: the line each aborted upload writes is part of what is tested.
+    a = await startEmbeddedA(dataDir, port, { LOG_LEVEL: 'info' });
   }, 120_000);
 
   afterAll(async () => {
@@ -783,6 +784,19 @@ describe('1,000 clients that abort mid-upload', () => {
     const complete = await upload(user, content, 'complete.bin');
     expect(complete.status, complete.text).toBe(201);
     expect(complete.json.file?.sha256).toBe(sha256(content));
+
+    // A client that goes away is nothing A did: one info line per aborted upload, without a
+    // stack, and nothing at error level.
+    const lines = a
+      .output()
+      .split('\n')
+      .filter((line) => line.startsWith('{'))
+      .map((line) => JSON.parse(line) as { level: number; code?: string; reqId?: string; err?: unknown });
+    expect(lines.filter((line) => line.level >= 50)).toEqual([]);
+    const gone = lines.filter((line) => line.code === 'CLIENT_GONE');
+    expect(gone).toHaveLength(2_000);
+    expect(gone.filter((line) => line.level !== 30 || line.err !== undefined)).toEqual([]);
+    expect(new Set(gone.map((line) => line.reqId)).size).toBe(gone.length);
   }, 90_000);
 });
 

@@ -30,6 +30,8 @@ export interface BuildOptions {
   databaseUrl: string;
   /** Comma-separated cookie secrets (server.ts supplies a generated one in development). */
   sessionSecret: string;
+  /** Where JSON log lines go (default: stdout). */
+  logStream?: Parameters<typeof logging>[3];
 }
 
 declare module 'fastify' {
@@ -45,14 +47,19 @@ declare module 'fastify' {
 /** Server A. Takes its whole configuration as arguments and never reads `process.env`. */
 export async function buildApp(config: AppConfig, options: BuildOptions): Promise<FastifyInstance> {
   const app = Fastify({
-    ...logging('app', config, {
-      // Paths without query strings: the no-JavaScript upload form carries its CSRF token there.
-      req: (req) => ({
-        method: req.method,
-        url: req.url?.split('?')[0],
-        remoteAddress: req.ip,
-      }),
-    }),
+    ...logging(
+      'app',
+      config,
+      {
+        // Paths without query strings: the no-JavaScript upload form carries its CSRF token there.
+        req: (req) => ({
+          method: req.method,
+          url: req.url?.split('?')[0],
+          remoteAddress: req.ip,
+        }),
+      },
+      options.logStream,
+    ),
     trustProxy: config.trustProxy,
     // Slowloris, as on B: REQUEST_TIMEOUT_SECONDS for the request head, IDLE_TIMEOUT_SECONDS for a
     // connection on which nothing moves. Node checks these every second instead of every 30.

@@ -21,8 +21,9 @@ export interface SessionTimeouts {
 }
 
 /**
- * An anonymous session (a CSRF secret for the sign-in form, a flash message) lives this long at
- * most: every cookieless visit to a form creates one, and such rows must not pile up for days.
+ * An anonymous session (a message for the next page, after a failed sign-in) lives this long at
+ * most: anyone can make one, and such rows must not pile up for days. (A form's CSRF token needs
+ * none: before sign-in it is bound to a cookie, plugins/session.ts.)
  */
 export const ANONYMOUS_SESSION_SECONDS = 3600;
 

@@ -21,6 +21,19 @@ const PASSWORD = 'correct horse battery';
 const me = (app: FastifyInstance, cookie?: string) =>
   app.inject({ method: 'GET', url: '/api/me', headers: cookie ? { cookie } : {} });
 
+/** A wrong password through the sign-in form: the browser gets an anonymous session (its message). */
+async function failedFormSignIn(client: TestClient, name: string) {
+  const token = await client.csrfToken();
+  const response = await client.request({
+    method: 'POST',
+    url: '/login',
+    payload: new URLSearchParams({ username: name, password: 'wrong password', _csrf: token }).toString(),
+    headers: { 'content-type': 'application/x-www-form-urlencoded' },
+  });
+  expect(response.statusCode).toBe(303);
+  return response;
+}
+
 async function registered(app: FastifyInstance, password = PASSWORD) {
   const client = new TestClient(app);
   const user = await client.register(username(), password);
@@ -136,12 +149,13 @@ describe('login', () => {
     const { app } = await buildTestApp(db());
     const { user } = await registered(app);
 
+    // A browser with an anonymous session (a failed sign-in left it a message).
     const client = new TestClient(app);
-    const before = await client.request({ method: 'GET', url: '/api/csrf' });
+    const before = await failedFormSignIn(client, user.username);
     const oldCookie = client.cookies.get('sid');
     expect(oldCookie).toBeDefined();
     expect(setCookie(before, 'sid')).toBeDefined();
-    const oldCsrf = before.json().token as string;
+    const oldCsrf = await client.csrfToken();
     const rowsBefore = await count(app, 'sessions WHERE revoked_at IS NULL');
 
     const login = await client.login(user.username, PASSWORD);
@@ -154,15 +168,19 @@ describe('login', () => {
 
     // The old session row was replaced, not kept next to the new one.
     expect(await count(app, 'sessions WHERE revoked_at IS NULL')).toBe(rowsBefore);
-    // The new cookie is signed in, the old one is not, and its CSRF secret went with it.
+    // The new cookie is signed in, the old one is not, and the token from before is no good for
+    // the signed-in session.
     expect((await me(app, `sid=${newCookie}`)).statusCode).toBe(200);
     expectError(await me(app, `sid=${oldCookie}`), 401, 'UNAUTHENTICATED');
-    const withOld = await app.inject({
+    const withOld = await client.request({
       method: 'POST',
       url: '/api/auth/logout',
-      headers: { cookie: `sid=${oldCookie}`, 'x-csrf-token': oldCsrf },
+      headers: { 'x-csrf-token': oldCsrf },
     });
     expectError(withOld, 403, 'CSRF_INVALID');
+    await expect(client.request({ method: 'GET', url: '/api/me' })).resolves.toMatchObject({
+      statusCode: 200,
+    });
   });
 
   it('accepts the username in another case', async () => {
@@ -396,9 +414,9 @@ describe('session cookie', () => {
 
   it('is never stored as the raw session id', async () => {
     const { app } = await buildTestApp(db());
-    const { client } = await registered(app);
+    const { client, user } = await registered(app);
     const anonymous = new TestClient(app);
-    await anonymous.csrfToken();
+    await failedFormSignIn(anonymous, user.username);
     for (const cookie of [client.cookies.get('sid'), anonymous.cookies.get('sid')]) {
       expect(cookie).toBeDefined();
       const id = sessionIdOf(cookie as string);
@@ -415,16 +433,27 @@ describe('session cookie', () => {
     }
   });
 
-  it('is HttpOnly, SameSite=Lax and Path=/', async () => {
+  it('is HttpOnly, SameSite=Lax and Path=/, as is the CSRF cookie of a browser not signed in', async () => {
     const { app } = await buildTestApp(db());
-    const response = await app.inject({ method: 'GET', url: '/api/csrf' });
-    const line = setCookie(response, 'sid');
-    expect(line).toBeDefined();
-    const attributes = cookieAttributes(line as string);
-    expect(attributes.has('httponly')).toBe(true);
-    expect(attributes.get('samesite')?.toLowerCase()).toBe('lax');
-    expect(attributes.get('path')).toBe('/');
-    expect(attributes.has('domain')).toBe(false);
+    const csrf = await app.inject({ method: 'GET', url: '/api/csrf' });
+    const register = await app.inject({
+      method: 'POST',
+      url: '/api/auth/register',
+      payload: { username: username(), password: PASSWORD },
+      headers: {
+        cookie: `csrf=${csrf.cookies.find((cookie) => cookie.name === 'csrf')?.value}`,
+        'x-csrf-token': csrf.json().token,
+      },
+    });
+    expect(register.statusCode).toBe(201);
+    for (const line of [setCookie(register, 'sid'), setCookie(csrf, 'csrf')]) {
+      expect(line).toBeDefined();
+      const attributes = cookieAttributes(line as string);
+      expect(attributes.has('httponly')).toBe(true);
+      expect(attributes.get('samesite')?.toLowerCase()).toBe('lax');
+      expect(attributes.get('path')).toBe('/');
+      expect(attributes.has('domain')).toBe(false);
+    }
   });
 
   it('is __Host-sid and Secure in production', async () => {
@@ -438,24 +467,31 @@ describe('session cookie', () => {
       TRUST_PROXY: 'loopback',
     });
     const client = new HttpsProxiedClient(app);
+    // Before sign-in: the CSRF cookie, and no session.
     const csrf = await client.request({ method: 'GET', url: '/api/csrf' });
-    expect(setCookie(csrf, 'sid')).toBeUndefined();
-    const line = setCookie(csrf, '__Host-sid');
-    expect(line).toBeDefined();
-    const attributes = cookieAttributes(line as string);
-    expect(attributes.has('secure')).toBe(true);
-    expect(attributes.has('httponly')).toBe(true);
-    expect(attributes.get('samesite')?.toLowerCase()).toBe('lax');
-    expect(attributes.get('path')).toBe('/');
-    expect(attributes.has('domain')).toBe(false);
+    expect(setCookies(csrf).map((line) => line.slice(0, line.indexOf('=')))).toEqual(['__Host-csrf']);
+    const register = await client.request({
+      method: 'POST',
+      url: '/api/auth/register',
+      payload: { username: username(), password: PASSWORD },
+    });
+    expect(register.statusCode).toBe(201);
+    for (const line of [setCookie(csrf, '__Host-csrf'), setCookie(register, '__Host-sid')]) {
+      expect(line).toBeDefined();
+      const attributes = cookieAttributes(line as string);
+      expect(attributes.has('secure')).toBe(true);
+      expect(attributes.has('httponly')).toBe(true);
+      expect(attributes.get('samesite')?.toLowerCase()).toBe('lax');
+      expect(attributes.get('path')).toBe('/');
+      expect(attributes.has('domain')).toBe(false);
+    }
 
     // And the session works end to end under that name.
-    const user = await client.register(username());
     const who = await client.request({ method: 'GET', url: '/api/me' });
     expect(who.statusCode).toBe(200);
-    expect(who.json().user.id).toBe(user.id);
+    expect(who.json().user.id).toBe(register.json().user.id);
     // The device cookie (sign-in throttling) is __Host- prefixed and Secure too.
-    expect([...client.cookies.keys()]).toEqual(['__Host-sid', '__Host-device']);
+    expect([...client.cookies.keys()].sort()).toEqual(['__Host-csrf', '__Host-device', '__Host-sid']);
   });
 
   it('keeps working across a SESSION_SECRET rotation', async () => {

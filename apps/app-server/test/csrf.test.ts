@@ -311,3 +311,129 @@ describe('security headers (helmet)', () => {
     expect(response.headers['x-content-type-options']).toBe('nosniff');
   });
 });
+
+describe('before sign-in: a signed double-submit token, and no session row', () => {
+  const FORM_PAGES = ['/login', '/register', '/login?next=%2Ffiles', '/api/csrf'];
+
+  it('a cookieless GET of the token or of a form page adds no session row (1,000 of each)', async () => {
+    const { app } = await buildTestApp(db());
+    await new TestClient(app).register(username(), PASSWORD);
+    const rows = await count(app, 'sessions');
+    for (const url of FORM_PAGES) {
+      for (let i = 0; i < 1_000; i++) {
+        const response = await app.inject({ method: 'GET', url });
+        expect(response.statusCode).toBe(200);
+        // The CSRF cookie and nothing else.
+        expect(response.cookies.map((cookie) => cookie.name)).toEqual(['csrf']);
+      }
+    }
+    expect(await count(app, 'sessions')).toBe(rows);
+  }, 120_000);
+
+  it('signs in and up with a token bound to the CSRF cookie, which then works for the session', async () => {
+    const { app } = await buildTestApp(db());
+    const client = new TestClient(app);
+    const user = await client.register(username(), PASSWORD);
+    expect(client.cookies.has('csrf')).toBe(true);
+    await expectSignedIn(client, user.id);
+    expect((await client.request({ method: 'POST', url: '/api/auth/logout' })).statusCode).toBe(204);
+    expect((await client.login(user.username, PASSWORD)).statusCode).toBe(200);
+    await expectSignedIn(client, user.id);
+  });
+
+  it.each([
+    ['no token', () => undefined],
+    ['a garbage token', () => 'garbage'],
+    ['an empty token', () => ''],
+    ['a token of another browser', (other: string) => other],
+    ['a token with another MAC', (other: string) => `${other.split('.')[0]}.${'A'.repeat(43)}`],
+  ])(
+    'refuses an anonymous form post with %s (403 CSRF_INVALID, nobody signed in, no row)',
+    async (_case, tokenOf) => {
+      const { app } = await buildTestApp(db());
+      const user = await new TestClient(app).register(username(), PASSWORD);
+      const other = await new TestClient(app).csrfToken();
+      const browser = new TestClient(app);
+      await browser.csrfToken();
+      const rows = await count(app, 'sessions');
+      const token = tokenOf(other);
+      for (const url of ['/api/auth/login', '/api/auth/register']) {
+        const response = await browser.request({
+          method: 'POST',
+          url,
+          payload: formBody({
+            username: url.endsWith('login') ? user.username : username(),
+            password: PASSWORD,
+            ...(token !== undefined && { _csrf: token }),
+          }),
+          headers: { 'content-type': FORM },
+          csrf: false,
+        });
+        expectError(response, 403, 'CSRF_INVALID');
+      }
+      // The HTML forms: a client that was never on A's pages gets the plain 403 too, and no
+      // message (no row) is kept for it.
+      const stranger = new TestClient(app);
+      for (const url of ['/login', '/register', '/logout']) {
+        const response = await stranger.request({
+          method: 'POST',
+          url,
+          payload: formBody({
+            username: user.username,
+            password: PASSWORD,
+            ...(token !== undefined && { _csrf: token }),
+          }),
+          headers: { 'content-type': FORM },
+          csrf: false,
+        });
+        expectError(response, 403, 'CSRF_INVALID');
+      }
+      expect(await count(app, 'sessions')).toBe(rows);
+      expectError(await browser.request({ method: 'GET', url: '/api/me' }), 401, 'UNAUTHENTICATED');
+    },
+  );
+
+  it("refuses a token with the attacker's own CSRF cookie value but not the victim's cookie (login CSRF)", async () => {
+    const { app } = await buildTestApp(db());
+    const attacker = new TestClient(app);
+    const attackerUser = await attacker.register(username(), PASSWORD);
+    await attacker.request({ method: 'POST', url: '/api/auth/logout' });
+    // The attacker holds a valid pair (their cookie, their token) and gets the victim's browser
+    // to post their credentials with their token: the victim's browser sends its own cookie.
+    const attackerToken = await attacker.csrfToken();
+    const victim = new TestClient(app);
+    await victim.csrfToken();
+    const response = await victim.request({
+      method: 'POST',
+      url: '/api/auth/login',
+      payload: formBody({ username: attackerUser.username, password: PASSWORD, _csrf: attackerToken }),
+      headers: { 'content-type': FORM },
+      csrf: false,
+    });
+    expectError(response, 403, 'CSRF_INVALID');
+    expectError(await victim.request({ method: 'GET', url: '/api/me' }), 401, 'UNAUTHENTICATED');
+  });
+
+  it('keeps tokens valid across a SESSION_SECRET rotation, and not once the secret is dropped', async () => {
+    const secretA = 'csrf-rotation-secret-A-0123456789abcdef01';
+    const secretB = 'csrf-rotation-secret-B-0123456789abcdef01';
+    const { app: first } = await buildTestApp(db(), { SESSION_SECRET: secretA });
+    const user = await new TestClient(first).register(username(), PASSWORD);
+    const browser = new TestClient(first);
+    const token = await browser.csrfToken();
+    const login = (app: FastifyInstance) => {
+      const jar = new TestClient(app);
+      jar.cookies = new Map(browser.cookies);
+      return jar.request({
+        method: 'POST',
+        url: '/api/auth/login',
+        payload: { username: user.username, password: PASSWORD },
+        headers: { 'x-csrf-token': token },
+      });
+    };
+    const { app: rotated } = await buildTestApp(db(), { SESSION_SECRET: `${secretB},${secretA}` });
+    expect((await login(rotated)).statusCode).toBe(200);
+    const { app: retired } = await buildTestApp(db(), { SESSION_SECRET: secretB });
+    expectError(await login(retired), 403, 'CSRF_INVALID');
+  });
+});

@@ -6,7 +6,7 @@ import type { FastifyInstance, InjectOptions, LightMyRequestResponse } from 'fas
 import { type CryptoKey, importJWK, type JWK } from 'jose';
 import { afterAll, beforeAll, onTestFinished } from 'vitest';
 import { createTestDatabase, type TestDatabase } from '../../../test/support/database.ts';
-import { buildApp } from '../src/app.ts';
+import { type BuildOptions, buildApp } from '../src/app.ts';
 import { type AppConfig, loadConfig } from '../src/config.ts';
 
 export const TEST_SESSION_SECRET = 'test-session-secret-that-is-long-enough';
@@ -33,6 +33,7 @@ export function useTestDatabase(): () => TestDatabase {
 export async function buildTestApp(
   db: TestDatabase,
   env: Record<string, string> = {},
+  options: Pick<BuildOptions, 'logStream'> = {},
 ): Promise<{ app: FastifyInstance; config: AppConfig }> {
   const dir = await mkdtemp(join(tmpdir(), 'sfh-app-'));
   const config = loadConfig({
@@ -47,6 +48,7 @@ export async function buildTestApp(
   const app = await buildApp(config, {
     databaseUrl: db.url,
     sessionSecret: env.SESSION_SECRET ?? TEST_SESSION_SECRET,
+    ...options,
   });
   onTestFinished(async () => {
     await app.close();

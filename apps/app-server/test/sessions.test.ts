@@ -712,8 +712,16 @@ describe('anonymous requests', () => {
 });
 
 describe('anonymous forms', () => {
-  it('cost a session row (and cookie) of an hour at most, not of the absolute timeout', async () => {
+  it('cost no session row; a message kept for the next page costs one of an hour at most', async () => {
     const { app } = await buildTestApp(db());
+    const rows = await count(app, 'sessions');
+    for (const url of ['/login', '/register', '/api/csrf']) {
+      const response = await app.inject({ method: 'GET', url });
+      expect(setCookie(response, 'sid'), url).toBeUndefined();
+    }
+    expect(await count(app, 'sessions')).toBe(rows);
+
+    // A failed sign-in has something to keep: the message for the next page.
     const secondsLeft = async (idHash: string) => {
       const { rows } = await app.db.query<{ seconds: number }>(
         'SELECT extract(epoch FROM expires_at - now())::int AS seconds FROM sessions WHERE id_hash = $1',
@@ -721,22 +729,60 @@ describe('anonymous forms', () => {
       );
       return rows[0]?.seconds;
     };
-    for (const url of ['/login', '/register', '/api/csrf']) {
-      const response = await app.inject({ method: 'GET', url });
-      const cookie = setCookie(response, 'sid') as string;
-      expect(cookie, url).toBeDefined();
-      const expires = Date.parse(/Expires=([^;]+)/i.exec(cookie)?.[1] ?? '');
-      expect(expires - Date.now(), url).toBeLessThanOrEqual(3600_000);
-      const id = sessionIdOf(cookie.slice('sid='.length, cookie.indexOf(';')));
-      const left = await secondsLeft(hashSessionId(id));
-      expect(left, url).toBeGreaterThan(3500);
-      expect(left, url).toBeLessThanOrEqual(3600);
-    }
+    const browser = new TestClient(app);
+    const failed = await browser.request({
+      method: 'POST',
+      url: '/login',
+      payload: `username=nobody&password=wrong+password&_csrf=${encodeURIComponent(await browser.csrfToken())}`,
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+    });
+    expect(failed.statusCode).toBe(303);
+    const cookie = setCookie(failed, 'sid') as string;
+    expect(cookie).toBeDefined();
+    const expires = Date.parse(/Expires=([^;]+)/i.exec(cookie)?.[1] ?? '');
+    expect(expires - Date.now()).toBeLessThanOrEqual(3600_000);
+    const left = await secondsLeft(
+      hashSessionId(sessionIdOf(cookie.slice('sid='.length, cookie.indexOf(';')))),
+    );
+    expect(left).toBeGreaterThan(3500);
+    expect(left).toBeLessThanOrEqual(3600);
+    expect(await count(app, 'sessions')).toBe(rows + 1);
+
     // Signed in, a session lives for the absolute timeout (14 days by default).
     const client = new TestClient(app);
     await client.register(username(), PASSWORD);
     const id = sessionIdOf(client.cookies.get('sid') as string);
     expect(await secondsLeft(hashSessionId(id))).toBeGreaterThan(13 * 24 * 3600);
+  });
+});
+
+describe('an ended session', () => {
+  it('sends its browser to sign in, saying so in the URL: its cookie, replayed, writes no row', async () => {
+    const { app } = await buildTestApp(db());
+    const client = new TestClient(app);
+    await client.register(username(), PASSWORD);
+    expect(
+      (await client.request({ method: 'DELETE', url: `/api/sessions/${(await currentOf(client)).id}` }))
+        .statusCode,
+    ).toBe(204);
+    const rows = await count(app, 'sessions');
+    for (let i = 0; i < 50; i++) {
+      const page = await app.inject({
+        method: 'GET',
+        url: '/sessions',
+        headers: { cookie: `sid=${client.cookies.get('sid')}`, accept: 'text/html' },
+      });
+      expect(page.statusCode).toBe(303);
+      expect(page.headers.location).toBe('/login?next=%2Fsessions&ended=1');
+      // No new session: at most the stale cookie is cleared.
+      expect(setCookie(page, 'sid') ?? 'sid=;').toMatch(/^sid=;/);
+    }
+    expect(await count(app, 'sessions')).toBe(rows);
+    const login = await app.inject({ method: 'GET', url: '/login?next=%2Fsessions&ended=1' });
+    expect(login.body).toContain('Your session has ended');
+    expect((await app.inject({ method: 'GET', url: '/login?next=%2Fsessions' })).body).not.toContain(
+      'Your session has ended',
+    );
   });
 });
 

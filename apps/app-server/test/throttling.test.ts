@@ -498,6 +498,100 @@ describe('the owner is never locked out by an attacker', () => {
   });
 });
 
+describe('device cookies live under the credential version', () => {
+  /** `n` browsers that each signed in to the account (each holds a device cookie), signed out again. */
+  async function devices(app: FastifyInstance, name: string, n: number) {
+    const browsers: TestClient[] = [];
+    for (let i = 0; i < n; i++) {
+      const browser = new TestClient(app);
+      expect((await browser.login(name, PASSWORD)).statusCode).toBe(200);
+      expect((await browser.request({ method: 'POST', url: '/api/auth/logout' })).statusCode).toBe(204);
+      browsers.push(browser);
+    }
+    return browsers;
+  }
+
+  /** Five wrong guesses from each browser: the answers' statuses, in order. */
+  async function guesses(name: string, browsers: TestClient[]) {
+    const statuses: number[] = [];
+    for (const browser of browsers)
+      for (let i = 0; i < 5; i++) statuses.push((await browser.login(name, WRONG)).statusCode);
+    return statuses;
+  }
+
+  it('six cookies collected before a password change give no extra guesses after it', async () => {
+    const { app } = await freshApp();
+    const owner = new TestClient(app);
+    const user = await owner.register(username(), PASSWORD);
+    const collected = await devices(app, user.username, 6);
+    const changed = await owner.request({
+      method: 'POST',
+      url: '/api/auth/password',
+      payload: { currentPassword: PASSWORD, newPassword: 'a brand new password' },
+    });
+    expect(changed.statusCode).toBe(204);
+
+    // The old cookies count as none: the account's five, then 429, for all six browsers together.
+    const statuses = await guesses(user.username, collected);
+    expect(statuses.filter((status) => status === 401)).toHaveLength(5);
+    expect(statuses.slice(5).every((status) => status === 429)).toBe(true);
+    // The owner's browser, re-issued its cookie by the change, still gets in.
+    await owner.request({ method: 'POST', url: '/api/auth/logout' });
+    expect((await owner.login(user.username, 'a brand new password')).statusCode).toBe(200);
+  });
+
+  it("counts the failures of all the account's devices toward one ceiling", async () => {
+    const { app } = await freshApp();
+    const user = await registered(app);
+    const [first, second, third] = (await devices(app, user.username, 3)) as [
+      TestClient,
+      TestClient,
+      TestClient,
+    ];
+    for (let i = 0; i < 3; i++)
+      expectError(await first.login(user.username, WRONG), 401, 'INVALID_CREDENTIALS');
+    for (let i = 0; i < 2; i++)
+      expectError(await second.login(user.username, WRONG), 401, 'INVALID_CREDENTIALS');
+    // Five in all: every device is refused now, even with the right password.
+    expectThrottled(await second.login(user.username, WRONG));
+    expectThrottled(await third.login(user.username, PASSWORD));
+    expectThrottled(await first.login(user.username, PASSWORD));
+    // After the window, a device signs in again, and that clears the devices' count.
+    await app.db.query(`UPDATE login_failures SET at = at - interval '16 minutes'`);
+    expect((await third.login(user.username, PASSWORD)).statusCode).toBe(200);
+  });
+
+  it.each([
+    ['the API', (owner: TestClient) => owner.request({ method: 'DELETE', url: '/api/sessions' })],
+    [
+      'the sessions page',
+      async (owner: TestClient) =>
+        owner.request({
+          method: 'POST',
+          url: '/sessions/end-others',
+          payload: `_csrf=${encodeURIComponent(await owner.csrfToken())}`,
+          headers: { 'content-type': 'application/x-www-form-urlencoded' },
+        }),
+    ],
+  ])(
+    '"sign out everywhere else" (%s) retires every other device cookie, and keeps this one',
+    async (_, signOutOthers) => {
+      const { app } = await freshApp();
+      const owner = new TestClient(app);
+      const user = await owner.register(username(), PASSWORD);
+      const collected = await devices(app, user.username, 6);
+      expect([204, 303]).toContain((await signOutOthers(owner)).statusCode);
+
+      const statuses = await guesses(user.username, collected);
+      expect(statuses.filter((status) => status === 401)).toHaveLength(5);
+      expect(statuses.slice(5).every((status) => status === 429)).toBe(true);
+      // The account's count is full, but the browser that signed the others out is still a known device.
+      await owner.request({ method: 'POST', url: '/api/auth/logout' });
+      expect((await owner.login(user.username, PASSWORD)).statusCode).toBe(200);
+    },
+  );
+});
+
 describe('clean-up', () => {
   it('drops failures and registrations past their window, keeps the recent ones', async () => {
     const { app } = await freshApp();

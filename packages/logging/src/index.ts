@@ -3,13 +3,43 @@ import { LogController } from 'fastify';
 import type { DestinationStream } from 'pino';
 import pretty from 'pino-pretty';
 
+/** What a request's one log line says about an answer that is not a success. */
+export interface Outcome {
+  /** The catalogue code the client got. */
+  code: string;
+  /** `info` for a refusal the client caused, `warn` or `error` for the server's own trouble. */
+  level: 'info' | 'warn' | 'error';
+  /** The cause, for the server's own trouble (its stack reaches the log, never the client). */
+  err?: unknown;
+  /** Why the request was refused, in words (a validation message), for refusals. */
+  reason?: string;
+}
+
+const outcomes = new WeakMap<FastifyReply, Outcome>();
+
+/**
+ * Puts the refusal's code (and its level and cause) into the line this request writes when it
+ * completes, instead of a line of its own: one line per request, whatever its outcome.
+ */
+export function logOutcome(reply: FastifyReply, outcome: Outcome): void {
+  outcomes.set(reply, outcome);
+}
+
 /** One line per request, when it completes, with the request id, the path and the outcome. */
 class RequestLog extends LogController {
   override incomingRequest() {}
   override requestCompleted(error: Error | null | undefined, request: FastifyRequest, reply: FastifyReply) {
-    const line = { req: request, res: reply, responseTime: reply.elapsedTime };
+    const outcome = outcomes.get(reply);
+    const line = {
+      req: request,
+      res: reply,
+      responseTime: reply.elapsedTime,
+      ...(outcome && { code: outcome.code }),
+      ...(outcome?.err !== undefined && { err: outcome.err }),
+      ...(outcome?.reason !== undefined && { reason: outcome.reason }),
+    };
     if (error) reply.log.error({ ...line, err: error }, 'request errored');
-    else reply.log.info(line, 'request completed');
+    else reply.log[outcome?.level ?? 'info'](line, 'request completed');
   }
 }
 
@@ -43,8 +73,9 @@ export function logging(
         stream: pretty({
           sync: true,
           singleLine: true,
-          ignore: 'hostname,req,res',
-          messageFormat: '{if req.method}{req.method} {req.url} {res.statusCode} {end}{msg}',
+          ignore: 'hostname,req,res,code',
+          messageFormat:
+            '{if req.method}{req.method} {req.url} {res.statusCode} {end}{if code}{code} {end}{msg}',
         }),
       }),
     },

@@ -1,10 +1,10 @@
 import { errorPage, prefersHtml } from '@sfh/error-page';
+import { logOutcome } from '@sfh/logging';
 import { StorageUnavailableError } from '@sfh/storage';
-import type { FastifyError } from 'fastify';
+import type { FastifyError, FastifyRequest } from 'fastify';
 import fp from 'fastify-plugin';
 import {
   AppError,
-  CsrfInvalid,
   DatabaseUnavailable,
   InsufficientStorage,
   Internal,
@@ -15,11 +15,16 @@ import {
 } from '../errors.ts';
 import { backToFileList, redirectToSignIn, safeNext } from '../routes/pages.ts';
 
+/** The code of the log line of a request whose client went away mid-body (nginx logs these as 499). */
+const CLIENT_GONE = 'CLIENT_GONE';
+
+/** The client went away (or was cut off by a timeout) before its request body was all sent. */
+export const clientGone = (request: FastifyRequest) => !request.raw.complete && request.raw.destroyed;
+
 /** Maps any error to the catalogue; clients see `{ error, message }`, logs see the cause. */
 function toCatalogueError(error: FastifyError): FastifyError {
   if (error instanceof AppError) return error;
   if (error.validation) return new ValidationFailed(error.message, { cause: error });
-  if (error.code?.startsWith('FST_CSRF_')) return new CsrfInvalid({ cause: error });
   if (error instanceof StorageUnavailableError) return new StorageUnavailable({ cause: error });
   if (error.code === 'ENOSPC' || error.code === 'EDQUOT') return new InsufficientStorage({ cause: error });
   if (isDatabaseDown(error)) return new DatabaseUnavailable({ cause: error });
@@ -42,8 +47,27 @@ export default fp(
         // The session store failed to save in onSend: answering would try the same save again
         // and fail past this handler (fastify's default answer, with the raw database error).
         if (error.sessionNotSaved) (request as { session: unknown }).session = null;
+        // A client that went away before its body was all sent (an aborted upload, a closed tab)
+        // makes the body's stream fail: nobody is left to answer, and it is nothing the server
+        // did. One line at info, no stack: anyone can do it as often as they like, and it must
+        // neither flood the error log nor wake anyone. (No completion line follows: the
+        // response never finishes.)
+        if (clientGone(request)) {
+          request.log.info(
+            { req: request, responseTime: reply.elapsedTime, code: CLIENT_GONE, reason: error.message },
+            'client went away',
+          );
+          return reply.code(400).send();
+        }
         const mapped = toCatalogueError(error);
         const status = mapped.statusCode ?? 500;
+        // The request's one log line (written when it completes) carries the code; 5xx also the cause.
+        logOutcome(
+          reply,
+          status >= 500
+            ? { code: mapped.code, level: 'error', err: error }
+            : { code: mapped.code, level: 'info', reason: error.message },
+        );
         // A signed-out navigation (the download link, a bookmarked page) goes to the sign-in page
         // and comes back afterwards; API clients keep getting the 401.
         const navigation = request.method === 'GET' && prefersHtml(request.headers.accept);
@@ -55,8 +79,6 @@ export default fp(
           (mapped.code === 'NOT_FOUND' || mapped.code === 'RATE_LIMITED')
         )
           return backToFileList(request, reply, mapped);
-        if (status >= 500) request.log.error({ err: error }, 'request failed');
-        else request.log.info({ code: mapped.code, err: error.message }, 'request refused');
         if (status === 503) reply.header('retry-after', 5);
         if (mapped.code === 'DATABASE_UNAVAILABLE') {
           app.stats.databaseUnavailable();
@@ -81,6 +103,7 @@ export default fp(
     );
     app.setNotFoundHandler((request, reply) => {
       const error = new NotFound();
+      logOutcome(reply, { code: error.code, level: 'info' });
       return reply
         .code(404)
         .send({ error: error.code, message: `${error.message}: ${request.method} ${request.url}` });

@@ -5,29 +5,32 @@ import type { Pool } from 'pg';
 
 /**
  * Failed sign-ins (and password changes) in a sliding window, per account, per client IP and
- * per device cookie, shared by replicas.
+ * per account's known devices (browsers with a valid device cookie), shared by replicas.
  */
 export function loginFailuresRepository(db: Pool) {
   return {
-    /** Failures within the window, and when the oldest of each leaves it. */
-    async recent(username: string, ip: string, device: string | null, windowSeconds: number) {
+    /**
+     * Failures within the window, and when the oldest of each leaves it: of the account (all
+     * of them), of the account's known devices together, and of the client IP.
+     */
+    async recent(username: string, ip: string, windowSeconds: number) {
       const { rows } = await db.query<{
         account: number;
         client: number;
-        device: number;
+        devices: number;
         accountFreeAt: Date | null;
         clientFreeAt: Date | null;
-        deviceFreeAt: Date | null;
+        devicesFreeAt: Date | null;
       }>(
         `SELECT count(*) FILTER (WHERE username = lower($1) AND NOT cleared)::int AS account,
                 count(*) FILTER (WHERE ip = $2)::int AS client,
-                count(*) FILTER (WHERE device = $3 AND NOT cleared)::int AS device,
-                min(at) FILTER (WHERE username = lower($1) AND NOT cleared) + make_interval(secs => $4) AS "accountFreeAt",
-                min(at) FILTER (WHERE ip = $2) + make_interval(secs => $4) AS "clientFreeAt",
-                min(at) FILTER (WHERE device = $3 AND NOT cleared) + make_interval(secs => $4) AS "deviceFreeAt"
+                count(*) FILTER (WHERE username = lower($1) AND device IS NOT NULL AND NOT cleared)::int AS devices,
+                min(at) FILTER (WHERE username = lower($1) AND NOT cleared) + make_interval(secs => $3) AS "accountFreeAt",
+                min(at) FILTER (WHERE ip = $2) + make_interval(secs => $3) AS "clientFreeAt",
+                min(at) FILTER (WHERE username = lower($1) AND device IS NOT NULL AND NOT cleared) + make_interval(secs => $3) AS "devicesFreeAt"
            FROM login_failures
-          WHERE (username = lower($1) OR ip = $2 OR device = $3) AND at > now() - make_interval(secs => $4)`,
-        [username, ip, device, windowSeconds],
+          WHERE (username = lower($1) OR ip = $2) AND at > now() - make_interval(secs => $3)`,
+        [username, ip, windowSeconds],
       );
       return rows[0] as NonNullable<(typeof rows)[0]>;
     },
@@ -46,14 +49,14 @@ export function loginFailuresRepository(db: Pool) {
     },
 
     /**
-     * A successful sign-in clears the failures of its device, or without a known device those of
-     * the account; they still count for their IPs.
+     * A successful sign-in clears the failures of the account's known devices, or without a
+     * known device all of the account's; they still count for their IPs.
      */
-    async clear(username: string, device: string | null): Promise<void> {
+    async clear(username: string, knownDevice: boolean): Promise<void> {
       await db.query(
         `UPDATE login_failures SET cleared = true
-          WHERE NOT cleared AND CASE WHEN $2::text IS NULL THEN username = lower($1) ELSE device = $2 END`,
-        [username, device],
+          WHERE NOT cleared AND username = lower($1) AND ($2 = false OR device IS NOT NULL)`,
+        [username, knownDevice],
       );
     },
 

@@ -39,6 +39,16 @@ export function usersRepository(db: Pool) {
       return rows[0];
     },
 
+    /** Retires every session and device cookie of the user; returns the new credential version. */
+    async bumpCredentialVersion(id: string): Promise<number> {
+      const { rows } = await db.query<{ version: number }>(
+        `UPDATE users SET credential_version = credential_version + 1 WHERE id = $1
+         RETURNING credential_version AS version`,
+        [id],
+      );
+      return rows[0]?.version as number;
+    },
+
     /** Sets the new password and returns the new credential version. */
     async setPasswordHash(id: string, passwordHash: string): Promise<number> {
       const { rows } = await db.query<{ version: number }>(

@@ -37,6 +37,21 @@ export const rateLimited = (freeAt: number) => {
 };
 
 /**
+ * Sign out everywhere else: bumps the signed-in user's credential version and keeps this session
+ * and this browser's device cookie under the new one, so every other session and every other
+ * device cookie of the user is dead. Resolves with the number of other sessions ended.
+ */
+export async function signOutOthers(app: FastifyInstance, request: FastifyRequest, reply: FastifyReply) {
+  const user = await app.repos.users.findById(request.userId);
+  if (!user) throw new Unauthenticated();
+  const device = request.knownDevice(user);
+  const credentialVersion = await app.repos.users.bumpCredentialVersion(user.id);
+  request.session.credentialVersion = credentialVersion;
+  reply.rememberDevice({ id: user.id, credentialVersion }, device);
+  return app.repos.sessions.revokeOthers(user.id, request.sessionIdHash());
+}
+
+/**
  * What signing up, in and out and changing the password do, for the JSON API and the HTML forms
  * alike. Each throws the catalogue error the client should see.
  */
@@ -60,12 +75,14 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
     request.session.credentialVersion = credentialVersion;
     request.session.userAgent = request.headers['user-agent']?.slice(0, 512);
     request.session.ip = request.ip;
-    reply.rememberDevice(user.id, device);
+    reply.rememberDevice({ id: user.id, credentialVersion }, device);
   }
 
   // Every password check (sign-in, password change) is throttled per client IP, and per account
-  // unless this browser has signed in to the account before: then per that device instead. So
-  // guessing is slow, and an attacker who keeps the account's count full cannot lock the owner
+  // unless this browser has signed in to the account before under its current credential
+  // version: then on the count of the account's known devices together instead. So guessing is
+  // slow (at most twice the account's limit per window, whatever number of device cookies an
+  // attacker holds), and an attacker who keeps the account's count full cannot lock the owner
   // out of a device they used before (shared by all replicas through Postgres). A refused
   // attempt does not count, so it cannot extend a lockout.
   /** Resolves with the known device of the check; `RATE_LIMITED` or `INVALID_CREDENTIALS`. */
@@ -75,15 +92,15 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
     found: UserWithHash | undefined,
     password: string,
   ): Promise<string | undefined> {
-    const device = found ? request.knownDevice(found.id) : undefined;
+    const device = found ? request.knownDevice(found) : undefined;
     const repo = app.repos.loginFailures;
     // The attempt is recorded before it is counted and checked, so concurrent guesses cannot
     // all pass the count before any of them is recorded.
     const attempt = await repo.record(username, request.ip, device ?? null);
-    const recent = await repo.recent(username, request.ip, device ?? null, throttle.windowSeconds);
+    const recent = await repo.recent(username, request.ip, throttle.windowSeconds);
     const freeAt = [
       device === undefined && recent.account > throttle.maxPerAccount ? recent.accountFreeAt : null,
-      device !== undefined && recent.device > throttle.maxPerAccount ? recent.deviceFreeAt : null,
+      device !== undefined && recent.devices > throttle.maxPerAccount ? recent.devicesFreeAt : null,
       recent.client > throttle.maxPerIp ? recent.clientFreeAt : null,
     ].reduce<number>((latest, at) => Math.max(latest, at?.getTime() ?? 0), 0);
     if (freeAt > 0) {
@@ -94,7 +111,7 @@ export function authActions(app: FastifyInstance, options: AuthOptions) {
     // The recorded attempt stays as the failure.
     if (!(await passwords.verify(found?.passwordHash, password)) || !found) throw new InvalidCredentials();
     await repo.remove(attempt);
-    await repo.clear(username, device ?? null);
+    await repo.clear(username, device !== undefined);
     return device;
   }
 

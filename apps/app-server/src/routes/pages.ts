@@ -2,12 +2,14 @@ import { fileURLToPath } from 'node:url';
 import fastifyStatic from '@fastify/static';
 import fastifyView from '@fastify/view';
 import { displayFileName } from '@sfh/download-token';
+import { logOutcome } from '@sfh/logging';
 import { Type } from '@sinclair/typebox';
 import { Eta } from 'eta';
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { NotFound, ValidationFailed } from '../errors.ts';
+import { clientGone } from '../plugins/error-handler.ts';
 import type { FileRecord } from '../repositories/files.ts';
-import { type AuthOptions, authActions, CurrentPassword, Password, Username } from './auth.ts';
+import { type AuthOptions, authActions, CurrentPassword, Password, signOutOthers, Username } from './auth.ts';
 import { deleteFile, type FilesOptions, IdParams, receiveUpload } from './files.ts';
 import { device } from './sessions.ts';
 import { NewShare, type SharesOptions, shareActions } from './shares.ts';
@@ -67,14 +69,15 @@ function sessionEnded(request: FastifyRequest): boolean {
 /**
  * Sends a signed-out browser to the sign-in page (303), saying so if its session has ended, and
  * back to `next` afterwards. Used by the protected pages and by the error handler (for
- * `GET /files/:id/download` and other navigations that need a user).
+ * `GET /files/:id/download` and other navigations that need a user). "Your session has ended"
+ * travels in the URL (`ended=1`), not in a new anonymous session: an ended session's cookie,
+ * replayed, must not write a row per request.
  */
 export function redirectToSignIn(request: FastifyRequest, reply: FastifyReply, next = request.url) {
-  if (request.session && sessionEnded(request))
-    request.session.flash = { kind: 'error', text: SESSION_ENDED };
+  const ended = request.session && sessionEnded(request) ? '&ended=1' : '';
   return reply
     .header('cache-control', 'no-store')
-    .redirect(`${request.server.publicPath}/login?next=${encodeURIComponent(safeNext(next))}`, 303);
+    .redirect(`${request.server.publicPath}/login?next=${encodeURIComponent(safeNext(next))}${ended}`, 303);
 }
 
 /**
@@ -201,10 +204,11 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     request: FastifyRequest,
     reply: FastifyReply,
     view: string,
-    data: { title: string } & Record<string, unknown>,
+    data: { title: string; flash?: Flash } & Record<string, unknown>,
   ) {
-    const message = request.session?.flash;
-    if (message) delete request.session.flash;
+    const kept = request.session?.flash;
+    if (kept) delete request.session.flash;
+    const message = kept ?? data.flash;
     const html = await reply.viewAsync(view, {
       ...data,
       flash: message,
@@ -246,8 +250,6 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       case 'UNAUTHENTICATED':
         return SESSION_ENDED;
       case 'CSRF_INVALID':
-      case 'FST_CSRF_INVALID_TOKEN':
-      case 'FST_CSRF_MISSING_SECRET':
         return 'This form had expired, so nothing was changed. Please try again.';
       case 'NOT_FOUND':
         return (
@@ -276,15 +278,20 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
     const config = request.routeOptions.config.form;
     const status = error.statusCode ?? 500;
     // A cross-site post gets the plain 403: it has no business leaving a message in the session.
+    // So does a refused post from a client that was never on A's pages (no session, no CSRF
+    // cookie): a message kept for it would be a session row per forged post.
     const crossSite = request.headers['sec-fetch-site'] === 'cross-site';
+    const stranger = error.code === 'CSRF_INVALID' && !request.hasAppCookie();
     if (
       !config ||
       !request.session ||
       crossSite ||
+      stranger ||
+      clientGone(request) ||
       (status >= 500 && error.code !== 'INSUFFICIENT_STORAGE' && error.code !== 'BUSY')
     )
       throw error;
-    request.log.info({ code: error.code, err: error.message }, 'form refused');
+    logOutcome(reply, { code: error.code, level: 'info', reason: error.message });
     // A form from a page whose session has ended fails its CSRF check: that is the news to tell.
     if (error.code === 'UNAUTHENTICATED' || sessionEnded(request))
       return redirectToSignIn(request, reply, config.back);
@@ -299,7 +306,12 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
   app.get('/login', async (request, reply) => {
     const next = safeNext((request.query as { next?: unknown }).next);
     if (request.session.userId) return back(reply, next);
-    return render(request, reply, 'login', { title: 'Sign in', next });
+    const ended = (request.query as { ended?: unknown }).ended === '1';
+    return render(request, reply, 'login', {
+      title: 'Sign in',
+      next,
+      ...(ended && { flash: { kind: 'error', text: SESSION_ENDED } }),
+    });
   });
 
   app.get('/register', async (request, reply) => {
@@ -522,7 +534,7 @@ export default async function pageRoutes(app: FastifyInstance, options: PagesOpt
       '/sessions/end-others',
       { config: { form: { back: '/sessions' } } },
       async (request, reply) => {
-        const ended = await app.repos.sessions.revokeOthers(request.userId, request.sessionIdHash());
+        const ended = await signOutOthers(app, request, reply);
         flash(
           request,
           'success',

@@ -2,6 +2,7 @@ import { Type } from '@sinclair/typebox';
 import Bowser from 'bowser';
 import type { FastifyInstance } from 'fastify';
 import { NotFound } from '../errors.ts';
+import { signOutOthers } from './auth.ts';
 
 const IdParams = Type.Object({ id: Type.String({ format: 'uuid' }) });
 
@@ -47,9 +48,9 @@ export default async function sessionRoutes(app: FastifyInstance, options: { idl
     },
   );
 
-  // Sign out everywhere else.
+  // Sign out everywhere else (device cookies included).
   app.delete('/api/sessions', async (request, reply) => {
-    await app.repos.sessions.revokeOthers(request.userId, request.sessionIdHash());
+    await signOutOthers(app, request, reply);
     return reply.code(204).send();
   });
 }

@@ -1,4 +1,5 @@
 import { errorPage, prefersHtml } from '@sfh/error-page';
+import { logOutcome } from '@sfh/logging';
 import type { FastifyError } from 'fastify';
 import fp from 'fastify-plugin';
 import { DownloadError, Internal, NotFound } from '../errors.ts';
@@ -35,9 +36,13 @@ export default fp(
       const known = error instanceof DownloadError ? error : new Internal({ cause: error });
       const status = known.statusCode ?? 500;
       reply.errorCode = known.code;
-      if (known instanceof Internal) request.log.error({ err: error }, 'request failed');
-      else if (status >= 500)
-        request.log.warn({ code: known.code }, 'request refused: dependency unavailable');
+      // In the request's one log line: the code, and for a fault of B's own, the cause.
+      logOutcome(
+        reply,
+        known instanceof Internal
+          ? { code: known.code, level: 'error', err: error }
+          : { code: known.code, level: status >= 500 ? 'warn' : 'info' },
+      );
       if (known.code === 'RANGE_NOT_SATISFIABLE') reply.header('content-range', `bytes */${error.size}`);
       if (status === 503) reply.header('retry-after', 5);
       const renewUrl = renewalUrl(options.appOrigin, error);
@@ -61,6 +66,7 @@ export default fp(
     });
     app.setNotFoundHandler((_request, reply) => {
       const error = new NotFound();
+      logOutcome(reply, { code: error.code, level: 'info' });
       return reply.code(404).send({ error: error.code, message: error.message });
     });
   },
