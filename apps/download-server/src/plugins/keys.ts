@@ -29,8 +29,9 @@ declare module 'fastify' {
   interface FastifyInstance {
     keys: {
       /**
-       * For `verifyDownloadToken`: the key for a kid and algorithm (jose's `createLocalJWKSet`
-       * selects it from the current set); throws KEYS_UNAVAILABLE when the set is unusable.
+       * For `verifyDownloadToken`: the current set's key for a kid, if it is for that algorithm
+       * (synchronous when the set is usable and knows the kid); throws KEYS_UNAVAILABLE when the
+       * set is unusable.
        */
       resolve: KeyResolver;
       /**
@@ -68,9 +69,9 @@ const ON_DEMAND_READ_INTERVAL_MS = 1_000;
 
 /**
  * A's public keys, read from `JWKS_URL` (or `JWKS_FILE`) at start and every
- * `JWKS_REFRESH_SECONDS`. Each good set is handed to jose's `createLocalJWKSet`, which selects
- * the key for a token (its `kid`, and its `alg` against the key's), and every key is imported
- * once when the set is read, so verification never imports a key. What jose does not do stays
+ * `JWKS_REFRESH_SECONDS`. Each good set is handed to jose's `createLocalJWKSet`, which imports
+ * every key once when the set is read, so verification never imports a key; a token's key is
+ * then looked up by its `kid`, and its `alg` compared with the key's. What jose does not do stays
  * here: the refresh, the stale limit and the file watching. When the source is unreachable the
  * last good set serves for at most `JWKS_MAX_STALE_SECONDS`; past that B fails closed.
  */
