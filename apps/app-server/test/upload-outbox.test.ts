@@ -4,7 +4,7 @@
  * late (the sweep has claimed the object) is refused. A killed for real mid-upload:
  * test/e2e/upload-crash.test.ts.
  */
-import { newObjectId } from '@sfh/storage';
+import { discard, newObjectId } from '@sfh/storage';
 import type { FastifyInstance } from 'fastify';
 import { describe, expect, it } from 'vitest';
 import { buildTestApp, TestClient, useTestDatabase } from './helpers.ts';
@@ -55,7 +55,7 @@ describe('the delete outbox and uploads', () => {
     expect(await app.objectDeletions.sweep()).toBe(0);
     const { rows } = await app.db.query<{ objectId: string }>('SELECT object_id AS "objectId" FROM files');
     const stored = await app.storage.read(rows[0]?.objectId as string);
-    stored?.body.destroy();
+    if (stored) discard(stored);
     expect(stored?.size).toBe(5);
   });
 

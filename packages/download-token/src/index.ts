@@ -140,11 +140,15 @@ export async function signDownloadToken(file: FileClaims, options: SignOptions):
 /**
  * Returns the public key for a `kid` (imported once per key-set read, never per token), or
  * `undefined` if there is none. `alg` is the token's, already on the allowlist, for a resolver
- * that selects by both (jose's `createLocalJWKSet`); the key's own algorithm is checked against
- * it afterwards whatever the resolver did. May refresh a key set; any error it throws (keys
- * unavailable) propagates unchanged from `verifyDownloadToken`.
+ * that selects by both; the key's own algorithm is checked against it afterwards whatever the
+ * resolver did. May refresh a key set (then it returns a promise; a key it has at hand it may
+ * return as it is, which spares each verification a promise); any error it throws or rejects
+ * with (keys unavailable) propagates unchanged from `verifyDownloadToken`.
  */
-export type KeyResolver = (kid: string, alg: TokenAlgorithm) => Promise<CryptoKey | undefined>;
+export type KeyResolver = (
+  kid: string,
+  alg: TokenAlgorithm,
+) => CryptoKey | undefined | Promise<CryptoKey | undefined>;
 
 export interface VerifyOptions {
   /** The allowlist: the algorithms of the keys A publishes (a subset of `TOKEN_ALGORITHMS`). */
@@ -211,19 +215,29 @@ export async function verifyDownloadToken(
   return payload;
 }
 
-/** The key for a token's header, bound to its own algorithm: no key verifies under another. */
-async function resolve(kid: unknown, alg: unknown, getKey: KeyResolver): Promise<CryptoKey> {
+/**
+ * The key for a token's header, bound to its own algorithm: no key verifies under another.
+ * Synchronous when the resolver is: jose awaits whatever this returns.
+ */
+function resolve(kid: unknown, alg: unknown, getKey: KeyResolver): CryptoKey | Promise<CryptoKey> {
   if (typeof kid !== 'string' || kid.length === 0 || kid.length > MAX_KID_LENGTH) {
     throw new DownloadTokenError('TOKEN_INVALID', 'Token has no usable key id');
   }
-  let key: CryptoKey | undefined;
-  try {
-    key = await getKey(kid, alg as TokenAlgorithm);
-  } catch (error) {
-    // The resolver's own failure (keys unavailable) must not pass for an invalid token, even
-    // when it is one of jose's errors (a JWKS fetch timeout).
+  // The resolver's own failure (keys unavailable) must not pass for an invalid token, even
+  // when it is one of jose's errors (a JWKS fetch timeout).
+  const failed = (error: unknown) => {
     throw new ResolverFailure(error);
+  };
+  let key: ReturnType<KeyResolver>;
+  try {
+    key = getKey(kid, alg as TokenAlgorithm);
+  } catch (error) {
+    failed(error);
   }
+  return key instanceof Promise ? key.then((found) => boundKey(found, alg), failed) : boundKey(key, alg);
+}
+
+function boundKey(key: CryptoKey | undefined, alg: unknown): CryptoKey {
   if (!key) throw new DownloadTokenError('TOKEN_INVALID', 'Token was signed with an unknown key');
   if (keyAlgorithm(key) !== alg) {
     throw new DownloadTokenError('TOKEN_INVALID', 'Token algorithm is not the algorithm of its key');

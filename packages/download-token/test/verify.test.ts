@@ -1050,6 +1050,39 @@ async function suite(ALG: TokenAlgorithm) {
         };
         await expect(verifyDownloadToken(await realToken(), failing, VERIFY)).rejects.toBe(failure);
       });
+
+      it('propagates the error a synchronous resolver throws, unchanged', async () => {
+        const failure = new errors.JWKSTimeout();
+        const failing: KeyResolver = () => {
+          throw failure;
+        };
+        await expect(verifyDownloadToken(await realToken(), failing, VERIFY)).rejects.toBe(failure);
+      });
+    });
+
+    // B's resolver returns a key it has at hand without a promise: the same checks apply.
+    describe('a synchronous resolver', () => {
+      it('verifies with the key it returns', async () => {
+        const keys = new Map([[KID, bPublic]]);
+        await expect(
+          verifyDownloadToken(await realToken(), (kid) => keys.get(kid), VERIFY),
+        ).resolves.toMatchObject({ fid: FILE.fid });
+      });
+
+      it('no key → TOKEN_INVALID', async () => {
+        await expectCode(
+          verifyDownloadToken(await realToken(), () => undefined, VERIFY),
+          'TOKEN_INVALID',
+        );
+      });
+
+      it("a key of another algorithm than the token's → TOKEN_INVALID", async () => {
+        const other = otherKeys.publicKey;
+        await expectCode(
+          verifyDownloadToken(await realToken(), () => other, VERIFY),
+          'TOKEN_INVALID',
+        );
+      });
     });
   });
 }

@@ -16,13 +16,27 @@ export interface StoredObject {
 }
 
 /**
- * Bytes being read: the object's whole size and modification time, and a stream of the
- * requested range (or of all of it). Whoever gets one reads `body` to the end or destroys it.
+ * Bytes being read: the object's whole size and modification time, and the requested range (or
+ * all of it): a stream, or, for a range of at most `SMALL_READ_BYTES` on local disk, the bytes
+ * themselves. Whoever gets a stream reads it to the end or destroys it (`discard`).
  */
 export interface ObjectRead {
   size: number;
   mtime: Date;
-  body: Readable;
+  body: Readable | Buffer;
+}
+
+/**
+ * Ranges up to this size are read from local disk in one read and handed over as a Buffer: a
+ * small file then costs one read and one write to the socket, without a read stream, a pipe and
+ * their listeners (about a tenth of a small download's CPU time besides the token). It holds no
+ * more memory than a stream's first read of the same range would.
+ */
+export const SMALL_READ_BYTES = 64 * 1024;
+
+/** Gives up a read whose body will not be sent: a stream is destroyed (its descriptor freed). */
+export function discard(read: ObjectRead): void {
+  if (!Buffer.isBuffer(read.body)) read.body.destroy();
 }
 
 /** Inclusive byte range, as in HTTP. */
@@ -198,6 +212,14 @@ export class LocalDiskStore implements ObjectStore {
       this.#release(file);
       return undefined;
     }
+    if (end - start + 1 <= SMALL_READ_BYTES) {
+      try {
+        const body = await readAt(handle.fd, start, range ? end - start + 1 : info.size);
+        return { size: info.size, mtime: info.mtime, body };
+      } finally {
+        this.#release(file);
+      }
+    }
     // Reads of up to 256 KiB: large files stream at disk speed with few syscalls, and memory stays
     // bounded because the HTTP response applies backpressure. A buffer no larger than the range
     // spares small files a 256 KiB allocation. Reads are positional (`start`), so streams share
@@ -271,6 +293,25 @@ export class LocalDiskStore implements ObjectStore {
     this.#sweeper = undefined;
     for (const [id, file] of this.#openFiles) this.#evict(id, file);
   }
+}
+
+/**
+ * `length` bytes at `position`, in one positional read (a loop only if the kernel returns fewer).
+ * Objects never change, so fewer bytes than asked means the file is not what it was: an error.
+ */
+function readAt(fd: number, position: number, length: number): Promise<Buffer> {
+  const bytes = Buffer.allocUnsafe(length);
+  return new Promise((resolve, reject) => {
+    const next = (offset: number) => {
+      if (offset === length) return resolve(bytes);
+      read(fd, bytes, offset, length - offset, position + offset, (error, got) => {
+        if (error) reject(error);
+        else if (got === 0) reject(new Error('Object is shorter than its size'));
+        else next(offset + got);
+      });
+    };
+    next(0);
+  });
 }
 
 function closeQuietly(file: OpenFile): void {

@@ -3,9 +3,16 @@ import { once } from 'node:events';
 import { mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { basename, join, relative } from 'node:path';
-import type { Readable } from 'node:stream';
+import { Readable } from 'node:stream';
 import { describe, expect, it, onTestFinished } from 'vitest';
-import { type ByteRange, isObjectId, LocalDiskStore, newObjectId } from '../src/index.ts';
+import {
+  type ByteRange,
+  discard,
+  isObjectId,
+  LocalDiskStore,
+  newObjectId,
+  SMALL_READ_BYTES,
+} from '../src/index.ts';
 import { bytesStream, expectSameBytes, objectStoreContract, readAll } from './object-store.contract.ts';
 
 /** A fresh temp directory, removed when the current test finishes. */
@@ -34,7 +41,7 @@ async function read(store: LocalDiskStore, id: string, range?: ByteRange): Promi
 /** Size and mtime, the body left unread; `undefined` when there is no object. */
 async function statOf(store: LocalDiskStore, id: string) {
   const file = await store.read(id);
-  file?.body.destroy();
+  if (file) discard(file);
   return file && { size: file.size, mtime: file.mtime };
 }
 
@@ -121,6 +128,26 @@ describe('LocalDiskStore.delete', () => {
 });
 
 describe('LocalDiskStore.open', () => {
+  it('a range of at most SMALL_READ_BYTES is the bytes themselves, a larger one a stream', async () => {
+    const { store, root } = await freshStore();
+    const bytes = randomBytes(SMALL_READ_BYTES + 1);
+    const { id } = await store.put(bytesStream([bytes]));
+    const small = await store.read(id, { start: 1, end: SMALL_READ_BYTES });
+    expect(Buffer.isBuffer(small?.body)).toBe(true);
+    expectSameBytes(small?.body as Buffer, bytes.subarray(1));
+    const empty = await store.put(bytesStream([]));
+    expect((await store.read(empty.id))?.body).toEqual(Buffer.alloc(0));
+    const whole = await store.read(id);
+    expect(whole?.body).toBeInstanceOf(Readable);
+    expectSameBytes(await readAll(whole?.body as Readable), bytes);
+    // A small read holds the descriptor only while it reads: deleted, the file's space is freed.
+    await store.delete(id);
+    await store.delete(empty.id);
+    expect(await store.read(id, { start: 0, end: 0 })).toBeUndefined();
+    expect(await store.read(empty.id)).toBeUndefined();
+    await expect.poll(() => descriptorsUnder(root)).toEqual([]);
+  });
+
   it('concurrent streams of one object share its descriptor and each reads its own range', async () => {
     const { store, root } = await freshStore();
     const bytes = randomBytes(1_000_000);

@@ -8,7 +8,7 @@ import {
   type TokenAlgorithm,
 } from '@sfh/download-token';
 import fp from 'fastify-plugin';
-import { type CryptoKey, createLocalJWKSet, errors, type JWK } from 'jose';
+import { type CryptoKey, createLocalJWKSet, type JWK } from 'jose';
 import { KeysUnavailable } from '../errors.ts';
 
 export interface KeyStatus {
@@ -29,8 +29,9 @@ declare module 'fastify' {
   interface FastifyInstance {
     keys: {
       /**
-       * For `verifyDownloadToken`: the key for a kid and algorithm (jose's `createLocalJWKSet`
-       * selects it from the current set); throws KEYS_UNAVAILABLE when the set is unusable.
+       * For `verifyDownloadToken`: the current set's key for a kid, if it is for that algorithm
+       * (synchronous when the set is usable and knows the kid); throws KEYS_UNAVAILABLE when the
+       * set is unusable.
        */
       resolve: KeyResolver;
       /**
@@ -68,15 +69,15 @@ const ON_DEMAND_READ_INTERVAL_MS = 1_000;
 
 /**
  * A's public keys, read from `JWKS_URL` (or `JWKS_FILE`) at start and every
- * `JWKS_REFRESH_SECONDS`. Each good set is handed to jose's `createLocalJWKSet`, which selects
- * the key for a token (its `kid`, and its `alg` against the key's), and every key is imported
- * once when the set is read, so verification never imports a key. What jose does not do stays
+ * `JWKS_REFRESH_SECONDS`. Each good set is handed to jose's `createLocalJWKSet`, which imports
+ * every key once when the set is read, so verification never imports a key; a token's key is
+ * then looked up by its `kid`, and its `alg` compared with the key's. What jose does not do stays
  * here: the refresh, the stale limit and the file watching. When the source is unreachable the
  * last good set serves for at most `JWKS_MAX_STALE_SECONDS`; past that B fails closed.
  */
 export default fp(
   async (app, options: KeysOptions) => {
-    let keys: KeySet = { kids: new Map(), select: undefined };
+    let keys: KeySet = { kids: new Map() };
     let algorithms: readonly TokenAlgorithm[] = TOKEN_ALGORITHMS;
     let skipped = 0;
     let fetchedAt: Date | undefined;
@@ -108,7 +109,9 @@ export default fp(
         logChange(keys.kids, set.keys.kids, fetchedAt === undefined);
         keys = set.keys;
         skipped = set.skipped.length;
-        algorithms = keys.kids.size ? [...new Set(keys.kids.values())] : TOKEN_ALGORITHMS;
+        algorithms = keys.kids.size
+          ? [...new Set([...keys.kids.values()].map(({ alg }) => alg))]
+          : TOKEN_ALGORITHMS;
         fetchedAt = new Date();
         becameReady();
         if (lastError) app.log.info({ keys: keys.kids.size }, 'key set read again');
@@ -145,21 +148,27 @@ export default fp(
       timer.unref();
     }
 
-    app.decorate('keys', {
-      async resolve(kid: string, alg: string) {
-        if (!usable()) await readOnDemand();
-        if (!usable()) throw new KeysUnavailable();
-        if (!keys.kids.has(kid)) {
-          // Normally a key is published long before it signs. A fresh key that signs at once (A's
-          // first start, or after every key was revoked) is learnt here.
-          if (reading) await reading;
-          else if (Date.now() - unknownKidReadAt >= UNKNOWN_KID_COOLDOWN_MS) {
-            unknownKidReadAt = Date.now();
-            await refresh();
-          }
+    // The slow path of `resolve`: the set is stale or the kid unknown, so it may read the set.
+    async function resolveAfterRead(kid: string, alg: string) {
+      if (!usable()) await readOnDemand();
+      if (!usable()) throw new KeysUnavailable();
+      if (!keys.kids.has(kid)) {
+        // Normally a key is published long before it signs. A fresh key that signs at once (A's
+        // first start, or after every key was revoked) is learnt here.
+        if (reading) await reading;
+        else if (Date.now() - unknownKidReadAt >= UNKNOWN_KID_COOLDOWN_MS) {
+          unknownKidReadAt = Date.now();
+          await refresh();
         }
-        return select(keys, kid, alg);
-      },
+      }
+      return select(keys, kid, alg);
+    }
+
+    app.decorate('keys', {
+      // Synchronous when the set is usable and knows the kid (every genuine token): a promise
+      // and a turn of the event loop fewer per download than going through the slow path.
+      resolve: (kid: string, alg: string) =>
+        usable() && keys.kids.has(kid) ? select(keys, kid, alg) : resolveAfterRead(kid, alg),
       algorithms: () => algorithms,
       status: () => ({
         keys: keys.kids.size,
@@ -264,23 +273,24 @@ const CURVES: Record<TokenAlgorithm, { kty: string; crv: string; members: string
   EdDSA: { kty: 'OKP', crv: 'Ed25519', members: ['x'] },
 };
 
-/** A good key set: its kids with their algorithms, and jose's selector over it. */
+/**
+ * A good key set: each kid with its algorithm and its key, which jose's `createLocalJWKSet`
+ * imported when the set was read. Looking a key up is a `Map` lookup: asking jose's selector for
+ * every token (it filters the set and caches imports behind promises) cost more than the rest
+ * of B's own verification code together.
+ */
 interface KeySet {
-  kids: Map<string, TokenAlgorithm>;
-  select: ReturnType<typeof createLocalJWKSet> | undefined;
+  kids: Map<string, { alg: TokenAlgorithm; key: CryptoKey }>;
 }
 
-/** The set's key for a token's `kid` and `alg`, or `undefined` when it has none for both. */
-async function select(keys: KeySet, kid: string, alg: string): Promise<CryptoKey | undefined> {
-  if (!keys.select) return undefined;
-  try {
-    return (await keys.select({ kid, alg })) as CryptoKey;
-  } catch (error) {
-    // Another kid, or a key of another algorithm under this kid: no key, so TOKEN_INVALID.
-    if (error instanceof errors.JWKSNoMatchingKey || error instanceof errors.JOSENotSupported)
-      return undefined;
-    throw error;
-  }
+/**
+ * The set's key for a token's `kid` and `alg`, or `undefined` when it has none for both (another
+ * kid, or a key of another algorithm under this kid: TOKEN_INVALID). The same keys jose's
+ * selector gives for `{ kid, alg }`: one per kid, bound to its own algorithm.
+ */
+function select(keys: KeySet, kid: string, alg: string): CryptoKey | undefined {
+  const entry = keys.kids.get(kid);
+  return entry?.alg === alg ? entry.key : undefined;
 }
 
 interface ImportedKeySet {
@@ -335,11 +345,19 @@ async function importKeySet(set: unknown): Promise<ImportedKeySet> {
     }
     good.push(publicJwk);
   }
-  if (good.length === 0) return { keys: { kids: new Map(), select: undefined }, skipped };
+  if (good.length === 0) return { keys: { kids: new Map() }, skipped };
   const selector = createLocalJWKSet({ keys: good });
-  // Imported into the selector now, once per read: verification never imports a key.
-  await Promise.all(good.map((jwk) => selector({ kid: jwk.kid, alg: jwk.alg })));
-  return { keys: { kids: new Map(good.map((jwk) => [jwk.kid, jwk.alg])), select: selector }, skipped };
+  // Imported through jose's selector now, once per read: verification never imports a key.
+  const imported = await Promise.all(
+    good.map(
+      async (jwk) =>
+        [
+          jwk.kid,
+          { alg: jwk.alg, key: (await selector({ kid: jwk.kid, alg: jwk.alg })) as CryptoKey },
+        ] as const,
+    ),
+  );
+  return { keys: { kids: new Map(imported) }, skipped };
 }
 
 function algorithmOfCurve(jwk: JWK): TokenAlgorithm | undefined {

@@ -1,6 +1,6 @@
 import type { DownloadClaims, VerifyOptions } from '@sfh/download-token';
 import { DownloadTokenError, displayFileName, verifyDownloadToken } from '@sfh/download-token';
-import type { ByteRange, ObjectRead } from '@sfh/storage';
+import { type ByteRange, discard, type ObjectRead } from '@sfh/storage';
 import contentDisposition from 'content-disposition';
 import type { FastifyBaseLogger, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import {
@@ -56,14 +56,14 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     let file = await take(request, claims, range, head);
     if (range && file && staleIfRange(request, claims, file)) {
       // If-Range with a date other than the object's: the client's copy is stale, whole file.
-      file.body.destroy();
+      discard(file);
       await giveBack(request, claims, range, head);
       range = undefined;
       file = await take(request, claims, range, head);
     }
     // A size that disagrees with the token means these are not the bytes A vouched for.
     if (file?.size !== claims.size) {
-      file?.body.destroy();
+      if (file) discard(file);
       await giveBack(request, claims, range, head);
       throw new FileNotFound();
     }
@@ -71,7 +71,7 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
     try {
       return send(request, reply, claims, file, range);
     } catch (error) {
-      file.body.destroy();
+      discard(file);
       throw error;
     }
   }
@@ -141,10 +141,11 @@ export default async function downloadRoutes(app: FastifyInstance, options: Down
       reply.header('content-length', file.size);
     }
     if (request.method === 'HEAD' || file.size === 0) {
-      file.body.destroy();
+      discard(file);
       return reply.send();
     }
-    // Streamed with backpressure; fastify destroys it when the client goes away.
+    // A small file's bytes at once; a stream with backpressure, which fastify destroys when the
+    // client goes away.
     return reply.send(file.body);
   }
 
