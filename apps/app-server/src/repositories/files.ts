@@ -1,5 +1,6 @@
-import type { Pool, PoolClient } from 'pg';
+import type { Pool } from 'pg';
 import { StorageUnavailable } from '../errors.ts';
+import { inTransaction } from './transaction.ts';
 
 export interface FileRecord {
   id: string;
@@ -25,21 +26,6 @@ const committedBytes = (user: string) =>
 
 /** File metadata. Every read and delete is scoped to the owner: another user's file does not exist. */
 export function filesRepository(db: Pool) {
-  async function inTransaction<T>(work: (client: PoolClient) => Promise<T>): Promise<T> {
-    const client = await db.connect();
-    try {
-      await client.query('BEGIN');
-      const result = await work(client);
-      await client.query('COMMIT');
-      return result;
-    } catch (error) {
-      await client.query('ROLLBACK').catch(() => {});
-      throw error;
-    } finally {
-      client.release();
-    }
-  }
-
   return {
     /** Bytes the user stores in all. */
     async usedBytes(userId: string): Promise<number> {
@@ -63,7 +49,7 @@ export function filesRepository(db: Pool) {
       quotaBytes: number,
       ttlSeconds: number,
     ): Promise<{ id: string; bytes: number } | undefined> {
-      return inTransaction(async (client) => {
+      return inTransaction(db, async (client) => {
         await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [userId]);
         // Lapsed reservations (of a replica that crashed mid-upload) go here, user by user.
         await client.query('DELETE FROM upload_reservations WHERE user_id = $1 AND expires_at <= now()', [
@@ -100,7 +86,7 @@ export function filesRepository(db: Pool) {
       quotaBytes: number,
       reservationId: string | null,
     ): Promise<FileRecord | undefined> {
-      return inTransaction(async (client) => {
+      return inTransaction(db, async (client) => {
         await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [file.userId]);
         if (reservationId)
           await client.query('DELETE FROM upload_reservations WHERE id = $1', [reservationId]);

@@ -1,5 +1,6 @@
-import type { Pool, PoolClient } from 'pg';
+import type { Pool } from 'pg';
 import { type FileRecord, fileColumns } from './files.ts';
+import { inTransaction } from './transaction.ts';
 
 export interface ShareRecord {
   id: string;
@@ -66,21 +67,6 @@ const countThisMinute = (table: string, key: string, limit: string) => `
 
 /** Share links. The owner's reads and writes are scoped to the owner: another user's share does not exist. */
 export function sharesRepository(db: Pool) {
-  async function inTransaction<T>(work: (client: PoolClient) => Promise<T>): Promise<T> {
-    const client = await db.connect();
-    try {
-      await client.query('BEGIN');
-      const result = await work(client);
-      await client.query('COMMIT');
-      return result;
-    } catch (error) {
-      await client.query('ROLLBACK').catch(() => {});
-      throw error;
-    } finally {
-      client.release();
-    }
-  }
-
   return {
     /**
      * Creates a share of the user's file, unless the user already has `caps.perUser` live
@@ -99,7 +85,7 @@ export function sharesRepository(db: Pool) {
       },
       caps: { perUser: number; perFile: number },
     ): Promise<CreateOutcome> {
-      const created = inTransaction<CreateOutcome>(async (client) => {
+      const created = inTransaction<CreateOutcome>(db, async (client) => {
         await client.query('SELECT 1 FROM users WHERE id = $1 FOR UPDATE', [share.userId]);
         const { rows: counts } = await client.query<{ owned: boolean; user: number; file: number }>(
           `SELECT EXISTS (SELECT 1 FROM files WHERE id = $2 AND user_id = $1) AS owned,

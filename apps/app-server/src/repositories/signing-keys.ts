@@ -1,6 +1,7 @@
 import type { JWK } from 'jose';
 import type { Pool, PoolClient } from 'pg';
 import type { NewSigningKey } from '../keys/material.ts';
+import { inTransaction } from './transaction.ts';
 
 export type KeyState = 'next' | 'current' | 'previous' | 'revoked';
 
@@ -104,29 +105,17 @@ export function signingKeysRepository(db: Pool) {
      * another process holds it.
      */
     async locked<T>(fn: (keys: KeyQueries) => Promise<T>, { wait = true } = {}): Promise<T | undefined> {
-      const client = await db.connect();
-      try {
-        await client.query('BEGIN');
+      return inTransaction(db, async (client) => {
         if (wait) {
           await client.query('SELECT pg_advisory_xact_lock($1)', [KEY_LOCK]);
         } else {
           const { rows } = await client.query<{ ok: boolean }>('SELECT pg_try_advisory_xact_lock($1) AS ok', [
             KEY_LOCK,
           ]);
-          if (!rows[0]?.ok) {
-            await client.query('ROLLBACK');
-            return undefined;
-          }
+          if (!rows[0]?.ok) return undefined;
         }
-        const result = await fn(keyQueries(client));
-        await client.query('COMMIT');
-        return result;
-      } catch (error) {
-        await client.query('ROLLBACK').catch(() => {});
-        throw error;
-      } finally {
-        client.release();
-      }
+        return fn(keyQueries(client));
+      });
     },
   };
 }
