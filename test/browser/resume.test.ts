@@ -1,5 +1,5 @@
 /**
- * A browser's own Resume on the same B URL (issue 17; design.md "Single use: one download per
+ * A browser's own Resume on the same B URL (README "One download per
  * token"): Chromium downloads a 24 MiB file from B (a real process) through a TCP relay that cuts
  * the first connection after 4 MiB, so the download is interrupted as by a network drop. Chromium
  * resumes it by itself on the same URL (`Range` + `If-Range`), and B sends the rest under the same

@@ -1,6 +1,6 @@
 /**
- * Real download clients against both servers as real processes (issue 4, "Single use that real
- * clients survive"; design.md "Single use"): `curl -C -` and `wget -c` resume an interrupted
+ * Real download clients against both servers as real processes (README "Resuming,
+ * renewal and single use with real clients"): `curl -C -` and `wget -c` resume an interrupted
  * download through A's `/files/:id/download` (A mints a fresh token and answers 303, B answers
  * the Range with 206), resume across tokens with Range + If-Range, and a browser that opens a
  * used B link is sent back to A.
@@ -230,7 +230,7 @@ describe.skipIf(clients.skip).each(storages)(
       const head = Buffer.from(await part1.arrayBuffer());
       expect(head.length).toBe(100_000);
 
-      // One download per token (issue 17): the bytes already sent are refused under that token...
+      // One download per token: the bytes already sent are refused under that token...
       const replay = await fetch(first, { headers: { range: 'bytes=0-', accept: 'application/json' } });
       expect(replay.status).toBe(410);
       expect(await replay.json()).toMatchObject({

@@ -1,6 +1,6 @@
 /**
- * Server B alone, as a real process (issue 4, "No leaks" and "Operating it"; design.md "HTTP on
- * B"): keys from a JWKS file, files in a local store the test writes, tokens minted here exactly
+ * Server B alone, as a real process (README "Download server (B)", "Metrics"
+ * and "Failure modes"): keys from a JWKS file, files in a local store the test writes, tokens minted here exactly
  * as A mints them. What only a real process shows: its log output, its metrics, its open file
  * descriptors, its socket timeouts, and files larger than 4 GiB.
  */

@@ -1,5 +1,5 @@
 /**
- * Fault injection (issue 9, "it keeps working and loses nothing"), every case against real
+ * Fault injection ("it keeps working and loses nothing"), every case against real
  * processes:
  *
  * 1. Postgres stops while A serves: a throwaway Postgres cluster of the machine's own (Debian's

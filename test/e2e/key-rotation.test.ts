@@ -18,7 +18,7 @@ import { SessionClient } from '../support/http-client.ts';
 import { DOWNLOAD_SERVER, freePort, type ServerProcess, startServer } from '../support/processes.ts';
 import { type Stack, startStack } from '../support/stack.ts';
 
-// Issue 5's proof: A and B as real processes on embedded PGlite, keys rotated and revoked through
+// Key rotation proved end to end (README "Signing keys"): A and B as real processes on embedded PGlite, keys rotated and revoked through
 // the ops CLI (which reaches A's database through A's socket) while downloads run.
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));

@@ -1,5 +1,5 @@
 /**
- * One download per token (issue 17; design.md "Single use: one download per token") with real
+ * One download per token (README "One download per token") with real
  * clients against B as a real process: `aria2c -x 4 -s 4`, and `aria2c -c`, `curl -C -` and
  * `wget -c` resuming on the same B URL after the first run was killed mid-download. Each result is
  * compared with the original by sha256, and the bytes B wrote for the token (its /metrics) are

@@ -1,5 +1,5 @@
 /**
- * Scale-out proof (issue 6) on the real engines of the machine: two A replicas on one Postgres
+ * Scale-out proof (README "Several replicas") on the real engines of the machine: two A replicas on one Postgres
  * schema, two B replicas on one Redis, all four as real processes sharing one storage folder.
  * A's replicas sit "behind one public origin" (APP_PUBLIC_URL is A1's origin for both), B's
  * likewise (DOWNLOAD_PUBLIC_URL is B1's origin for all B); the test plays the load balancer and

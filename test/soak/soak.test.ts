@@ -1,5 +1,5 @@
 /**
- * Sustained load (issue 9): 200 concurrent downloads (a fresh token from A for each, a 256 KiB
+ * Sustained load: 200 concurrent downloads (a fresh token from A for each, a 256 KiB
  * file from B) and 50 concurrent uploads (64 KiB to A) against both servers as real processes for
  * SOAK_SECONDS (default 60). No request may fail, and both servers' memory (RSS, sampled every
  * second) stays bounded. Prints the figures as a markdown table for the README.

@@ -1,7 +1,7 @@
 import { fileURLToPath } from 'node:url';
 import { defineConfig } from 'vitest/config';
 
-// `npm run test:soak`: the sustained-load run (issue 9), kept out of `npm test` because it takes
+// `npm run test:soak`: the sustained-load run, kept out of `npm test` because it takes
 // SOAK_SECONDS (default 60) plus start-up. Same global setup as the main suite (the PGlite template).
 const SOAK_SECONDS = Number(process.env.SOAK_SECONDS ?? 60);
 

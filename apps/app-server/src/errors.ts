@@ -1,6 +1,6 @@
 import createError from '@fastify/error';
 
-// A's error catalogue: the codes clients see (design.md, "App server API"). Library errors are
+// A's error catalogue: the codes clients see (README, "App server (A)" and "Error codes"). Library errors are
 // wrapped with `{ cause }` so logs keep the detail while clients get only the code.
 
 /** Base of every catalogue error; anything else reaching the error handler is mapped or hidden. */

@@ -24,7 +24,7 @@ import { migrate } from '../src/plugins/db.ts';
 import { type SigningKeyRecord, signingKeysRepository } from '../src/repositories/signing-keys.ts';
 import { buildTestApp, TEST_SESSION_SECRET, TestClient, useTestDatabase } from './helpers.ts';
 
-// The signing-key lifecycle of design.md, "Signing keys": next → current → previous → removed,
+// The signing-key lifecycle of the README's "Signing keys": next → current → previous → removed,
 // scheduled rotation, emergency revocation, keys sealed at rest, one actor at a time, the CLI.
 // Times are passed to the lifecycle explicitly; nothing here sleeps for a key to change state
 // except the replica test, which waits for A's real poll timer.

@@ -1,5 +1,5 @@
 /**
- * A's `GET /metrics` (design.md "A for operators"): each series moves with the thing it counts,
+ * A's `GET /metrics` (README "Metrics"): each series moves with the thing it counts,
  * through real requests on a real database.
  */
 import type { FastifyInstance } from 'fastify';

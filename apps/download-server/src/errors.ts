@@ -1,6 +1,6 @@
 import createError from '@fastify/error';
 
-// B's error catalogue (design.md, "HTTP on B"). Clients see the code; logs see the cause.
+// B's error catalogue (README, "Download server (B)" and "Error codes"). Clients see the code; logs see the cause.
 
 /** Base of every catalogue error; anything else reaching the error handler is hidden as 500. */
 export class DownloadError extends Error {}

@@ -1,6 +1,6 @@
 /**
- * Every known attack on the download token, as one table (issue 4, "Token attacks"; design.md
- * "The download token"). Each row is refused with its code, on GET and on HEAD, and touches
+ * Every known attack on the download token, as one table (README "How a download
+ * works" and "Security model"). Each row is refused with its code, on GET and on HEAD, and touches
  * neither storage nor the replay store: B verifies before it looks at anything.
  *
  * Each row builds its token from a real app's context: a stored file, a second stored file (so

@@ -1,6 +1,6 @@
 /**
  * `GET|HEAD /d/:token[/:name]` through `app.inject` against a real app: real key file, real disk
- * storage, real journal (design.md "The download token", "Single use", "HTTP on B").
+ * storage, real journal (README "How a download works", "One download per token", "Download server (B)").
  * Tokens are minted with the real signer; time is fixed with its `now` option, nothing sleeps.
  */
 import { randomBytes } from 'node:crypto';
@@ -267,7 +267,7 @@ describe('single use', () => {
   });
 });
 
-describe('one download per token: byte ranges (design.md "Single use")', () => {
+describe('one download per token: byte ranges', () => {
   const FORTY = randomBytes(40);
   const metric = async (app: FastifyInstance, line: RegExp) =>
     Number(line.exec((await app.inject({ method: 'GET', url: '/metrics' })).body)?.[1] ?? 'NaN');

@@ -1,7 +1,7 @@
 /**
  * Tokens minted through a share link (`sub` `share:<id>`, `shr`): B serves them like any token,
  * and renews a spent or expired one at the share page, never at A's signed-in routes
- * (design.md, "Share links").
+ * (README, "Sharing").
  */
 import { describe, expect, it } from 'vitest';
 import { buildTestApp, ISSUER, signRaw } from './helpers.ts';

@@ -1,5 +1,5 @@
 /**
- * Table-driven tests of `verifyDownloadToken` against design.md "The download token".
+ * Table-driven tests of `verifyDownloadToken` against the README's "How a download works".
  * Time is fixed with `now` / `currentDate`; nothing sleeps. Hostile tokens are crafted with jose's
  * `CompactSign` (which validates no claims) or by hand with `node:crypto`.
  */
@@ -108,7 +108,7 @@ async function suite(ALG: TokenAlgorithm) {
   /**
    * `verifyDownloadToken`, with jose's `jwtVerify` as the reference on the same token and keys:
    * whatever it accepts, jose accepts with the same claims, and whatever it calls expired, jose
-   * does too (design.md's own rules may refuse more; never less).
+   * does too (the product's own rules may refuse more; never less).
    */
   async function verify(token: string, options: Partial<VerifyOptions> = {}, keys = resolver()) {
     const merged = { ...VERIFY, ...options };

@@ -4,7 +4,7 @@ import { nanoid } from 'nanoid';
 import { InvalidCredentials, RateLimited, Unauthenticated, UsernameTaken } from '../errors.ts';
 import { type User, type UserWithHash, withoutHash } from '../repositories/users.ts';
 
-/** 3–64 letters, digits, `.`, `_`, `-` (design.md). */
+/** 3–64 letters, digits, `.`, `_`, `-` (README, "App server (A)"). */
 export const Username = Type.String({ pattern: '^[A-Za-z0-9._-]{3,64}$' });
 // Never truncated: argon2 takes the whole password, and 1024 characters bounds the work.
 export const Password = Type.String({ minLength: 8, maxLength: 1024 });

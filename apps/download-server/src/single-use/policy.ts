@@ -1,5 +1,5 @@
 /**
- * One download per token (design.md "Single use: one download per token"), the whole policy:
+ * One download per token (README "One download per token"), the whole policy:
  * how long a token's record lasts, the bounds of one token, the rule that grants or refuses a
  * range, what a response cut short gives back, and the store interface the rule runs on. The
  * stores (memory-store.ts, redis-store.ts with its .lua scripts) only keep records and apply the

@@ -57,8 +57,8 @@ export const POLICY_RECHECK_MS = 5_000;
 const MAX_RECONNECT_DELAY_MS = 2_000;
 
 /**
- * Replay store shared by any number of B replicas through one Redis (design.md "Single use",
- * "Scaling out"). A token's record is the hash `<keyPrefix><jti>` (its ranges, bytes and
+ * Replay store shared by any number of B replicas through one Redis (README "One download
+ * per token", "Several replicas"). A token's record is the hash `<keyPrefix><jti>` (its ranges, bytes and
  * responses), with a TTL (`PEXPIRE`) that ends at the token's `keepUntil`, so Redis forgets it
  * exactly when it stops mattering.
  *

@@ -1,7 +1,7 @@
 /**
  * MemoryReplayStore: the shared contract (memory only, and with a journal), then the journal's
- * own promises: claims survive restarts for as long as they matter (design.md "Single use": "A
- * used token is never accepted again, also after B restarts"), rotation bounds disk use, and the
+ * own promises: claims survive restarts for as long as they matter (README "One download per
+ * token": a used token is never accepted again, also after B restarts), rotation bounds disk use, and the
  * files are private. Time moves with `vi.setSystemTime` (only `Date` is faked; fs stays real).
  */
 import { readFileSync } from 'node:fs';

@@ -1,6 +1,6 @@
 /**
- * The contract every `ReplayStore` must pass (src/single-use/policy.ts; design.md "Single use: one
- * download per token"): a byte is reserved at most once per jti however many callers race,
+ * The contract every `ReplayStore` must pass (src/single-use/policy.ts; README "One download
+ * per token"): a byte is reserved at most once per jti however many callers race,
  * adjacent ranges do not overlap, releases give bytes back, the byte and response bounds hold,
  * jtis are independent, and a record expires at `keepUntil`. Implementations call
  * `replayStoreContract(name, open)` from their own test file (the memory store's file adds the
