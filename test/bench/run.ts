@@ -551,7 +551,7 @@ async function smallUnpinned() {
     const figure = `${mode === 'raw' ? 'raw verify (node:crypto)' : 'jose jwtVerify'}, ${TOKEN_ALGORITHM}, unpinned`;
     const rates = await repeat(
       figure,
-      async () => ({ value: await cryptoRate(TOKEN_ALGORITHM, mode, all) }),
+      async () => ({ value: (await cryptoCost(TOKEN_ALGORITHM, mode, all)).rate }),
       0,
     );
     record(section, `unpinned.${mode}_verify`, figure, '/s', rates.values, { note: 'one at a time' });
@@ -590,17 +590,6 @@ async function smallUnpinned() {
 
 // ---------------------------------------------------------------------------------------------
 // 0. The algorithm
-
-/** A token-crypto rate from `crypto-child.ts`, in a process of its own on `cpus`. */
-async function cryptoRate(
-  alg: TokenAlgorithm,
-  mode: 'raw' | 'jose' | 'ours' | 'sign',
-  cpus: string | undefined,
-  inflight = 1,
-  node = process.execPath,
-): Promise<number> {
-  return (await cryptoCost(alg, mode, cpus, inflight, node)).rate;
-}
 
 /** A token-crypto rate and its CPU time per operation (µs), from `crypto-child.ts`. */
 async function cryptoCost(
@@ -646,7 +635,7 @@ async function algorithms() {
       log(`algorithms: ${figure}`);
       const rates = await repeat(
         figure,
-        async () => ({ value: await cryptoRate(alg, mode, cpus, inflight) }),
+        async () => ({ value: (await cryptoCost(alg, mode, cpus, inflight)).rate }),
         0,
       );
       record(

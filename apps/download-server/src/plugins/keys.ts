@@ -77,7 +77,7 @@ const ON_DEMAND_READ_INTERVAL_MS = 1_000;
  */
 export default fp(
   async (app, options: KeysOptions) => {
-    let keys: KeySet = { kids: new Map() };
+    let keys: KeySet = new Map();
     let algorithms: readonly TokenAlgorithm[] = TOKEN_ALGORITHMS;
     let skipped = 0;
     let fetchedAt: Date | undefined;
@@ -106,15 +106,13 @@ export default fp(
       try {
         const set = await importKeySet(await readKeySet(options.source));
         for (const entry of set.skipped) app.log.warn(entry, 'skipped an unusable key in the key set');
-        logChange(keys.kids, set.keys.kids, fetchedAt === undefined);
+        logChange(keys, set.keys, fetchedAt === undefined);
         keys = set.keys;
         skipped = set.skipped.length;
-        algorithms = keys.kids.size
-          ? [...new Set([...keys.kids.values()].map(({ alg }) => alg))]
-          : TOKEN_ALGORITHMS;
+        algorithms = keys.size ? [...new Set([...keys.values()].map(({ alg }) => alg))] : TOKEN_ALGORITHMS;
         fetchedAt = new Date();
         becameReady();
-        if (lastError) app.log.info({ keys: keys.kids.size }, 'key set read again');
+        if (lastError) app.log.info({ keys: keys.size }, 'key set read again');
         lastError = undefined;
       } catch (error) {
         const message =
@@ -152,7 +150,7 @@ export default fp(
     async function resolveAfterRead(kid: string, alg: string) {
       if (!usable()) await readOnDemand();
       if (!usable()) throw new KeysUnavailable();
-      if (!keys.kids.has(kid)) {
+      if (!keys.has(kid)) {
         // Normally a key is published long before it signs. A fresh key that signs at once (A's
         // first start, or after every key was revoked) is learnt here.
         if (reading) await reading;
@@ -168,10 +166,10 @@ export default fp(
       // Synchronous when the set is usable and knows the kid (every genuine token): a promise
       // and a turn of the event loop fewer per download than going through the slow path.
       resolve: (kid: string, alg: string) =>
-        usable() && keys.kids.has(kid) ? select(keys, kid, alg) : resolveAfterRead(kid, alg),
+        usable() && keys.has(kid) ? select(keys, kid, alg) : resolveAfterRead(kid, alg),
       algorithms: () => algorithms,
       status: () => ({
-        keys: keys.kids.size,
+        keys: keys.size,
         skipped,
         fetchedAt,
         usable: usable(),
@@ -279,9 +277,7 @@ const CURVES: Record<TokenAlgorithm, { kty: string; crv: string; members: string
  * every token (it filters the set and caches imports behind promises) cost more than the rest
  * of B's own verification code together.
  */
-interface KeySet {
-  kids: Map<string, { alg: TokenAlgorithm; key: CryptoKey }>;
-}
+type KeySet = Map<string, { alg: TokenAlgorithm; key: CryptoKey }>;
 
 /**
  * The set's key for a token's `kid` and `alg`, or `undefined` when it has none for both (another
@@ -289,7 +285,7 @@ interface KeySet {
  * selector gives for `{ kid, alg }`: one per kid, bound to its own algorithm.
  */
 function select(keys: KeySet, kid: string, alg: string): CryptoKey | undefined {
-  const entry = keys.kids.get(kid);
+  const entry = keys.get(kid);
   return entry?.alg === alg ? entry.key : undefined;
 }
 
@@ -345,7 +341,7 @@ async function importKeySet(set: unknown): Promise<ImportedKeySet> {
     }
     good.push(publicJwk);
   }
-  if (good.length === 0) return { keys: { kids: new Map() }, skipped };
+  if (good.length === 0) return { keys: new Map(), skipped };
   const selector = createLocalJWKSet({ keys: good });
   // Imported through jose's selector now, once per read: verification never imports a key.
   const imported = await Promise.all(
@@ -357,7 +353,7 @@ async function importKeySet(set: unknown): Promise<ImportedKeySet> {
         ] as const,
     ),
   );
-  return { keys: { kids: new Map(imported) }, skipped };
+  return { keys: new Map(imported), skipped };
 }
 
 function algorithmOfCurve(jwk: JWK): TokenAlgorithm | undefined {
